@@ -17,6 +17,27 @@ import numpy as _np
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.base import ACTIVATIONS, Backend
 from .errors import BackendError
+from .layers import (
+    ELU,
+    GELU,
+    MLP,
+    Identity,
+    LeakyReLU,
+    Linear,
+    Module,
+    Parameter,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    SiLU,
+    Softplus,
+    Tanh,
+    activation_layer,
+)
+from .losses import SoftmaxCrossEntropy
+from .optim import SGD, Adam, Optimizer
+from .serialization import load, save
+
 __version__ = "0.1.0"
 
 
@@ -34,3 +55,36 @@ def to_numpy(a: Any) -> _np.ndarray:
     return _np.asarray(a)
 
 
+__all__ = [
+    "ACTIVATIONS",
+    "Adam",
+    "Backend",
+    "BackendError",
+    "ELU",
+    "GELU",
+    "Identity",
+    "LeakyReLU",
+    "Linear",
+    "MLP",
+    "Module",
+    "Optimizer",
+    "Parameter",
+    "ReLU",
+    "SGD",
+    "Sequential",
+    "SiLU",
+    "Sigmoid",
+    "Softplus",
+    "SoftmaxCrossEntropy",
+    "Tanh",
+    "__version__",
+    "activation_layer",
+    "asarray",
+    "available_backends",
+    "get_backend",
+    "load",
+    "save",
+    "set_backend",
+    "to_numpy",
+    "use_backend",
+]

@@ -127,9 +127,12 @@ class Backend:
                 "copy it to the host first with nnfast.to_numpy(x)"
             )
         try:
-            return self.xp.asarray(x, dtype=dtype)
+            a = self.xp.asarray(x, dtype=dtype)
         except (TypeError, ValueError) as err:
             raise TypeError(f"x: cannot convert a {_type_name(x)} to an array: {err}") from None
+        if a.dtype.kind in "OUSV":
+            raise TypeError(f"x: cannot convert a {_type_name(x)} to a numeric array (got dtype {a.dtype})")
+        return a
 
     def to_numpy(self, a: Any) -> np.ndarray:
         """Return ``a`` as a ``numpy.ndarray`` (a copy from the device for CuPy)."""

@@ -98,13 +98,15 @@ def activation_derivative(saved: np.ndarray, activation: str, alpha: float) -> n
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """log(softmax(x)) over the last axis, stable for any finite logits."""
-    shifted = x - x.max(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # x - max may round to -inf: exp gives the right 0
+        shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
     """softmax over the last axis, with the row maximum subtracted first."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    with np.errstate(over="ignore"):
+        e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
 
 

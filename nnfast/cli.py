@@ -1,0 +1,211 @@
+"""The ``nnfast`` command: ``train``, ``info`` and ``bench``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import sys
+import threading
+from typing import Sequence
+
+from .backends.base import ACTIVATIONS
+from .errors import BackendError
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 256,256, got {text!r}")
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected positive layer sizes like 256,256, got {text!r}")
+    return sizes
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+    if not value >= 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--data", metavar="PATH",
+                   help="MNIST/Fashion-MNIST IDX directory (.gz or raw) or .npz with x_train, y_train, "
+                        "x_test, y_test (default: scikit-learn's bundled 8x8 digits)")
+    p.add_argument("--backend", choices=["numpy", "numba", "cupy", "auto"],
+                   help="backend to train on (default: NNFAST_BACKEND, else auto)")
+    p.add_argument("--hidden", type=_sizes, default=d.hidden, metavar="SIZES",
+                   help="hidden layer sizes, comma-separated (default: %(default)s)")
+    p.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "identity"], default=d.activation,
+                   help="hidden-layer activation (default: %(default)s)")
+    p.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer,
+                   help="optimizer (default: %(default)s)")
+    p.add_argument("--lr", type=_non_negative_float, default=None,
+                   help="learning rate (default: 0.05 for sgd, 0.001 for adam)")
+    p.add_argument("--momentum", type=_non_negative_float, default=d.momentum,
+                   help="SGD momentum (default: %(default)s)")
+    p.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay,
+                   help="weight decay; decoupled (AdamW) for adam (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                   help="batch size (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
+                   help="label smoothing in [0, 1] (default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype, help="(default: %(default)s)")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="save model and optimizer here after every epoch (and on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint exactly where it stopped")
+    p.add_argument("--on-nonfinite", choices=["stop", "skip"], default=d.on_nonfinite,
+                   help="on a NaN/Inf loss: stop with an error, or skip that step (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import Interrupted, NonFiniteLossError, TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data, backend=args.backend, hidden=args.hidden, activation=args.activation,
+        optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, label_smoothing=args.label_smoothing,
+        dtype=args.dtype, checkpoint=args.checkpoint, resume=args.resume, on_nonfinite=args.on_nonfinite,
+        progress=False if args.no_progress else None)
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the step and save; second: abort
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nnnfast: stopping after this step (Ctrl-C again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(cfg, log=lambda line: print(line, flush=True), stop=stop)
+    except Interrupted as err:
+        print(f"nnfast: {err}", file=sys.stderr)
+        print(f"nnfast: continue with: nnfast train --checkpoint {err.checkpoint} --resume "
+              "(and the same other options)", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as err:
+        print(f"nnfast: error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"final test accuracy: {100 * result.test_accuracy:.2f}%")
+    return 0
+
+
+def info_lines() -> list[str]:
+    """What ``nnfast info`` prints: versions, backends, threads, GPU."""
+    import numpy as np
+
+    from . import __version__
+    from .backends import BACKEND_NAMES, _unavailable_reason, get_backend
+
+    lines = [f"nnfast {__version__}", f"python {platform.python_version()} ({platform.machine()})",
+             f"numpy {np.__version__}"]
+    for module in ("numba", "cupy", "sklearn", "tqdm"):
+        try:
+            lines.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            lines.append(f"{module} not installed")
+        except Exception as err:  # a broken CuPy install must not break `info`
+            lines.append(f"{module} unusable: {err}")
+    lines.append(f"cpu cores: {os.cpu_count()}")
+    lines.append(f"NNFAST_BACKEND={os.environ.get('NNFAST_BACKEND', '(unset: auto)')}")
+    lines.append(f"NNFAST_NUM_THREADS={os.environ.get('NNFAST_NUM_THREADS', '(unset: all cores)')}")
+    for name in BACKEND_NAMES:
+        reason = _unavailable_reason(name)
+        lines.append(f"backend {name}: " + ("available" if reason is None else f"unavailable: {reason}"))
+    try:
+        lines.append(f"default backend: {get_backend().name}")
+    except BackendError as err:
+        lines.append(f"default backend: error: {err}")
+    try:
+        import numba
+
+        lines.append(f"numba threads: {numba.get_num_threads()} (layer {numba.threading_layer() if _numba_ran() else 'not started'})")
+    except ImportError:
+        pass
+    if _unavailable_reason("cupy") is None:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        lines.append(f"gpu: {name}, compute capability {props['major']}.{props['minor']}, "
+                     f"{props['totalGlobalMem'] / 2**30:.1f} GiB, {props['multiProcessorCount']} SMs")
+    else:
+        lines.append("gpu: none usable")
+    return lines
+
+
+def _numba_ran() -> bool:
+    import numba
+
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nnfast", description="Train and benchmark small neural networks "
+                                     "on NumPy, Numba (CPU) or CUDA (CuPy) kernels.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_arguments(sub.add_parser("train", help="train an MLP (default: digits)",
+                                        description="Train an MLP classifier with softmax cross-entropy."))
+    sub.add_parser("info", help="versions, backends, threads, GPU")
+    bench = sub.add_parser("bench", help="benchmark the kernels against NumPy and the machine's limits")
+    try:
+        from . import bench as bench_module
+    except ImportError:  # pragma: no cover - the bench module ships with nnfast
+        bench_module = None
+    if bench_module is not None:
+        bench_module.add_arguments(bench)
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        if args.command == "info":
+            print("\n".join(info_lines()))
+            return 0
+        if args.command == "bench":
+            return bench_module.run(args)
+    except (BackendError, ValueError, TypeError, FileNotFoundError) as err:
+        print(f"nnfast: error: {err}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Loss functions."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from .backends import get_backend
+from .backends.base import REDUCTIONS
+
+
+class SoftmaxCrossEntropy:
+    """Softmax cross-entropy over class indices, loss and gradient in one fused pass.
+
+    Matches ``torch.nn.functional.cross_entropy(logits, labels,
+    label_smoothing=..., ignore_index=..., reduction=...)``, except that a
+    ``"mean"`` over a batch whose every row is ignored is 0 rather than NaN.
+
+    Calling it returns ``(loss, dlogits)``: ``loss`` is a 0-d array of the
+    backend (shape ``(batch,)`` for ``reduction="none"``) and ``dlogits`` is
+    d(loss)/d(logits), already scaled for the reduction, ready for
+    ``model.backward``. For ``"none"`` the gradient is that of the sum of the
+    per-row losses.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> None:
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+                or not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = int(ignore_index)
+        self.reduction = reduction
+        self.backend = get_backend()
+
+    def __repr__(self) -> str:
+        return (f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r})")
+
+    def __call__(self, logits: Any, labels: Any) -> tuple[Any, Any]:
+        backend = self.backend
+        if not backend.is_native(logits):
+            logits = backend.asarray(logits)
+        if logits.dtype.kind != "f":
+            raise TypeError(f"logits: expected floating-point data, got dtype {logits.dtype}")
+        if not backend.is_native(labels):
+            labels = backend.asarray(labels)
+        if labels.dtype.kind == "b" or (labels.dtype.kind not in "iu" and labels.size):
+            raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
+        if labels.dtype.kind not in "iu":  # an empty list comes in as float64
+            labels = labels.astype("int64")
+        return backend.softmax_cross_entropy(
+            logits, labels, label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index, reduction=self.reduction)

@@ -1,0 +1,26 @@
+"""Shared test configuration: hypothesis profiles and backend parameters."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import nnfast as nf
+
+# "ci" (the default) keeps the suite fast; HYPOTHESIS_PROFILE=thorough runs >= 1000 examples per test.
+settings.register_profile("ci", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=1000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+from op_table import AVAILABLE  # noqa: E402
+
+
+@pytest.fixture(params=AVAILABLE)
+def backend(request):
+    """Each backend that can run here, made current for the test."""
+    with nf.use_backend(request.param) as b:
+        yield b
