@@ -1,0 +1,145 @@
+"""Smoke test of ``nnfast bench``: it runs, and its JSON report is well formed.
+
+No timing thresholds: speed is measured in ``benchmarks/``, never asserted.
+Each run is ``--quick`` on a few small kernels, so the file takes seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import nnfast as nf
+from nnfast import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKENDS = [b for b in ("numpy", "numba") if b in nf.available_backends()]
+OPS = "linear_forward,activation_backward,softmax_cross_entropy,sgd_update,train_step"
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nnfast bench")
+    bench.add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _figures(node, path="report"):
+    """Every number in a JSON tree, with where it is."""
+    if isinstance(node, bool):
+        return
+    if isinstance(node, (int, float)):
+        yield path, node
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _figures(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _figures(value, f"{path}[{i}]")
+
+
+def _check_report(report: dict, backends: list[str], ops: list[str]) -> None:
+    assert report["schema"] == bench.SCHEMA
+    for key in ("created", "command", "machine", "settings", "models", "limits", "results", "errors"):
+        assert key in report, key
+    assert report["errors"] == []
+    machine = report["machine"]
+    for key in ("cpu", "logical_cpus", "threads", "versions", "gpu"):
+        assert key in machine, key
+    assert machine["versions"]["numpy"]
+    assert set(report["settings"]["backends"]) == set(backends)
+
+    cpu = report["limits"]["cpu"]
+    assert cpu["copy"]["rate"] > 0 and cpu["gemm"]["float32"]["rate"] > 0
+
+    measured_ops = {row["op"] for row in report["results"]}
+    layer_api = all(hasattr(nf, n) for n in ("MLP", "SGD", "SoftmaxCrossEntropy"))
+    expected = {op for op in ops if op != "train_step" or layer_api}
+    assert measured_ops == expected
+    for row in report["results"]:
+        assert row["metric"] in ("GFLOP/s", "GB/s")
+        assert row["size"] == "small"  # --quick
+        assert row["limits"]["cpu"]["rate"] > 0
+        for backend in backends:
+            fig = row["impls"][backend]
+            assert fig["kind"] == "nnfast" and fig["device"] == "cpu"
+            for key in ("median_s", "min_s", "rate", "speedup_vs_numpy", "limit_fraction"):
+                assert key in fig, (row["op"], backend, key)
+            assert fig["min_s"] <= fig["median_s"]
+            assert fig["samples"] >= 3
+        assert row["impls"]["numpy"]["speedup_vs_numpy"] == pytest.approx(1.0)
+
+    figures = list(_figures(report))
+    assert figures
+    bad = [(where, value) for where, value in figures if not (math.isfinite(value) and value > 0)]
+    assert bad == []
+
+
+def test_bench_run_writes_json_markdown_and_prints_tables(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    md = tmp_path / "bench.md"
+    args = _parse("--quick", "--backend", ",".join(BACKENDS), "--ops", OPS, "--no-torch", "--no-progress",
+                  "--json", str(out), "--markdown", str(md))
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    _check_report(report, BACKENDS, OPS.split(","))
+
+    printed = capsys.readouterr().out
+    assert "linear_forward" in printed and "numpy" in printed
+    text = md.read_text(encoding="utf-8")
+    assert "| kernel |" in text and "Reproduce: `nnfast bench" in text
+
+
+def test_bench_repeated_backend_option_and_groups(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["--quick", "--ops", "softmax_ce", "--ops", "optim", "--no-torch", "--no-progress", "--json", str(out)]
+    for backend in BACKENDS:
+        argv += ["--backend", backend]
+    assert bench.run(_parse(*argv)) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert {row["op"] for row in report["results"]} == {
+        "softmax", "log_softmax", "softmax_cross_entropy", "sgd_update", "adam_update"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "gemm9"], "--ops: unknown 'gemm9'"),
+    (["--dtype", "float16"], "--dtype"),
+    (["--backend", "tpu"], "--backend: unknown 'tpu'"),
+    (["--repeat", "0"], "--repeat"),
+])
+def test_bench_rejects_bad_options(argv, message, capsys):
+    assert bench.run(_parse(*argv, "--no-progress")) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_plot_needs_matplotlib(tmp_path, capsys):
+    png = tmp_path / "bench.png"
+    args = _parse("--quick", "--backend", "numpy", "--ops", "softmax", "--no-torch", "--no-progress",
+                  "--plot", str(png))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert bench.run(args) == 2
+        assert "--plot needs matplotlib" in capsys.readouterr().err
+    else:
+        assert bench.run(args) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_nnfast_bench_cli(tmp_path):
+    if importlib.util.find_spec("nnfast.cli") is None:
+        pytest.skip("this build has no nnfast command line")
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "nnfast.cli", "bench", "--quick", "--backend", ",".join(BACKENDS),
+         "--ops", "linear_forward,softmax_cross_entropy", "--no-torch", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "linear_forward" in proc.stdout
+    _check_report(json.loads(out.read_text(encoding="utf-8")), BACKENDS, ["linear_forward", "softmax_cross_entropy"])
