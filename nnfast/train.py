@@ -20,6 +20,7 @@ import json
 import math
 import threading
 import time
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -161,6 +162,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     start_epoch, start_batch, epoch_rng_state = 0, 0, None
     loss_sum = xp.zeros((), dtype=xp.float64)
     if cfg.resume:
+        _check_resume_settings(cfg)
         extra = load(cfg.checkpoint, model, opt)
         start_epoch, start_batch, epoch_rng_state, partial = _restore_position(cfg, extra)
         loss_sum = backend.asarray(partial)
@@ -245,15 +247,24 @@ def _save(path: str, cfg: TrainConfig, model: MLP, opt: Optimizer, epoch: int, b
     })
 
 
-def _restore_position(cfg: TrainConfig, extra: dict[str, np.ndarray]) -> tuple[int, int, dict | None, np.ndarray]:
-    needed = ("config", "epoch", "batch", "rng_state", "loss_sum")
-    if any(k not in extra for k in needed):
+def _check_resume_settings(cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written with other model or data settings."""
+    try:
+        with np.load(cfg.checkpoint, allow_pickle=False) as f:
+            saved = json.loads(str(f["extra/config"])) if "extra/config" in f.files else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return  # unreadable: load() reports it with the full story
+    if saved is None:
         raise ValueError(f"resume: {cfg.checkpoint} was not written by nnfast train (no training position)")
-    saved = json.loads(str(extra["config"]))
     now = _resume_settings(cfg)
     diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in _RESUME_KEYS if saved.get(k) != now[k]]
     if diff:
         raise ValueError(f"resume: {cfg.checkpoint} was trained with other settings: {', '.join(diff)}")
+
+
+def _restore_position(cfg: TrainConfig, extra: dict[str, np.ndarray]) -> tuple[int, int, dict | None, np.ndarray]:
+    if any(k not in extra for k in ("epoch", "batch", "rng_state", "loss_sum")):
+        raise ValueError(f"resume: {cfg.checkpoint} was not written by nnfast train (no training position)")
     state = str(extra["rng_state"])
     return int(extra["epoch"]), int(extra["batch"]), (json.loads(state) if state else None), extra["loss_sum"]
 

@@ -1,0 +1,146 @@
+"""The main job: training on digits, exact resume, Ctrl-C, data loaders."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import nnfast as nf
+from nnfast.data import load_dataset, load_path, read_idx
+from nnfast.train import Interrupted, TrainConfig, train
+
+
+def test_default_training_on_digits_reaches_97_percent():
+    result = train(TrainConfig(backend="numpy", progress=False), log=lambda _: None)
+    assert result.test_accuracy >= 0.97
+    losses = [e.loss for e in result.history]
+    assert losses[-1] < losses[0] / 10
+
+
+def _quick(**kw):
+    base = dict(backend="numpy", hidden=(32,), epochs=3, batch_size=50, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_continues_the_same_trajectory(tmp_path, optimizer):
+    full = train(_quick(optimizer=optimizer), log=lambda _: None)
+    ckpt = str(tmp_path / "run.npz")
+    stop_at = (1, 10)  # epoch 2, batch 10
+
+    class Stop:
+        def __init__(self):
+            self.event = __import__("threading").Event()
+
+        def __call__(self, epoch, batch):
+            if (epoch, batch) == stop_at:
+                self.event.set()
+
+    stopper = Stop()
+    with pytest.raises(Interrupted, match="interrupted in epoch 2 after batch 11"):
+        train(_quick(optimizer=optimizer, checkpoint=ckpt), log=lambda _: None, stop=stopper.event,
+              on_step=stopper)
+    resumed = train(_quick(optimizer=optimizer, checkpoint=ckpt, resume=True), log=lambda _: None)
+    assert [e.epoch for e in resumed.history] == [2, 3]
+    for a, b in zip(full.history[1:], resumed.history):
+        assert a.loss == b.loss and a.test_accuracy == b.test_accuracy
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        np.testing.assert_array_equal(nf.to_numpy(p.data), nf.to_numpy(q.data))
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    ckpt = str(tmp_path / "run.npz")
+    train(_quick(epochs=1, checkpoint=ckpt), log=lambda _: None)
+    with pytest.raises(ValueError, match=r"other settings: hidden=\[32\] \(now \[16\]\)"):
+        train(_quick(hidden=(16,), checkpoint=ckpt, resume=True), log=lambda _: None)
+    with pytest.raises(ValueError, match="resume: needs a checkpoint"):
+        TrainConfig(resume=True)
+
+
+def test_ctrl_c_saves_checkpoint_and_exits_cleanly(tmp_path):
+    ckpt = tmp_path / "c.npz"
+    env = dict(os.environ, NNFAST_BACKEND="numpy", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nnfast.cli", "train", "--epochs", "100000", "--hidden", "8", "--no-progress",
+         "--checkpoint", str(ckpt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        while line and not line.startswith("epoch"):
+            line = proc.stdout.readline()
+        assert line.startswith("epoch"), proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"checkpoint saved to {ckpt}" in err and "--resume" in err
+    model = nf.MLP([64, 8, 10], seed=123)
+    extra = nf.load(ckpt, model)
+    assert int(extra["epoch"]) >= 1
+
+
+def _write_idx(path, array, gz):
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_directory_loads_like_mnist(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 4, 4))
+    labels = rng.integers(0, 10, 20)
+    suffix = ".gz" if gz else ""
+    _write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", images, gz)
+    _write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels, gz)
+    _write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", images[:5], gz)
+    _write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", labels[:5], gz)
+    data = load_path(tmp_path)
+    assert data.x_train.shape == (20, 16) and data.x_train.dtype == np.float32
+    np.testing.assert_allclose(data.x_train, images.reshape(20, 16) / 255.0, rtol=1e-6)
+    np.testing.assert_array_equal(data.y_test, labels[:5])
+    result = train(TrainConfig(data=str(tmp_path), backend="numpy", hidden=(8,), epochs=1, progress=False),
+                   log=lambda _: None)
+    assert len(result.history) == 1
+
+
+def test_npz_loads_keras_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "mnist.npz", x_train=rng.integers(0, 256, (12, 3, 3), dtype=np.uint8),
+             y_train=rng.integers(0, 10, 12, dtype=np.uint8), x_test=rng.integers(0, 256, (4, 3, 3), dtype=np.uint8),
+             y_test=rng.integers(0, 10, 4, dtype=np.uint8))
+    data = load_path(tmp_path / "mnist.npz")
+    assert data.x_train.shape == (12, 9) and data.x_train.max() <= 1.0 and data.y_train.dtype == np.int64
+
+
+def test_bad_data_files_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_path(tmp_path / "nope")
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(b"\x12\x34\x08\x01\x00\x00\x00\x05abc")
+    with pytest.raises(ValueError, match="bad magic number"):
+        read_idx(bad)
+    short = tmp_path / "short-idx"
+    short.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9]) + b"abc")
+    with pytest.raises(ValueError, match="has 11 bytes, its header"):
+        read_idx(short)
+    with pytest.raises(ValueError, match="has no train-images-idx3-ubyte"):
+        load_path(tmp_path)
+    np.savez(tmp_path / "partial.npz", x_train=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"lacks arrays \['y_train', 'x_test', 'y_test'\]"):
+        load_path(tmp_path / "partial.npz")
+
+
+def test_digits_split_is_fixed():
+    a, b = load_dataset(), load_dataset()
+    assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64) and a.classes == 10
+    np.testing.assert_array_equal(a.y_test, b.y_test)
