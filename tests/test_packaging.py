@@ -59,9 +59,11 @@ def test_installed_wheel_finds_its_kernels(wheel, tmp_path):
     assert eval(cu_files) == sorted(p.name for p in (ROOT / "kernels").glob("*.cu"))
 
 
-def test_source_checkout_finds_kernels():
-    proc = subprocess.run([sys.executable, "-c", FIND_KERNELS], capture_output=True, text=True, cwd=ROOT,
+def test_editable_install_finds_source_kernels(tmp_path):
+    """Run from elsewhere, so that nnfast is imported through the (editable) install."""
+    proc = subprocess.run([sys.executable, "-c", FIND_KERNELS], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    _, kernel_dir, _ = proc.stdout.splitlines()
+    package_file, kernel_dir, _ = proc.stdout.splitlines()
+    assert Path(package_file) == ROOT / "nnfast" / "__init__.py"
     assert Path(kernel_dir) == ROOT / "kernels"
