@@ -144,3 +144,12 @@ def test_digits_split_is_fixed():
     a, b = load_dataset(), load_dataset()
     assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64) and a.classes == 10
     np.testing.assert_array_equal(a.y_test, b.y_test)
+
+
+@pytest.mark.parametrize("name", [n for n in nf.available_backends() if n != "numpy"] or
+                         [pytest.param("none", marks=pytest.mark.skip(reason="no fast backend can run here"))])
+def test_fast_backend_trains_as_well_as_numpy(name):
+    reference = train(TrainConfig(backend="numpy", progress=False), log=lambda _: None)
+    fast = train(TrainConfig(backend=name, progress=False), log=lambda _: None)
+    assert fast.test_accuracy >= 0.97
+    assert abs(fast.test_accuracy - reference.test_accuracy) <= 0.005 + 1e-12
