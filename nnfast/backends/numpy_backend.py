@@ -81,7 +81,10 @@ def activation_derivative(saved: np.ndarray, activation: str, alpha: float) -> n
         pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
         return (cdf + x * pdf).astype(x.dtype)
     if activation == "gelu_tanh":  # saved = x
-        x = saved
+        # Beyond |x| = 10, tanh(inner) is exactly +-1 in both dtypes and the
+        # derivative exactly 1 or 0; clipping there keeps x * x * (1 - t * t)
+        # from becoming inf * 0 = NaN for huge |x|.
+        x = np.clip(saved, -10.0, 10.0)
         inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x**3)
         t = np.tanh(inner)
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * x * x)
@@ -157,7 +160,9 @@ class NumpyBackend(Backend):
         logp = log_softmax(logits)
         nll = -logp[np.arange(batch), target]
         smooth = -logp.mean(axis=1)
-        loss_rows = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        # Without smoothing the smooth term is left out, not multiplied by 0: a
+        # logit spread beyond the float range makes it inf, and 0 * inf is NaN.
+        loss_rows = (1.0 - label_smoothing) * nll + label_smoothing * smooth if label_smoothing else nll
         loss_rows = np.where(kept, loss_rows, 0).astype(logits.dtype)
 
         # d loss_i / d logits_i = softmax_i - ((1 - s) * onehot(y_i) + s / classes)
