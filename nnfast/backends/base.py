@@ -21,6 +21,7 @@ model keeps exactly one tensor per activation.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -87,6 +88,30 @@ def resolve_activation(activation: str | None, alpha: float | None = None) -> tu
     return activation, float(alpha)
 
 
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - non-POSIX
+        return None
+
+
+def check_allocation(nbytes: int, what: str, limit: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``nbytes`` exceed ``limit`` (default: the RAM).
+
+    Called before an allocation whose size comes from user input, so that an
+    impossible request fails at once with a message, instead of with a bare
+    ``MemoryError`` or by driving the machine out of memory.
+    """
+    limit = physical_memory() if limit is None else limit
+    if limit is not None and nbytes > limit:
+        raise ValueError(f"{what}: needs {_gib(nbytes)} of memory, more than the {_gib(limit)} available")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
 def _type_name(a: Any) -> str:
     t = type(a)
     return f"{t.__module__}.{t.__qualname__}" if t.__module__ != "builtins" else t.__qualname__
@@ -114,25 +139,41 @@ class Backend:
         """True when ``a`` is an array of this backend's array type."""
         return isinstance(a, self.xp.ndarray)
 
-    def asarray(self, x: Any, dtype: Any = None) -> Any:
+    def asarray(self, x: Any, dtype: Any = None, *, arg: str = "x") -> Any:
         """Convert ``x`` (array, list, scalar) to this backend's array type.
 
         Arrays of another backend are converted when that is a copy between
         host and device (NumPy -> CuPy); the NumPy-based backends refuse device
         arrays with :class:`BackendError` rather than copy them silently.
+        Errors name ``arg`` (the caller's name for ``x``) or ``dtype``.
         """
         if _is_cupy_array(x) and self.xp is np:
             raise BackendError(
-                f"x: got a CuPy (GPU) array but the current backend is {self.name!r}; "
-                "copy it to the host first with nnfast.to_numpy(x)"
+                f"{arg}: got a CuPy (GPU) array but the current backend is {self.name!r}; "
+                "copy it to the host first with nnfast.to_numpy()"
             )
+        if dtype is not None:
+            try:
+                dtype = np.dtype(dtype)
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"dtype: expected a NumPy dtype, got {dtype!r} ({err})") from None
         try:
             a = self.xp.asarray(x, dtype=dtype)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"x: cannot convert a {_type_name(x)} to an array: {err}") from None
+        except (TypeError, ValueError, OverflowError) as err:
+            raise TypeError(f"{arg}: cannot convert a {_type_name(x)} to an array: {err}") from None
+        except MemoryError as err:
+            raise MemoryError(f"{arg}: a {_type_name(x)} too large to convert to an array ({err})") from None
         if a.dtype.kind in "OUSV":
-            raise TypeError(f"x: cannot convert a {_type_name(x)} to a numeric array (got dtype {a.dtype})")
+            raise TypeError(f"{arg}: cannot convert a {_type_name(x)} to a numeric array (got dtype {a.dtype})")
         return a
+
+    def memory_limit(self) -> int | None:
+        """Bytes a single array of this backend may take at most (None: unknown).
+
+        Sizes computed from user input are checked against it before anything
+        is allocated (:func:`check_allocation`). The CPU backends use the RAM.
+        """
+        return physical_memory()
 
     def to_numpy(self, a: Any) -> np.ndarray:
         """Return ``a`` as a ``numpy.ndarray`` (a copy from the device for CuPy)."""
@@ -167,7 +208,7 @@ class Backend:
             raise ValueError(f"{arg}: expected a {ndim}-D array, got shape {tuple(a.shape)}")
         if a.size == 0:
             raise ValueError(f"{arg}: expected a non-empty array, got shape {tuple(a.shape)}")
-        return self.xp.ascontiguousarray(a)
+        return _contiguous(self.xp, a)
 
     def _check_same_shape(self, a: Any, arg: str, shape: tuple[int, ...]) -> None:
         if tuple(a.shape) != tuple(shape):
@@ -195,6 +236,12 @@ class Backend:
             raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if labels.ndim != 1 or labels.shape[0] != batch:
             raise ValueError(f"labels: expected shape ({batch},), got {tuple(labels.shape)}")
+        if labels.dtype.kind == "u" and labels.dtype.itemsize == 8:
+            # uint64 -> int64 would wrap labels >= 2**63 to negative values.
+            big = labels > np.iinfo(np.int64).max
+            if bool(big.any()):
+                row = int(self.xp.argmax(big))
+                raise ValueError(f"labels: expected class indices, got {int(labels[row])} at row {row}")
         return self.xp.ascontiguousarray(labels, dtype=self.xp.int64)
 
     @staticmethod
@@ -209,8 +256,12 @@ class Backend:
             raise ValueError(f"{arg}: expected a value {'<' if high_open else '<='} {high}, got {value!r}")
         return value
 
-    def _check_param_lists(self, arg_lists: dict[str, Sequence[Any]]) -> list[list[Any]]:
-        """Check parallel lists of parameters / gradients / optimizer states."""
+    def _check_param_lists(self, arg_lists: dict[str, Sequence[Any]]) -> list[Any]:
+        """Check parallel lists of parameters / gradients / optimizer states.
+
+        Returns the lists (C-contiguous) followed by a callable to run after
+        the kernel: it copies updates of strided arrays back into them.
+        """
         names = list(arg_lists)
         lists = [list(arg_lists[n]) for n in names]
         count = len(lists[0])
@@ -229,12 +280,26 @@ class Backend:
                     raise TypeError(f"{name}[{i}]: expected dtype {ref.dtype}, got {a.dtype}")
                 if a.shape != ref.shape:
                     raise ValueError(f"{name}[{i}]: expected shape {tuple(ref.shape)}, got {tuple(a.shape)}")
-                if name != names[1] and not a.flags.c_contiguous:
-                    # Updated in place: a copy would lose the update.
-                    raise ValueError(f"{name}[{i}]: expected a C-contiguous array (it is updated in place)")
-        grads = [self.xp.ascontiguousarray(g) for g in lists[1]]
-        lists[1] = grads
-        return lists
+                if a.size == 0:
+                    raise ValueError(f"{name}[{i}]: expected a non-empty array, got shape {tuple(a.shape)}")
+                if name != names[1] and not a.flags.writeable:
+                    raise ValueError(f"{name}[{i}]: expected a writeable array (it is updated in place)")
+        # Kernels see C-contiguous arrays only. An array updated in place that
+        # is not contiguous (a strided view) is updated through a contiguous
+        # copy, written back by the returned callable once the kernel is done.
+        write_back: list[tuple[Any, Any]] = []
+        for k, items in enumerate(lists):
+            for i, a in enumerate(items):
+                if not a.flags.c_contiguous:
+                    items[i] = self.xp.ascontiguousarray(a)
+                    if k != 1:
+                        write_back.append((a, items[i]))
+
+        def finish() -> None:
+            for view, copy in write_back:
+                view[...] = copy
+
+        return lists + [finish]
 
     # ------------------------------------------------------------------ ops
     def linear_forward(self, x: Any, W: Any, b: Any = None, activation: str | None = "identity",
@@ -256,6 +321,9 @@ class Backend:
         """
         activation, alpha = resolve_activation(activation, alpha)
         x, W, b = self._check_linear(x, W, b)
+        check_allocation(x.shape[0] * W.shape[1] * x.dtype.itemsize,
+                         f"x: a batch of {x.shape[0]} rows times W's {W.shape[1]} outputs",
+                         self.memory_limit())
         return self._linear_forward(x, W, b, activation, alpha)
 
     def linear_backward(self, dy: Any, x: Any, W: Any, saved: Any, activation: str | None = "identity",
@@ -281,6 +349,8 @@ class Backend:
         """Apply an activation element-wise; returns a new array."""
         activation, alpha = resolve_activation(activation, alpha)
         x = self._check_array(x, "x")
+        if x.ndim == 0:  # kernels see arrays of rank >= 1; a 0-d input gives a 0-d output
+            return self._activation_forward(x.reshape(1), activation, alpha).reshape(())
         return self._activation_forward(x, activation, alpha)
 
     def activation_backward(self, dy: Any, saved: Any, activation: str | None,
@@ -290,6 +360,8 @@ class Backend:
         dy = self._check_array(dy, "dy")
         saved = self._check_array(saved, "saved", dtype=dy.dtype)
         self._check_same_shape(saved, "saved", dy.shape)
+        if dy.ndim == 0:
+            return self._activation_backward(dy.reshape(1), saved.reshape(1), activation, alpha).reshape(())
         return self._activation_backward(dy, saved, activation, alpha)
 
     def softmax(self, x: Any) -> Any:
@@ -342,12 +414,13 @@ class Backend:
         if nesterov and momentum == 0.0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
         if momentum == 0.0 and len(velocities) == 0:
-            params, grads = self._check_param_lists({"params": params, "grads": grads})
+            params, grads, finish = self._check_param_lists({"params": params, "grads": grads})
             velocities = [None] * len(params)
         else:
-            params, grads, velocities = self._check_param_lists(
+            params, grads, velocities, finish = self._check_param_lists(
                 {"params": params, "grads": grads, "velocities": velocities})
         self._sgd_update(params, grads, velocities, lr, momentum, bool(nesterov), weight_decay)
+        finish()
 
     def adam_update(self, params: Sequence[Any], grads: Sequence[Any], exp_avgs: Sequence[Any],
                     exp_avg_sqs: Sequence[Any], *, step: int, lr: float, beta1: float = 0.9,
@@ -366,10 +439,11 @@ class Backend:
         beta2 = self._check_scalar(beta2, "beta2", 0.0, 1.0, high_open=True)
         eps = self._check_scalar(eps, "eps", 0.0)
         weight_decay = self._check_scalar(weight_decay, "weight_decay", 0.0)
-        params, grads, exp_avgs, exp_avg_sqs = self._check_param_lists(
+        params, grads, exp_avgs, exp_avg_sqs, finish = self._check_param_lists(
             {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
         self._adam_update(params, grads, exp_avgs, exp_avg_sqs, int(step), lr, beta1, beta2, eps,
                           weight_decay, bool(decoupled))
+        finish()
 
     # --------------------------------------------- what a backend implements
     def _linear_forward(self, x, W, b, activation, alpha):  # pragma: no cover - contract
@@ -399,6 +473,11 @@ class Backend:
     def _adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                      weight_decay, decoupled):  # pragma: no cover
         raise NotImplementedError
+
+
+def _contiguous(xp: Any, a: Any) -> Any:
+    """``a`` itself when C-contiguous, else a C-contiguous copy (0-d stays 0-d)."""
+    return a if a.flags.c_contiguous else xp.ascontiguousarray(a)
 
 
 def _is_cupy_array(a: Any) -> bool:
