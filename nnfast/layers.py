@@ -19,7 +19,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .backends import get_backend
-from .backends.base import ACTIVATIONS, resolve_activation, saves_input
+from .backends.base import ACTIVATIONS, check_allocation, resolve_activation, saves_input
 
 # Initialised with He/Kaiming (gain for the ReLU family); the rest with Glorot.
 _KAIMING_ACTIVATIONS = frozenset({"relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu"})
@@ -75,7 +75,7 @@ class Module:
         """Convert ``x`` to this layer's backend and float dtype, or raise naming ``arg``."""
         backend = self.backend
         if not backend.is_native(x):
-            x = backend.asarray(x)
+            x = backend.asarray(x, arg=arg)
         kind = x.dtype.kind
         if kind != "f":
             raise TypeError(f"{arg}: expected floating-point data, got dtype {x.dtype}")
@@ -94,6 +94,23 @@ class Module:
         return dy
 
 
+def _rng(seed: Any) -> np.random.Generator:
+    """The generator for ``seed``: None, a non-negative int, or a ``numpy.random.Generator``."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed: expected None, a non-negative int or a numpy.random.Generator, got {seed!r}")
+    return np.random.default_rng(seed)
+
+
+def _check_weights_fit(sizes: Sequence[tuple[int, int]], dtype: np.dtype, what: str) -> None:
+    """Refuse, before allocating, weights that could not fit in memory."""
+    # Initialisation draws float64 values, then casts: count both copies.
+    per_element = 8 + dtype.itemsize
+    check_allocation(sum(n_in * n_out + n_out for n_in, n_out in sizes) * per_element, what,
+                     get_backend().memory_limit())
+
+
 def _check_positive_int(value: Any, arg: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{arg}: expected a positive int, got {value!r}")
@@ -103,9 +120,9 @@ def _check_positive_int(value: Any, arg: str) -> int:
 def _check_dtype(dtype: Any) -> np.dtype:
     try:
         dt = np.dtype(dtype)
-    except TypeError:
+    except (TypeError, ValueError):
         dt = None
-    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if dt is None or dt not in (np.dtype(np.float32), np.dtype(np.float64)):  # None == float64 in NumPy
         raise TypeError(f"dtype: expected 'float32' or 'float64', got {dtype!r}")
     return dt
 
@@ -130,7 +147,9 @@ class Linear(Module):
         self.out_features = _check_positive_int(out_features, "out_features")
         self.activation, self.alpha = resolve_activation(activation, alpha)
         self.dtype = _check_dtype(dtype)
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        rng = _rng(seed)
+        _check_weights_fit([(self.in_features, self.out_features)], self.dtype,
+                           f"in_features, out_features: Linear({self.in_features}, {self.out_features})")
         if self.activation in _KAIMING_ACTIVATIONS:
             slope = self.alpha if self.activation == "leaky_relu" else 0.0
             bound = math.sqrt(2.0 / (1.0 + slope**2)) * math.sqrt(3.0 / self.in_features)
@@ -322,9 +341,16 @@ class Sequential(Module):
 
     def __init__(self, *layers: Module) -> None:
         super().__init__()
+        seen: dict[int, int] = {}
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layers[{i}]: expected an nnfast Module, got {type(layer).__name__}")
+            if id(layer) in seen:
+                # Each layer keeps the cache of its last forward: a second use
+                # would overwrite the first one's and corrupt the backward.
+                raise ValueError(f"layers[{i}]: the same layer object as layers[{seen[id(layer)]}]; "
+                                 "use a new layer instance for each position")
+            seen[id(layer)] = i
         self.layers = list(layers)
         self._plan = self._fuse(self.layers)
 
@@ -360,8 +386,15 @@ class Sequential(Module):
                 for name, p in layer.named_parameters()]
 
     def forward(self, x: Any) -> Any:
-        for layer, act in self._plan:
-            x = layer.forward_with(x, act.activation, act.alpha) if act is not None else layer.forward(x)
+        # A failure in a later layer must not leave the earlier layers holding
+        # caches of an input whose backward will never come: restore them all.
+        caches = _caches(self)
+        try:
+            for layer, act in self._plan:
+                x = layer.forward_with(x, act.activation, act.alpha) if act is not None else layer.forward(x)
+        except BaseException:
+            _restore_caches(caches)
+            raise
         return x
 
     def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
@@ -375,6 +408,19 @@ class Sequential(Module):
             else:
                 dy = layer.backward(dy)
         return dy
+
+
+def _caches(module: Module) -> list[tuple[Module, Any]]:
+    """``(layer, its forward cache)`` for ``module`` and every layer inside it."""
+    out = [(module, module.__dict__["_cache"])] if "_cache" in module.__dict__ else []
+    for layer in getattr(module, "layers", ()):
+        out.extend(_caches(layer))
+    return out
+
+
+def _restore_caches(caches: list[tuple[Module, Any]]) -> None:
+    for layer, cache in caches:
+        layer._cache = cache
 
 
 class MLP(Sequential):
@@ -393,7 +439,8 @@ class MLP(Sequential):
             raise ValueError(f"sizes: expected a list of at least 2 layer sizes, got {sizes!r}")
         for i, s in enumerate(sizes):
             _check_positive_int(s, f"sizes[{i}]")
-        rng = np.random.default_rng(seed)
+        rng = _rng(seed)
+        _check_weights_fit(list(zip(sizes[:-1], sizes[1:])), _check_dtype(dtype), f"sizes: MLP({sizes})")
         last = len(sizes) - 2
         super().__init__(*[
             Linear(sizes[i], sizes[i + 1], activation=activation if i < last else None, bias=bias,
