@@ -32,12 +32,20 @@ class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Parameter], lr: float) -> None:
+        if isinstance(params, Parameter) or not isinstance(params, Iterable) or isinstance(params, (str, bytes)):
+            hint = "; pass model.parameters()" if hasattr(params, "parameters") else ""
+            raise TypeError(f"params: expected an iterable of nnfast Parameters, got {type(params).__name__}{hint}")
         params = list(params)
         if not params:
             raise ValueError("params: expected at least one Parameter, got an empty list")
+        seen: dict[int, int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, Parameter):
                 raise TypeError(f"params[{i}]: expected an nnfast Parameter, got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError(f"params[{i}]: the same Parameter as params[{seen[id(p)]}] "
+                                 "(it would be updated twice per step)")
+            seen[id(p)] = i
         self.params = params
         self.lr = _check_number(lr, "lr")
         self.step_count = 0
@@ -89,6 +97,9 @@ class Optimizer:
             extra = sorted(set(state) - expected)
             raise ValueError(f"optimizer state: does not match this optimizer "
                              f"(missing {missing[:5]}, unexpected {extra[:5]})")
+        step = np.asarray(state["step"])
+        if step.shape != () or step.dtype.kind not in "iu" or int(step) < 0:
+            raise ValueError(f"optimizer state: step must be an integer >= 0, got {step!r}")
         for name in self.state_names:
             for i, p in enumerate(self.params):
                 a = state[f"{name}.{i}"]
