@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,7 +45,9 @@ def save(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
         raise TypeError(f"model: expected an nnfast Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected an nnfast Optimizer or None, got {type(optimizer).__name__}")
-    path = Path(path)
+    path = _as_path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"path: {str(path)!r} is a directory, expected a file name")
     arrays: dict[str, np.ndarray] = {"nnfast/format_version": np.asarray(FORMAT_VERSION)}
     for name, p in model.named_parameters():
         arrays[f"param/{name}"] = model.backend.to_numpy(p.data)
@@ -85,19 +89,19 @@ def load(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
     (``FileNotFoundError`` when absent) and leaves the model untouched.
     Returns the ``extra`` entries that were saved.
     """
-    path = Path(path)
+    if not isinstance(model, Module):
+        raise TypeError(f"model: expected an nnfast Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer: expected an nnfast Optimizer or None, got {type(optimizer).__name__}")
+    path = _as_path(path)
     if not path.exists():
         raise FileNotFoundError(f"path: no checkpoint at {str(path)!r}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {key: f[key] for key in f.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise ValueError(f"path: {str(path)!r} is not a readable nnfast checkpoint ({err})") from None
+    arrays = read_npz(path, "path", "is not a readable nnfast checkpoint")
 
     version = arrays.get("nnfast/format_version")
     if version is None:
         raise ValueError(f"path: {str(path)!r} is not an nnfast checkpoint (no format version)")
-    if version.shape != () or int(version) != FORMAT_VERSION:
+    if version.shape != () or version.dtype.kind not in "iu" or int(version) != FORMAT_VERSION:
         raise ValueError(f"path: checkpoint format version {version} is not supported "
                          f"(this nnfast reads version {FORMAT_VERSION})")
 
@@ -125,12 +129,48 @@ def load(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
                        if k.startswith("optim/") and k != "optim/class" and not k.startswith("optim/hyper/")}
         optimizer.check_state_dict(optim_state)
 
+    # Convert everything first, then assign: a failed conversion changes nothing.
+    converted = {name: model.backend.asarray(saved[name]) for name in params}
     for name, p in params.items():
-        p.data = model.backend.asarray(saved[name])
+        p.data = converted[name]
         p.grad = None
     if optimizer is not None:
         optimizer.load_state_dict(optim_state)
     return {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
+
+
+def _as_path(path: Any) -> Path:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
+def read_npz(path: Path, arg: str, problem: str) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path``, never unpickling anything.
+
+    Anything unreadable (not a zip, a lone ``.npy``, truncated, a bad CRC, an
+    object array that would need pickle, a header claiming more memory than
+    exists) raises ``ValueError``: ``"{arg}: '{path}' {problem} ({why})"``.
+    """
+    try:
+        f = np.load(path, allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            reason = "a single .npy array, not an .npz archive"
+        else:
+            with f:
+                return {key: f[key] for key in f.files}
+    except _READ_ERRORS as err:
+        reason = f"{type(err).__name__}: {err}"
+    raise ValueError(f"{arg}: {str(path)!r} {problem} ({reason})")
+
+
+# What reading a damaged .npz can raise (zlib.error: a compressed member;
+# MemoryError: a header that claims a huge array; NotImplementedError: an
+# unknown zip compression method).
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, MemoryError,
+                NotImplementedError, zlib.error, struct.error)
 
 
 def _fsync_directory(directory: Path) -> None:
