@@ -8,8 +8,9 @@ downloaded.
 from __future__ import annotations
 
 import gzip
+import math
 import os
-import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"data: cannot read {str(path)!r}: {err}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(f"data: {str(path)!r} is not an IDX file (bad magic number)")
@@ -86,7 +87,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     if ndim == 0 or len(raw) < header:
         raise ValueError(f"data: {str(path)!r} has a truncated IDX header")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # exact: np.prod would wrap around in int64
     if len(raw) != expected:
         raise ValueError(f"data: {str(path)!r} has {len(raw)} bytes, its header {shape} needs {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
@@ -107,6 +108,10 @@ def _as_dataset(name: str, x_train, y_train, x_test, y_test) -> Dataset:
         x = np.asarray(x)
         if x.dtype.kind not in "uif":
             raise ValueError(f"data: features have dtype {x.dtype}; expected numbers")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(f"data: features have shape {x.shape}; expected (n, ...) with n > 0")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            raise ValueError("data: features contain NaN or Inf")
         scale = 255.0 if x.dtype == np.uint8 or (x.size and x.max() > 1.0) else 1.0
         return (x.reshape(x.shape[0], -1) / scale).astype(np.float32)
 
@@ -131,11 +136,10 @@ def load_path(path: str | os.PathLike) -> Dataset:
     if path.is_dir():
         parts = {key: read_idx(_find_idx(path, stem)) for key, stem in _IDX_FILES.items()}
         return _as_dataset(path.name, **parts)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            parts = {k: f[k] for k in _IDX_FILES if k in f.files}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"data: cannot read {str(path)!r} as .npz: {err}") from None
+    from .serialization import read_npz
+
+    arrays = read_npz(path, "data", "cannot be read as .npz")
+    parts = {k: arrays[k] for k in _IDX_FILES if k in arrays}
     missing = [k for k in _IDX_FILES if k not in parts]
     if missing:
         raise ValueError(f"data: {str(path)!r} lacks arrays {missing}; expected x_train, y_train, x_test, y_test")
