@@ -34,6 +34,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -75,7 +85,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, default=d.epochs, help="epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
                    help="batch size (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default: %(default)s)")
+    p.add_argument("--seed", type=_non_negative_int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
                    help="label smoothing in [0, 1] (default: %(default)s)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype, help="(default: %(default)s)")
@@ -200,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return bench_module.run(args)
-    except (BackendError, ValueError, TypeError, FileNotFoundError) as err:
+    except (BackendError, ValueError, TypeError, OSError) as err:  # OSError: FileNotFoundError, a full disk, ...
         print(f"nnfast: error: {err}", file=sys.stderr)
         return 2
     parser.print_help()
