@@ -183,7 +183,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         epoch_rng_state = shuffle_rng.bit_generator.state
         order = backend.asarray(shuffle_rng.permutation(n))
         first = start_batch if epoch == start_epoch else 0
-        skipped = 0
+        skipped = skipped_samples = 0
         began = time.perf_counter()
         with _progress(cfg, batches, first, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
             for batch in range(first, batches):
@@ -197,6 +197,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
                             f"(step {epoch * batches + batch + 1}); parameters are left as they were "
                             "before this step" + (f" and {cfg.checkpoint} is untouched" if cfg.checkpoint else ""))
                     skipped += 1
+                    skipped_samples += int(idx.shape[0])
                     opt.zero_grad()
                 else:
                     model.backward(dlogits, need_input_grad=False)
@@ -211,7 +212,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
                     _save(path, cfg, model, opt, epoch, batch + 1, epoch_rng_state, loss_sum)
                     raise Interrupted(epoch, batch + 1, path)
         epoch_rng_state = None
-        mean_loss = float(backend.to_numpy(loss_sum)) / max(n - skipped * cfg.batch_size, 1)
+        mean_loss = float(backend.to_numpy(loss_sum)) / max(n - skipped_samples, 1)
         if not math.isfinite(mean_loss) and cfg.on_nonfinite == "stop":
             raise NonFiniteLossError(f"loss is {mean_loss} in epoch {epoch + 1}; "
                                      + (f"{cfg.checkpoint} holds the last good epoch" if cfg.checkpoint else
@@ -252,9 +253,9 @@ def _check_resume_settings(cfg: TrainConfig) -> None:
     try:
         with np.load(cfg.checkpoint, allow_pickle=False) as f:
             saved = json.loads(str(f["extra/config"])) if "extra/config" in f.files else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return  # unreadable: load() reports it with the full story
-    if saved is None:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, TypeError, AttributeError):
+        return  # unreadable (TypeError, AttributeError: a lone .npy): load() reports it
+    if not isinstance(saved, dict):
         raise ValueError(f"resume: {cfg.checkpoint} was not written by nnfast train (no training position)")
     now = _resume_settings(cfg)
     diff = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in _RESUME_KEYS if saved.get(k) != now[k]]
