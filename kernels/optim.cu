@@ -1,0 +1,79 @@
+// nnfast CUDA kernels: fused optimizer updates over every parameter in one launch.
+//
+// Multi-tensor layout (built and cached by the launcher): `ptrs` holds, per
+// parameter t, the device addresses of its tensors (SGD: p, grad, velocity;
+// Adam: p, grad, exp_avg, exp_avg_sq) as 64-bit integers; `sizes[t]` is its
+// element count; `chunks` lists (t, start) pairs, one per chunk of
+// `chunk_size` elements. Block b updates chunks b, b + gridDim.x, ...; a
+// chunk's elements are spread over the block's threads (coalesced). Every
+// element is read and written once; the update formulas are torch.optim's
+// (see numpy_backend.py).
+#include "common.cuh"
+
+// torch.optim.SGD with dampening 0:
+//   g = grad + wd * p;  v = momentum * v + g;  p -= lr * (nesterov ? g + momentum * v : v)
+// momentum == 0 skips v (its pointer may be 0).
+template <typename T>
+__global__ void __launch_bounds__(256)
+sgd_multi(const long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+          const long long* __restrict__ chunks, int num_chunks, int chunk_size, T lr, T momentum,
+          T weight_decay, int nesterov) {
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+        const long long t = chunks[2 * c];
+        const long long start = chunks[2 * c + 1];
+        const long long size = sizes[t];
+        const long long end = start + chunk_size < size ? start + chunk_size : size;
+        T* p = reinterpret_cast<T*>(ptrs[3 * t]);
+        const T* g = reinterpret_cast<const T*>(ptrs[3 * t + 1]);
+        T* v = reinterpret_cast<T*>(ptrs[3 * t + 2]);
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const T pi = p[i];
+            T d = g[i];
+            if (weight_decay != T(0)) d += weight_decay * pi;
+            if (momentum != T(0)) {
+                const T vi = momentum * v[i] + d;
+                v[i] = vi;
+                d = nesterov ? d + momentum * vi : vi;
+            }
+            p[i] = pi - lr * d;
+        }
+    }
+}
+
+// torch.optim.Adam (decoupled == 0: g += wd * p) and AdamW (decoupled != 0:
+// p *= 1 - lr * wd), with the bias corrections folded into
+//   step_size = lr / (1 - beta1^step),  sqrt_bias2 = sqrt(1 - beta2^step):
+//   m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g * g
+//   p -= step_size * m / (sqrt(v) / sqrt_bias2 + eps)
+template <typename T>
+__global__ void __launch_bounds__(256)
+adam_multi(const long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+           const long long* __restrict__ chunks, int num_chunks, int chunk_size, T lr, T beta1,
+           T beta2, T eps, T weight_decay, int decoupled, T step_size, T sqrt_bias2) {
+    for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
+        const long long t = chunks[2 * c];
+        const long long start = chunks[2 * c + 1];
+        const long long size = sizes[t];
+        const long long end = start + chunk_size < size ? start + chunk_size : size;
+        T* p = reinterpret_cast<T*>(ptrs[4 * t]);
+        const T* g = reinterpret_cast<const T*>(ptrs[4 * t + 1]);
+        T* m = reinterpret_cast<T*>(ptrs[4 * t + 2]);
+        T* v = reinterpret_cast<T*>(ptrs[4 * t + 3]);
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            T pi = p[i];
+            T gi = g[i];
+            if (weight_decay != T(0)) {
+                if (decoupled) {
+                    pi *= T(1) - lr * weight_decay;
+                } else {
+                    gi += weight_decay * pi;
+                }
+            }
+            const T mi = beta1 * m[i] + (T(1) - beta1) * gi;
+            const T vi = beta2 * v[i] + (T(1) - beta2) * gi * gi;
+            m[i] = mi;
+            v[i] = vi;
+            p[i] = pi - step_size * mi / (nnf::m_sqrt(vi) / sqrt_bias2 + eps);
+        }
+    }
+}

@@ -1,0 +1,44 @@
+// nnfast CUDA kernels: softmax and log-softmax over the rows of a matrix.
+//
+// softmax_rows<T, RT, LOG>: RT threads per row (RT == 32: one warp per row,
+// 8 rows per block; RT > 32: one block per row). Pass 1 reads the row once
+// keeping a running max and sum of exp (online softmax) and reduces it with
+// warp shuffles (plus shared memory across warps); pass 2 reads it again and
+// writes exp(x - max) / sum, or x - max - log(sum) when LOG. 128-bit loads
+// and stores (see rows.cuh). Launch: rows_per_block rows per block,
+// grid = ceil(rows / rows_per_block), shared memory 3 * RT / 32 values.
+#include "rows.cuh"
+
+namespace {
+
+template <typename T, bool LOG>
+struct SoftmaxOut {
+    T shift, inv_s;  // LOG: x - shift with shift = max + log(sum); else exp(x - max) / sum
+    __device__ __forceinline__ T operator()(T x, int) const {
+        return LOG ? x - shift : nnf::m_exp(x - shift) * inv_s;
+    }
+};
+
+}  // namespace
+
+template <typename T, int RT, bool LOG>
+__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads)
+softmax_rows(T* __restrict__ y, const T* __restrict__ x, int rows, int cols) {
+    extern __shared__ float4 smem_raw[];
+    T* scratch = reinterpret_cast<T*>(smem_raw);
+    constexpr int RPB = nnf::RowLayout<RT>::rows_per_block;
+    const int row = blockIdx.x * RPB + (int)threadIdx.x / RT;
+    const int lane_id = threadIdx.x % RT;
+    if (row >= rows) return;  // uniform per row: a whole warp (RT == 32) or the block
+    const T* xr = x + (long long)row * cols;
+    T* yr = y + (long long)row * cols;
+
+    nnf::OnlineMaxSum<T> acc;
+    nnf::row_visit<T, RT>(xr, cols, lane_id, acc);
+    nnf::row_reduce<T, RT>(acc, scratch);
+
+    SoftmaxOut<T, LOG> out;
+    out.shift = LOG ? acc.m + nnf::m_log(acc.s) : acc.m;
+    out.inv_s = LOG ? T(0) : T(1) / acc.s;
+    nnf::row_map<T, RT>(yr, xr, cols, lane_id, out);
+}

@@ -1,0 +1,366 @@
+"""Launch configuration of every CUDA kernel in ``kernels/``, in pure Python.
+
+This module decides, from shapes and dtype alone, everything a kernel launch
+needs: which template instantiation (its name expression), the grid, the
+block and the bytes of dynamic shared memory. It also holds the one list of
+every instantiation of every ``kernels/*.cu`` file (:func:`name_expressions`),
+which the CuPy backend compiles, the NVRTC test compiles, and a CPU
+emulation of the kernels can instantiate. It imports neither CuPy nor any
+CUDA library, so it works on any machine.
+
+Every kernel keeps all of its shared memory dynamic
+(``extern __shared__ float4 smem[]``), so :attr:`Launch.shared_mem` is the
+whole of it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .base import ACTIVATION_CODES, ACTIVATIONS
+
+#: The kernel sources, one CuPy ``RawModule`` each.
+KERNEL_FILES = ("activations.cu", "linear.cu", "softmax.cu", "cross_entropy.cu", "optim.cu")
+
+#: NVRTC options used for every file (the test adds ``-arch``).
+COMPILE_OPTIONS = ("--std=c++17",)
+
+#: Streaming multiprocessors assumed when the caller does not pass the device's
+#: count (an H100 SXM has 132). Only grid sizes of grid-stride kernels and the
+#: choice between tile sizes depend on it, never correctness.
+DEFAULT_SM_COUNT = 132
+
+#: ``reduction`` of the cross-entropy as the kernels' integer code.
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+_CTYPES = {"float32": "float", "float64": "double"}
+_ITEMSIZE = {"float": 4, "double": 8}
+#: Elements per 128-bit vector.
+_VEC_WIDTH = {"float": 4, "double": 2}
+
+#: GEMM tile configurations (BM, BN, BK, TM, TN) per C type; 256 threads each.
+GEMM_CONFIGS = {
+    "float": {"large": (128, 128, 8, 8, 8), "small": (64, 64, 8, 4, 4)},
+    "double": {"large": (64, 64, 8, 4, 4), "small": (32, 32, 8, 2, 2)},
+}
+
+#: Threads per row of the softmax / cross-entropy kernels (32: one warp per row,
+#: eight rows per block; more: one block per row), by the longest row each serves.
+ROW_THREADS = ((1024, 32), (4096, 128), (16384, 256), (None, 512))
+
+#: Elements per chunk of the multi-tensor optimizer kernels.
+OPTIM_CHUNK = 4096
+
+_ELEMENTWISE_THREADS = 256
+_PREPARE_THREADS = 512
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the instantiation, its file and its configuration."""
+
+    file: str
+    kernel: str  # the name expression, e.g. "act_forward<float, 1>"
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_mem: int = 0
+
+
+# ------------------------------------------------------------------ helpers
+def ctype(dtype: Any) -> str:
+    """The C type of a NumPy dtype: ``"float"`` or ``"double"``."""
+    name = np.dtype(dtype).name
+    try:
+        return _CTYPES[name]
+    except KeyError:
+        raise TypeError(f"dtype: expected float32 or float64, got {name}") from None
+
+
+def vec_width(dtype: Any) -> int:
+    """Elements of ``dtype`` per 128-bit vector."""
+    return _VEC_WIDTH[ctype(dtype)]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bool(v: bool) -> str:
+    return "true" if v else "false"
+
+
+def _act_code(activation: str) -> int:
+    return ACTIVATION_CODES[activation]
+
+
+def row_threads(cols: int) -> int:
+    """Threads per row for a row of ``cols`` values."""
+    for limit, threads in ROW_THREADS:
+        if limit is None or cols <= limit:
+            return threads
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _rows_per_block(rt: int) -> int:
+    return 8 if rt == 32 else 1
+
+
+def _row_scratch(rt: int, c: str) -> int:
+    return 3 * (rt // 32) * _ITEMSIZE[c] if rt > 32 else 0
+
+
+# ------------------------------------------------------------------ the instantiations
+def _gemm_name(c: str, cfg: Sequence[int], ta: bool, tb: bool, act: int, vec: bool) -> str:
+    bm, bn, bk, tm, tn = cfg
+    return f"gemm<{c}, {bm}, {bn}, {bk}, {tm}, {tn}, {_bool(ta)}, {_bool(tb)}, {act}, {_bool(vec)}>"
+
+
+def name_expressions(file: str) -> list[str]:
+    """Every template instantiation compiled from ``kernels/<file>``."""
+    names: list[str] = []
+    codes = [ACTIVATION_CODES[a] for a in ACTIVATIONS]
+    for c in ("float", "double"):
+        if file == "activations.cu":
+            names += [f"act_forward<{c}, {k}>" for k in codes]
+            names += [f"act_backward<{c}, {k}>" for k in codes]
+        elif file == "linear.cu":
+            for cfg in GEMM_CONFIGS[c].values():
+                for vec in (False, True):
+                    names += [_gemm_name(c, cfg, False, False, k, vec) for k in codes]
+                    names.append(_gemm_name(c, cfg, True, False, 0, vec))
+                    names.append(_gemm_name(c, cfg, False, True, 0, vec))
+            names += [f"bias_act_backward<{c}, {k}>" for k in codes]
+            names.append(f"column_sum<{c}>")
+        elif file == "softmax.cu":
+            for _, rt in ROW_THREADS:
+                names += [f"softmax_rows<{c}, {rt}, false>", f"softmax_rows<{c}, {rt}, true>"]
+        elif file == "cross_entropy.cu":
+            names += [f"ce_rows<{c}, {rt}>" for _, rt in ROW_THREADS]
+            names.append(f"ce_reduce<{c}>")
+        elif file == "optim.cu":
+            names += [f"sgd_multi<{c}>", f"adam_multi<{c}>"]
+        else:
+            raise ValueError(f"file: expected one of {KERNEL_FILES}, got {file!r}")
+    if file == "cross_entropy.cu":
+        names.append("ce_prepare")
+    return names
+
+
+def all_name_expressions() -> dict[str, list[str]]:
+    """``{file: name_expressions(file)}`` for every kernel file."""
+    return {f: name_expressions(f) for f in KERNEL_FILES}
+
+
+# ------------------------------------------------------------------ sources
+def kernel_dir() -> Path:
+    """The directory holding the ``*.cu`` / ``*.cuh`` sources.
+
+    Installed wheels ship them as ``nnfast/kernels/``; a source checkout keeps
+    them in ``kernels/`` at the repository root.
+    """
+    import nnfast
+
+    pkg = Path(nnfast.__file__).resolve().parent
+    for candidate in (pkg / "kernels", pkg.parent / "kernels"):
+        if (candidate / KERNEL_FILES[0]).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"nnfast CUDA kernel sources not found in {pkg / 'kernels'} or {pkg.parent / 'kernels'}"
+    )
+
+
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"[ \t]*$', re.MULTILINE)
+
+
+def load_source(file: str, directory: Path | None = None) -> str:
+    """The text of ``kernels/<file>`` with its local ``#include "x.cuh"`` inlined.
+
+    Inlining makes the source self-contained, so a compile cache keyed on the
+    source text (CuPy's) also sees changes to the headers. Each header is
+    inlined once (the headers have include guards as well).
+    """
+    directory = kernel_dir() if directory is None else Path(directory)
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        text = (directory / name).read_text(encoding="utf-8")
+
+        def repl(match: re.Match[str]) -> str:
+            inc = match.group(1)
+            if inc in seen:
+                return f"// (already included: {inc})"
+            seen.add(inc)
+            return f"// ---- begin {inc}\n{expand(inc)}\n// ---- end {inc}"
+
+        return _INCLUDE.sub(repl, text)
+
+    return expand(file)
+
+
+# ------------------------------------------------------------------ launches
+def activation_launch(n: int, dtype: Any, activation: str, *, backward: bool, aligned: bool,
+                      sm_count: int = DEFAULT_SM_COUNT) -> tuple[Launch, bool]:
+    """Element-wise activation over ``n`` values; returns ``(launch, vec)``.
+
+    ``aligned``: every pointer the kernel touches is 16-byte aligned, so the
+    body can move 128-bit vectors (``vec`` argument of the kernel).
+    """
+    c = ctype(dtype)
+    kind = "act_backward" if backward else "act_forward"
+    items = n // _VEC_WIDTH[c] if aligned else n
+    blocks = max(1, min(_cdiv(max(items, 1), _ELEMENTWISE_THREADS), sm_count * 8))
+    return (Launch("activations.cu", f"{kind}<{c}, {_act_code(activation)}>", (blocks, 1, 1),
+                   (_ELEMENTWISE_THREADS, 1, 1)), bool(aligned))
+
+
+def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, trans_b: bool = False,
+                activation: str = "identity", aligned: bool = False,
+                sm_count: int = DEFAULT_SM_COUNT) -> Launch:
+    """``C[M, N] = act(op(A) @ op(B) + bias)`` (see ``kernels/linear.cu``).
+
+    ``aligned``: every pointer (A, B, C and Z) is 16-byte aligned. Vector loads
+    are used when that holds and every leading dimension is a multiple of the
+    vector width. Transposed operands take the identity epilogue only.
+    """
+    c = ctype(dtype)
+    if (trans_a or trans_b) and activation != "identity":
+        raise ValueError("gemm: transposed-operand variants have the identity epilogue only")
+    if trans_a and trans_b:
+        raise ValueError("gemm: at most one operand is transposed")
+    w = _VEC_WIDTH[c]
+    lda = M if trans_a else K
+    ldb = K if trans_b else N
+    vec = bool(aligned) and lda % w == 0 and ldb % w == 0 and N % w == 0
+    large = GEMM_CONFIGS[c]["large"]
+    tiles = _cdiv(M, large[0]) * _cdiv(N, large[1])
+    cfg = large if tiles >= sm_count else GEMM_CONFIGS[c]["small"]
+    bm, bn, bk, tm, tn = cfg
+    threads = (bm // tm) * (bn // tn)
+    smem = bk * ((bm + w) + (bn + w)) * _ITEMSIZE[c]
+    name = _gemm_name(c, cfg, trans_a, trans_b, _act_code(activation), vec)
+    return Launch("linear.cu", name, (_cdiv(N, bn), _cdiv(M, bm), 1), (threads, 1, 1), smem)
+
+
+@dataclass(frozen=True)
+class BiasActBackward:
+    """dz = dy * act'(saved) and the bias gradient: one or two launches."""
+
+    main: Launch
+    rows_per_split: int
+    splits: int
+    reduce: Launch | None  # column_sum over the splits, when there is more than one
+
+
+def bias_act_backward_launch(M: int, N: int, dtype: Any, activation: str, *, has_bias: bool,
+                             sm_count: int = DEFAULT_SM_COUNT) -> BiasActBackward:
+    """Launches of the fused ``dz`` / bias-gradient kernel for an ``M x N`` gradient.
+
+    Blocks cover 32 columns by ``rows_per_split`` rows, enough of them to fill
+    the device. With a bias and more than one split, each split writes partial
+    column sums that ``column_sum`` adds in a fixed order.
+    """
+    c = ctype(dtype)
+    by = 8
+    gx = _cdiv(N, 32)
+    splits = max(1, min(_cdiv(4 * sm_count, gx), _cdiv(M, 32)))
+    rows_per_split = _cdiv(M, splits)
+    splits = _cdiv(M, rows_per_split)
+    main = Launch("linear.cu", f"bias_act_backward<{c}, {_act_code(activation)}>", (gx, splits, 1),
+                  (32, by, 1), by * 32 * _ITEMSIZE[c])
+    reduce = None
+    if has_bias and splits > 1:
+        reduce = Launch("linear.cu", f"column_sum<{c}>", (max(1, min(_cdiv(N, 256), sm_count * 8)), 1, 1),
+                        (256, 1, 1))
+    return BiasActBackward(main, rows_per_split, splits, reduce)
+
+
+def softmax_launch(rows: int, cols: int, dtype: Any, *, log: bool) -> Launch:
+    """Softmax (or log-softmax) over the rows of a ``rows x cols`` matrix."""
+    c = ctype(dtype)
+    rt = row_threads(cols)
+    rpb = _rows_per_block(rt)
+    return Launch("softmax.cu", f"softmax_rows<{c}, {rt}, {_bool(log)}>", (_cdiv(rows, rpb), 1, 1),
+                  (rt * rpb, 1, 1), _row_scratch(rt, c))
+
+
+@dataclass(frozen=True)
+class CrossEntropyLaunches:
+    """The launches of the fused softmax cross-entropy (see ``kernels/cross_entropy.cu``)."""
+
+    prepare: Launch
+    rows: Launch
+    reduce: Launch | None  # None for reduction "none"
+    reduction_code: int
+
+
+def cross_entropy_launches(rows: int, classes: int, dtype: Any, reduction: str) -> CrossEntropyLaunches:
+    """Launches of the fused softmax cross-entropy over ``rows x classes`` logits."""
+    c = ctype(dtype)
+    rt = row_threads(classes)
+    rpb = _rows_per_block(rt)
+    prepare = Launch("cross_entropy.cu", "ce_prepare", (1, 1, 1), (_PREPARE_THREADS, 1, 1),
+                     2 * (_PREPARE_THREADS // 32) * 4)
+    main = Launch("cross_entropy.cu", f"ce_rows<{c}, {rt}>", (_cdiv(rows, rpb), 1, 1), (rt * rpb, 1, 1),
+                  _row_scratch(rt, c))
+    reduce = None
+    if reduction != "none":
+        reduce = Launch("cross_entropy.cu", f"ce_reduce<{c}>", (1, 1, 1), (_PREPARE_THREADS, 1, 1),
+                        (_PREPARE_THREADS // 32) * 8)
+    return CrossEntropyLaunches(prepare, main, reduce, REDUCTION_CODES[reduction])
+
+
+def multi_tensor_chunks(sizes: Iterable[int], chunk: int = OPTIM_CHUNK) -> list[tuple[int, int]]:
+    """``(tensor, start)`` of every chunk of ``chunk`` elements over tensors of ``sizes``."""
+    return [(t, start) for t, size in enumerate(sizes) for start in range(0, int(size), chunk)]
+
+
+def optimizer_launch(kind: str, num_chunks: int, dtype: Any, *, sm_count: int = DEFAULT_SM_COUNT) -> Launch:
+    """The one launch updating every parameter: ``kind`` is ``"sgd"`` or ``"adam"``."""
+    c = ctype(dtype)
+    if kind not in ("sgd", "adam"):
+        raise ValueError(f"kind: expected 'sgd' or 'adam', got {kind!r}")
+    blocks = max(1, min(num_chunks, sm_count * 16))
+    return Launch("optim.cu", f"{kind}_multi<{c}>", (blocks, 1, 1), (256, 1, 1))
+
+
+def is_aligned(*ptrs: int) -> bool:
+    """True when every address is a multiple of 16 bytes."""
+    return all(p % 16 == 0 for p in ptrs)
+
+
+def total_instantiations() -> int:
+    """How many kernels :func:`name_expressions` lists over all files."""
+    return sum(len(v) for v in all_name_expressions().values())
+
+
+__all__ = [
+    "COMPILE_OPTIONS",
+    "DEFAULT_SM_COUNT",
+    "GEMM_CONFIGS",
+    "KERNEL_FILES",
+    "Launch",
+    "OPTIM_CHUNK",
+    "REDUCTION_CODES",
+    "ROW_THREADS",
+    "activation_launch",
+    "all_name_expressions",
+    "bias_act_backward_launch",
+    "cross_entropy_launches",
+    "ctype",
+    "gemm_launch",
+    "is_aligned",
+    "kernel_dir",
+    "load_source",
+    "multi_tensor_chunks",
+    "name_expressions",
+    "optimizer_launch",
+    "row_threads",
+    "softmax_launch",
+    "total_instantiations",
+]
+

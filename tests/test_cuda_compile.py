@@ -1,0 +1,252 @@
+"""Every CUDA kernel compiles, without a GPU: NVRTC for each architecture, ptxas for spills.
+
+* NVRTC (``cupy_backends.cuda.libs.nvrtc``, library from the
+  ``nvidia-cuda-nvrtc-cu12`` wheel; no driver needed) compiles every template
+  instantiation listed by :func:`nnfast.backends.cuda_launch.name_expressions`
+  for ``compute_80`` and ``compute_90``; any error or warning fails the test
+  with the NVRTC log.
+* ptxas (through ``nvcc -arch=sm_90 -cubin -Xptxas -v``, skipped when nvcc is
+  absent) assembles the PTX and reports registers and spills per kernel; a
+  spill in a float32 instantiation of a hot kernel fails.
+
+Run as a script to print the register / spill table::
+
+    python tests/test_cuda_compile.py
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from nnfast.backends import base, cuda_launch
+
+ARCHS = ("compute_80", "compute_90")
+
+#: Kernel families whose float32 instantiations must not spill.
+HOT_KERNELS = ("gemm", "act_forward", "act_backward", "bias_act_backward", "softmax_rows", "ce_rows",
+               "sgd_multi", "adam_multi")
+
+
+def _nvrtc():
+    """The NVRTC bindings, or None (with the reason) when the library is absent."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as err:  # CuPy not installed
+        return None, f"cupy (cupy-cuda12x) is not installed: {err}"
+    try:
+        nvrtc.getVersion()
+    except Exception as err:
+        return None, f"the NVRTC library is not installed (pip install nvidia-cuda-nvrtc-cu12): {err}"
+    return nvrtc, None
+
+
+def _require_nvrtc():
+    nvrtc, reason = _nvrtc()
+    if nvrtc is None:
+        pytest.skip(reason)
+    return nvrtc
+
+
+@functools.lru_cache(maxsize=None)
+def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]]:
+    """Compile every instantiation of ``file`` for ``arch``.
+
+    Returns ``(ok, log, ptx, lowered)``; ``lowered`` maps each mangled name to
+    its name expression.
+    """
+    nvrtc, reason = _nvrtc()
+    assert nvrtc is not None, reason
+    names = cuda_launch.name_expressions(file)
+    prog = nvrtc.createProgram(cuda_launch.load_source(file), file, [], [])
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.COMPILE_OPTIONS])
+            ok = True
+        except nvrtc.NVRTCError:
+            ok = False
+        log = nvrtc.getProgramLog(prog)
+        if not ok:
+            return False, log, b"", {}
+        ptx = nvrtc.getPTX(prog)
+        if isinstance(ptx, str):
+            ptx = ptx.encode()
+        lowered = {nvrtc.getLoweredName(prog, name): name for name in names}
+        return True, log, ptx, lowered
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("file", cuda_launch.KERNEL_FILES)
+def test_nvrtc_compiles_every_instantiation(file, arch):
+    _require_nvrtc()
+    ok, log, ptx, lowered = compile_file(file, arch)
+    assert ok, f"NVRTC failed on {file} for {arch}:\n{log}"
+    assert "warning" not in log.lower() and "error" not in log.lower(), (
+        f"NVRTC reported diagnostics on {file} for {arch}:\n{log}"
+    )
+    names = cuda_launch.name_expressions(file)
+    assert len(set(lowered.values())) == len(names), "every name expression has its own kernel"
+    for mangled in lowered:
+        assert mangled.encode() in ptx, f"{lowered[mangled]} ({mangled}) missing from the PTX"
+
+
+def test_every_kernel_file_is_listed():
+    on_disk = sorted(p.name for p in cuda_launch.kernel_dir().glob("*.cu"))
+    assert on_disk == sorted(cuda_launch.KERNEL_FILES)
+    total = cuda_launch.total_instantiations()
+    assert total == sum(len(cuda_launch.name_expressions(f)) for f in cuda_launch.KERNEL_FILES) > 100
+
+
+def test_activation_codes_match_the_contract():
+    text = (cuda_launch.kernel_dir() / "common.cuh").read_text()
+    found = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(r"ACT_([A-Z_]+) = (\d+)", text)}
+    assert found == base.ACTIVATION_CODES
+
+
+def test_reduction_codes_match_the_kernel():
+    text = (cuda_launch.kernel_dir() / "cross_entropy.cu").read_text()
+    assert re.search(r"RED_MEAN = (\d+)", text).group(1) == str(cuda_launch.REDUCTION_CODES["mean"])
+
+
+def test_sources_are_self_contained():
+    """No CUDA system header, no inline PTX, no static shared memory (portability rules)."""
+    for path in sorted(cuda_launch.kernel_dir().glob("*.cu*")):
+        text = path.read_text()
+        for include in re.findall(r'#\s*include\s*([<"][^>"]+[>"])', text):
+            assert include.startswith('"') and include.endswith('.cuh"'), f"{path.name}: {include}"
+        assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
+        for line in text.splitlines():
+            if "__shared__" in line and not line.lstrip().startswith("//"):
+                assert "extern __shared__ float4" in line, f"{path.name}: static shared memory: {line}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_launch_configurations_are_valid(dtype):
+    names = {f: set(cuda_launch.name_expressions(f)) for f in cuda_launch.KERNEL_FILES}
+
+    def check(launch):
+        assert launch.kernel in names[launch.file], launch
+        threads = launch.block[0] * launch.block[1] * launch.block[2]
+        assert 32 <= threads <= 1024 and threads % 32 == 0, launch
+        assert all(g >= 1 for g in launch.grid) and launch.grid[1] < 65536, launch
+        assert 0 <= launch.shared_mem <= 48 * 1024, launch
+
+    for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000)]:
+        M, N, K = shape
+        for act in base.ACTIVATIONS:
+            for aligned in (False, True):
+                check(cuda_launch.gemm_launch(M, N, K, dtype, activation=act, aligned=aligned))
+        check(cuda_launch.gemm_launch(M, N, K, dtype, trans_a=True, aligned=True))
+        check(cuda_launch.gemm_launch(M, N, K, dtype, trans_b=True, aligned=True))
+        for act in base.ACTIVATIONS:
+            plan = cuda_launch.bias_act_backward_launch(M, N, dtype, act, has_bias=True)
+            check(plan.main)
+            assert plan.rows_per_split * plan.splits >= M > plan.rows_per_split * (plan.splits - 1)
+            if plan.reduce is not None:
+                check(plan.reduce)
+            for backward in (False, True):
+                check(cuda_launch.activation_launch(M * N, dtype, act, backward=backward, aligned=True)[0])
+    for cols in (1, 10, 1000, 1025, 5000, 32000, 50000):
+        for log in (False, True):
+            check(cuda_launch.softmax_launch(3, cols, dtype, log=log))
+        for reduction in base.REDUCTIONS:
+            plan = cuda_launch.cross_entropy_launches(3, cols, dtype, reduction)
+            for launch in (plan.prepare, plan.rows, plan.reduce):
+                if launch is not None:
+                    check(launch)
+    for kind in ("sgd", "adam"):
+        check(cuda_launch.optimizer_launch(kind, 7, dtype))
+
+
+def test_vector_path_needs_multiples_of_the_vector_width():
+    assert cuda_launch.gemm_launch(8, 8, 8, "float32", aligned=True).kernel.endswith("true>")
+    assert cuda_launch.gemm_launch(8, 10, 8, "float32", aligned=True).kernel.endswith("false>")
+    assert cuda_launch.gemm_launch(8, 8, 6, "float32", aligned=True).kernel.endswith("false>")
+    assert cuda_launch.gemm_launch(8, 8, 6, "float64", aligned=True).kernel.endswith("true>")
+    assert cuda_launch.gemm_launch(8, 8, 8, "float32", aligned=False).kernel.endswith("false>")
+
+
+def test_multi_tensor_chunks_cover_every_element():
+    sizes = [1, 4096, 4097, 10000, 0, 3]
+    chunks = cuda_launch.multi_tensor_chunks(sizes)
+    covered = {t: 0 for t in range(len(sizes))}
+    for t, start in chunks:
+        covered[t] += min(cuda_launch.OPTIM_CHUNK, sizes[t] - start)
+    assert [covered[t] for t in range(len(sizes))] == sizes
+
+
+# --------------------------------------------------------------------- ptxas
+_PROPS = re.compile(r"Function properties for (\S+)")
+_STACK = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def ptxas_report(file: str) -> list[dict]:
+    """Registers, stack and spills of every kernel of ``file`` on sm_90 (nvcc / ptxas -v)."""
+    ok, log, ptx, lowered = compile_file(file, "compute_90")
+    assert ok, log
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / (file + ".ptx")
+        src.write_bytes(ptx)
+        proc = subprocess.run(
+            ["nvcc", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(src.with_suffix(".cubin")), str(src)],
+            capture_output=True, text=True, check=False,
+        )
+    assert proc.returncode == 0, f"nvcc/ptxas failed on {file}:\n{proc.stderr}"
+    rows, current, stack = [], None, (0, 0, 0)
+    for line in proc.stderr.splitlines():
+        if m := _PROPS.search(line):
+            current = lowered.get(m.group(1), m.group(1))
+        elif m := _STACK.search(line):
+            stack = tuple(int(v) for v in m.groups())
+        elif (m := _REGS.search(line)) and current is not None:
+            rows.append({"kernel": current, "registers": int(m.group(1)), "stack": stack[0],
+                         "spill_stores": stack[1], "spill_loads": stack[2]})
+            current, stack = None, (0, 0, 0)
+    return rows
+
+
+def _is_hot(kernel: str) -> bool:
+    family = kernel.split("<", 1)[0]
+    return family in HOT_KERNELS and "<float," in kernel.replace("<float>", "<float,")
+
+
+@pytest.mark.parametrize("file", cuda_launch.KERNEL_FILES)
+def test_ptxas_registers_and_spills(file, record_property):
+    _require_nvrtc()
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc (CUDA toolkit) is not on PATH")
+    rows = ptxas_report(file)
+    assert {r["kernel"] for r in rows} == set(cuda_launch.name_expressions(file))
+    for r in rows:
+        record_property(r["kernel"], f"{r['registers']} regs, {r['spill_stores']}/{r['spill_loads']} B spill")
+    spilling = [r for r in rows if _is_hot(r["kernel"]) and (r["spill_stores"] or r["spill_loads"])]
+    assert not spilling, "hot float32 kernels spill registers:\n" + "\n".join(map(str, spilling))
+
+
+def main() -> int:
+    nvrtc, reason = _nvrtc()
+    if nvrtc is None:
+        print(f"skipped: {reason}")
+        return 0
+    print(f"{'kernel':64s} {'regs':>5s} {'stack':>6s} {'spill st/ld':>12s}  hot")
+    for file in cuda_launch.KERNEL_FILES:
+        for r in ptxas_report(file):
+            print(f"{r['kernel']:64s} {r['registers']:5d} {r['stack']:6d} "
+                  f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>12s}  {'*' if _is_hot(r['kernel']) else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
