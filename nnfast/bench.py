@@ -714,6 +714,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="small shapes and few samples: a run of seconds (a smoke check, not a measurement)")
     parser.add_argument("--repeat", dest="bench_repeat", type=int, default=None, metavar="N",
                         help=f"samples per implementation and case (default {FULL.repeat}, {QUICK.repeat} with --quick)")
+    parser.add_argument("--threads", dest="bench_threads", type=int, default=None, metavar="N",
+                        help="run every library (BLAS, Numba, PyTorch) on N threads (default: as configured); "
+                             "on a busy shared machine, 1 gives steadier ratios")
     parser.add_argument("--no-torch", dest="bench_no_torch", action="store_true",
                         help="leave PyTorch out even when it imports")
     parser.add_argument("--json", dest="bench_json", metavar="PATH", help="write the full report as JSON")
@@ -784,6 +787,9 @@ def run(args: argparse.Namespace) -> int:
         repeat = getattr(args, "bench_repeat", None)
         if repeat is not None and repeat < 1:
             raise ValueError(f"--repeat: expected a positive integer, got {repeat}")
+        threads = getattr(args, "bench_threads", None)
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads: expected a positive integer, got {threads}")
         if getattr(args, "bench_plot", None):
             _check_matplotlib()
     except (ValueError, RuntimeError) as err:
@@ -821,6 +827,17 @@ def run(args: argparse.Namespace) -> int:
              for spec in specs for variant in spec.variants for shape in spec.shapes
              if not quick or shape.size == "small"]
 
+    restore = ThreadLimits(threads, torch, notes) if threads is not None else None
+    try:
+        return _run_cases(args, cases, specs, dtypes, quick, settings, backends, gpu, torch, torch_devices, notes)
+    finally:
+        if restore is not None:
+            restore.undo()
+
+
+def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]], specs: list[OpSpec],
+               dtypes: list[str], quick: bool, settings: Settings, backends: dict[str, Any], gpu: bool,
+               torch: Any, torch_devices: list[str], notes: list[str]) -> int:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=len(cases) * len(dtypes) + 1, desc="nnfast bench", unit="case",
@@ -848,7 +865,7 @@ def run(args: argparse.Namespace) -> int:
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "command": "nnfast bench " + " ".join(_argv_of(args)),
         "machine": machine_info(torch, gpu),
-        "settings": {"quick": quick, "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
+        "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default", "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
                      "ops": [s.name for s in specs], "repeat": settings.repeat, "min_time_s": settings.min_time,
                      "warmup_s": settings.warmup_time, "statistic": "median"},
         "models": {spec.name: {"metric": spec.metric, "work": spec.model, "limit": spec.limit} for spec in specs},
@@ -892,9 +909,41 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     for flag, dest in (("--quick", "bench_quick"), ("--no-torch", "bench_no_torch")):
         if getattr(args, dest, False):
             out.append(flag)
-    if getattr(args, "bench_repeat", None):
-        out += ["--repeat", str(args.bench_repeat)]
+    for flag, dest in (("--repeat", "bench_repeat"), ("--threads", "bench_threads")):
+        if getattr(args, dest, None):
+            out += [flag, str(getattr(args, dest))]
     return out
+
+
+class ThreadLimits:
+    """``--threads N``: cap BLAS (threadpoolctl), Numba and PyTorch at N threads; ``undo`` restores."""
+
+    def __init__(self, n: int, torch: Any, notes: list[str]) -> None:
+        self._undo: list[Callable[[], None]] = []
+        try:
+            from threadpoolctl import threadpool_limits
+
+            limiter = threadpool_limits(limits=n, user_api="blas")
+            self._undo.append(limiter.restore_original_limits)
+        except ImportError:
+            notes.append("--threads: threadpoolctl is not installed, BLAS threads left as they are")
+        if "numba" in sys.modules or _version("numba"):
+            try:
+                import numba
+
+                before = numba.get_num_threads()
+                numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+                self._undo.append(lambda: numba.set_num_threads(before))
+            except Exception as err:  # pragma: no cover - a broken Numba install
+                notes.append(f"--threads: Numba threads left as they are ({err})")
+        if torch is not None:
+            before_torch = torch.get_num_threads()
+            torch.set_num_threads(n)
+            self._undo.append(lambda: torch.set_num_threads(before_torch))
+
+    def undo(self) -> None:
+        for fn in reversed(self._undo):
+            fn()
 
 
 def _write(path: str, text: str) -> None:
@@ -968,19 +1017,25 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
             TorchCudaClock(torch) if device == "cuda" else Clock())
     if not any(kinds[t.key][0] == "nnfast" for t in timed):
         return None
-    limit_keys: dict[str, str] = {}
-    if spec.limit == "gemm":
-        devices = {kinds[t.key][1] for t in timed}
-        for device in sorted(devices):
-            if device == "gpu":
-                import cupy
+    # The machine limit of this kernel, measured side by side with it on each device in the row.
+    limit_keys: dict[str, tuple[str, str, float]] = {}  # device -> (key, what, work of one call)
+    for device in sorted({kinds[t.key][1] for t in timed}):
+        if device == "gpu":
+            import cupy
 
-                xp, clock = cupy, gpu_clock or CupyClock()
-            else:
-                xp, clock = np, Clock()
-            key = f"limit-{device}"
-            add(key, "limit", device, lambda xp=xp: make_gemm(xp, gemm_dims(spec, shape), dtype), clock)
-            limit_keys[device] = key
+            xp, clock, lib, nbytes = cupy, gpu_clock or CupyClock(), "cupy", GPU_COPY_BYTES
+        else:
+            xp, clock, lib, nbytes = np, Clock(), "numpy", CPU_COPY_BYTES
+        key = f"limit-{device}"
+        if spec.metric == "GFLOP/s":
+            m, k, n = gemm_dims(spec, shape)
+            build: Callable[[], Callable[[], Any]] = lambda xp=xp, dims=(m, k, n): make_gemm(xp, dims, dtype)
+            limit_keys[device] = (key, f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n)
+        else:
+            build = lambda xp=xp, nbytes=nbytes: make_copy(xp, nbytes)
+            where = "" if device == "cpu" else ", device to device"
+            limit_keys[device] = (key, f"{lib}.copyto {nbytes // 2**20} MiB{where}, read + write", 2.0 * nbytes)
+        add(key, "limit", device, build, clock)
 
     try:
         measure(timed, settings)
@@ -993,19 +1048,12 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
     by_key = {t.key: t for t in timed}
 
     row_limits: dict[str, Any] = {}
-    for device in ("cpu", "gpu"):
-        if device in limit_keys and limit_keys[device] in by_key:
-            m, k, n = gemm_dims(spec, shape)
-            lib = "numpy" if device == "cpu" else "cupy"
-            row_limits[device] = {"what": f"{lib}.matmul {m}×{k}×{n}",
-                                  **_figures(by_key[limit_keys[device]], 2.0 * m * k * n)}
-        elif device in limits:
-            if spec.limit == "copy":
-                ref = limits[device]["copy"]
-                row_limits[device] = {"what": ref["what"], "rate": ref["rate"]}
-            else:
-                ref = limits[device]["gemm"][dtype]
-                row_limits[device] = {"what": ref["what"], "rate": ref["rate"]}
+    for device, (key, what, limit_work) in limit_keys.items():
+        if key in by_key:
+            row_limits[device] = {"what": what, **_figures(by_key[key], limit_work)}
+        elif device in limits:  # the limit's own measurement failed: the run-level figure
+            ref = limits[device]["copy"] if spec.metric == "GB/s" else limits[device]["gemm"][dtype]
+            row_limits[device] = {"what": ref["what"], "rate": ref["rate"]}
 
     impls: dict[str, Any] = {}
     for t in timed:
@@ -1130,9 +1178,11 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
     return header, cells
 
 
-def _sections(report: dict[str, Any]) -> list[tuple[str, bool, list[dict[str, Any]]]]:
-    kernels = [r for r in report["results"] if r["op"] != "train_step"]
-    train = [r for r in report["results"] if r["op"] == "train_step"]
+def _sections(report: dict[str, Any], rows: list[dict[str, Any]] | None = None,
+              ) -> list[tuple[str, bool, list[dict[str, Any]]]]:
+    rows = report["results"] if rows is None else rows
+    kernels = [r for r in rows if r["op"] != "train_step"]
+    train = [r for r in rows if r["op"] == "train_step"]
     out = []
     if kernels:
         out.append(("Kernels", False, kernels))
@@ -1178,14 +1228,15 @@ def render_text(report: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def render_markdown(report: dict[str, Any], heading_level: int = 3) -> str:
-    """The report as Markdown tables, with the machine, the limits and the work models."""
+def render_markdown(report: dict[str, Any], heading_level: int = 3,
+                    rows: list[dict[str, Any]] | None = None) -> str:
+    """The report (or the given ``rows`` of it) as Markdown tables, with machine, limits and work models."""
     h = "#" * heading_level
     out = [f"Measured {report['created'][:10]} on {machine_line(report)}.", "",
            f"Machine limits measured in the same run: {limits_line(report)}.", "",
            "Times are medians after warm-up; speedups are measured side by side in the same run; "
            "'% limit' is the rate over the GEMM (GFLOP/s kernels) or memory-copy (GB/s kernels) rate.", ""]
-    for title, train, rows in _sections(report):
+    for title, train, rows in _sections(report, rows):
         header, cells = table(report, rows, train)
         out += [f"{h} {title}", "", "| " + " | ".join(header) + " |",
                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
@@ -1201,36 +1252,37 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3) -> str:
 
 
 def plot(report: dict[str, Any], path: str) -> None:
-    """PNG bar charts: speedup over NumPy, and fraction of the machine limit, per case."""
+    """PNG charts, one bar per case and implementation: speedup over NumPy, fraction of the limit."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = report["results"]
-    labels = [f"{r['op']}{' ' + r['variant'] if r['variant'] else ''}\n{r['label']} {r['dtype']}" for r in rows]
-    keys = [k for k in _impl_order(report)]
-    fig, axes = plt.subplots(2, 1, figsize=(max(10, 0.55 * len(rows) * max(1, len(keys))), 10))
-    width = 0.8 / max(1, len(keys))
-    for j, key in enumerate(keys):
-        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(rows))]
-        speed = [r["impls"].get(key, {}).get("speedup_vs_numpy", 0) for r in rows]
-        frac = [r["impls"].get(key, {}).get("limit_fraction", 0) for r in rows]
-        axes[0].bar(xs, speed, width, label=key)
-        axes[1].bar(xs, frac, width, label=key)
-    axes[0].set_yscale("log")
-    axes[0].axhline(1.0, color="black", linewidth=0.8)
-    axes[0].set_ylabel("speedup over NumPy (×, log)")
-    axes[1].set_ylabel("fraction of machine limit")
-    axes[1].axhline(1.0, color="black", linewidth=0.8)
-    for ax in axes:
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-        ax.legend()
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"nnfast bench {report['created'][:10]} · {report['machine']['cpu']}")
+    labels = [f"{r['op']}{' ' + r['variant'] if r['variant'] else ''} {r['label']} {r['dtype']}" for r in rows]
+    keys = _impl_order(report)
+    fast = [k for k in keys if k != "numpy"]
+    height = max(4.0, 0.16 * len(rows) * max(1, len(keys)) + 1.5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, height), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, chart_keys, field_name in ((left, fast, "speedup_vs_numpy"), (right, keys, "limit_fraction")):
+        width = 0.8 / max(1, len(chart_keys))
+        for j, key in enumerate(chart_keys):
+            ys = [i + (j - (len(chart_keys) - 1) / 2) * width for i in range(len(rows))]
+            values = [r["impls"].get(key, {}).get(field_name, 0.0) for r in rows]
+            ax.barh(ys, values, width, label=key, color=colors[keys.index(key) % len(colors)])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(loc="lower right")
+    left.set_xscale("log")
+    left.set_xlabel("speedup over the NumPy reference (×, log scale)")
+    right.set_xlabel("fraction of the machine limit (GEMM or memory copy)")
+    left.set_yticks(range(len(rows)))
+    left.set_yticklabels(labels, fontsize=7)
+    left.invert_yaxis()
+    fig.suptitle(f"nnfast bench · {report['created'][:10]} · {machine_line(report)}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

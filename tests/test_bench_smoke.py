@@ -99,13 +99,15 @@ def test_bench_run_writes_json_markdown_and_prints_tables(tmp_path, capsys):
 
 def test_bench_repeated_backend_option_and_groups(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--quick", "--ops", "softmax_ce", "--ops", "optim", "--no-torch", "--no-progress", "--json", str(out)]
+    argv = ["--quick", "--ops", "softmax_ce", "--ops", "optim", "--threads", "1", "--no-torch", "--no-progress",
+            "--json", str(out)]
     for backend in BACKENDS:
         argv += ["--backend", backend]
     assert bench.run(_parse(*argv)) == 0
     report = json.loads(out.read_text(encoding="utf-8"))
     assert {row["op"] for row in report["results"]} == {
         "softmax", "log_softmax", "softmax_cross_entropy", "sgd_update", "adam_update"}
+    assert report["settings"]["threads"] == 1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -113,6 +115,7 @@ def test_bench_repeated_backend_option_and_groups(tmp_path):
     (["--dtype", "float16"], "--dtype"),
     (["--backend", "tpu"], "--backend: unknown 'tpu'"),
     (["--repeat", "0"], "--repeat"),
+    (["--threads", "0"], "--threads"),
 ])
 def test_bench_rejects_bad_options(argv, message, capsys):
     assert bench.run(_parse(*argv, "--no-progress")) == 2
@@ -143,3 +146,28 @@ def test_nnfast_bench_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "linear_forward" in proc.stdout
     _check_report(json.loads(out.read_text(encoding="utf-8")), BACKENDS, ["linear_forward", "softmax_cross_entropy"])
+
+
+def test_update_readme_rewrites_only_the_marked_section(tmp_path):
+    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
+    if spec is None:
+        pytest.skip("benchmarks/update_readme.py is not in this tree")
+    update_readme = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(update_readme)
+
+    out = tmp_path / "bench.json"
+    args = _parse("--quick", "--backend", "numpy", "--ops", "linear_forward,train_step", "--no-torch",
+                  "--no-progress", "--json", str(out))
+    assert bench.run(args) == 0
+    head, tail = "# nnfast\n\n## Performance\n\n", "\n\n## Next\n\nkept as is\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(head + "<!-- bench:start -->\nold table\n<!-- bench:end -->" + tail, encoding="utf-8")
+    assert update_readme.main(["--json", str(out), "--readme", str(readme), "--all-rows"]) == 0
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith(head + "<!-- bench:start -->\n") and text.endswith("<!-- bench:end -->" + tail)
+    assert "old table" not in text and "| linear_forward relu |" in text and "Reproduce: `nnfast bench" in text
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n", encoding="utf-8")
+    assert update_readme.main(["--json", str(out), "--readme", str(plain)]) == 1
+    assert plain.read_text(encoding="utf-8") == "no markers\n"
