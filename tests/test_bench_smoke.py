@@ -171,3 +171,68 @@ def test_update_readme_rewrites_only_the_marked_section(tmp_path):
     plain.write_text("no markers\n", encoding="utf-8")
     assert update_readme.main(["--json", str(out), "--readme", str(plain)]) == 1
     assert plain.read_text(encoding="utf-8") == "no markers\n"
+
+
+def _fake_cupy():
+    """A stand-in for CuPy backed by NumPy, with CUDA events timed by the wall clock.
+
+    It runs the report's GPU paths (CUDA-event clock, cuBLAS and device-copy
+    limits, GPU machine info) on a machine without a GPU.
+    """
+    import time
+    import types
+
+    import numpy as np
+
+    cupy = types.ModuleType("cupy")
+    cupy.__version__ = "0.0-fake"
+    cupy.__getattr__ = lambda name: getattr(np, name)
+
+    class Event:
+        def record(self):
+            self.t = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+    props = {"name": b"Fake GPU", "totalGlobalMem": 2**34, "multiProcessorCount": 8, "major": 9, "minor": 0}
+    cupy.cuda = types.SimpleNamespace(
+        Event=Event,
+        get_elapsed_time=lambda start, end: (end.t - start.t) * 1e3,
+        Device=lambda: types.SimpleNamespace(id=0),
+        runtime=types.SimpleNamespace(deviceSynchronize=lambda: None, getDeviceProperties=lambda i: props,
+                                      runtimeGetVersion=lambda: 12000, driverGetVersion=lambda: 12000),
+    )
+    return cupy
+
+
+def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch):
+    from nnfast import backends
+    from nnfast.backends.numpy_backend import NumpyBackend
+
+    cupy = _fake_cupy()
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setattr(bench, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
+
+    class FakeGpuBackend(NumpyBackend):
+        name = "cupy"
+
+    FakeGpuBackend.xp = cupy
+    gpu = FakeGpuBackend()
+    real_backend_for = backends.backend_for
+    monkeypatch.setattr(backends, "available_backends", lambda: ["numpy", "cupy"])
+    monkeypatch.setattr(backends, "backend_for", lambda name: gpu if name == "cupy" else real_backend_for(name))
+
+    out = tmp_path / "bench.json"
+    args = _parse("--quick", "--ops", "linear_forward,softmax", "--no-torch", "--no-progress", "--json", str(out))
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["errors"] == []
+    assert report["machine"]["gpu"]["name"] == "Fake GPU"
+    assert report["limits"]["gpu"]["copy"]["rate"] > 0 and report["limits"]["gpu"]["gemm"]["float32"]["rate"] > 0
+    for row in report["results"]:
+        fig = row["impls"]["cupy"]
+        assert fig["device"] == "gpu" and fig["limit_fraction"] > 0 and fig["speedup_vs_numpy"] > 0
+        assert row["limits"]["gpu"]["what"].startswith("cupy.")
+    bad = [(where, value) for where, value in _figures(report) if not (math.isfinite(value) and value > 0)]
+    assert bad == []
