@@ -713,7 +713,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", dest="bench_quick", action="store_true",
                         help="small shapes and few samples: a run of seconds (a smoke check, not a measurement)")
     parser.add_argument("--repeat", dest="bench_repeat", type=int, default=None, metavar="N",
-                        help=f"samples per implementation and case (default {FULL.repeat}, {QUICK.repeat} with --quick)")
+                        help=f"samples per implementation and case (default {FULL.repeat}, "
+                             f"{QUICK.repeat} with --quick)")
     parser.add_argument("--threads", dest="bench_threads", type=int, default=None, metavar="N",
                         help="run every library (BLAS, Numba, PyTorch) on N threads (default: as configured); "
                              "on a busy shared machine, 1 gives steadier ratios")
@@ -865,7 +866,8 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "command": "nnfast bench " + " ".join(_argv_of(args)),
         "machine": machine_info(torch, gpu),
-        "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default", "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
+        "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default",
+                     "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
                      "ops": [s.name for s in specs], "repeat": settings.repeat, "min_time_s": settings.min_time,
                      "warmup_s": settings.warmup_time, "statistic": "median"},
         "models": {spec.name: {"metric": spec.metric, "work": spec.model, "limit": spec.limit} for spec in specs},
@@ -1029,13 +1031,12 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
         key = f"limit-{device}"
         if spec.metric == "GFLOP/s":
             m, k, n = gemm_dims(spec, shape)
-            build: Callable[[], Callable[[], Any]] = lambda xp=xp, dims=(m, k, n): make_gemm(xp, dims, dtype)
             limit_keys[device] = (key, f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n)
+            add(key, "limit", device, lambda xp=xp, dims=(m, k, n): make_gemm(xp, dims, dtype), clock)
         else:
-            build = lambda xp=xp, nbytes=nbytes: make_copy(xp, nbytes)
             where = "" if device == "cpu" else ", device to device"
             limit_keys[device] = (key, f"{lib}.copyto {nbytes // 2**20} MiB{where}, read + write", 2.0 * nbytes)
-        add(key, "limit", device, build, clock)
+            add(key, "limit", device, lambda xp=xp, nbytes=nbytes: make_copy(xp, nbytes), clock)
 
     try:
         measure(timed, settings)
@@ -1065,7 +1066,7 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
             fig["limit_fraction"] = fig["rate"] / row_limits[device]["rate"]
         impls[t.key] = fig
     ref = impls.get("numpy")
-    for key, fig in impls.items():
+    for fig in impls.values():
         if ref is not None:
             fig["speedup_vs_numpy"] = ref["median_s"] / fig["median_s"]
         torch_key = "torch" if fig["device"] == "cpu" else "torch-cuda"
@@ -1236,8 +1237,8 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3,
            f"Machine limits measured in the same run: {limits_line(report)}.", "",
            "Times are medians after warm-up; speedups are measured side by side in the same run; "
            "'% limit' is the rate over the GEMM (GFLOP/s kernels) or memory-copy (GB/s kernels) rate.", ""]
-    for title, train, rows in _sections(report, rows):
-        header, cells = table(report, rows, train)
+    for title, train, section_rows in _sections(report, rows):
+        header, cells = table(report, section_rows, train)
         out += [f"{h} {title}", "", "| " + " | ".join(header) + " |",
                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
         out += ["| " + " | ".join(line) + " |" for line in cells]
