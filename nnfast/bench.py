@@ -35,8 +35,8 @@ Machine limits, measured in the same run
   flop.
 * CPU memory: ``numpy.copyto`` of a 64 MiB array, credited ``2·size`` bytes
   (read + write), the same way the kernels' byte models count.
-* GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes, and a
-  device-to-device ``cupy.copyto`` of 256 MiB.
+* GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes (4096³
+  for the training step), and a device-to-device ``cupy.copyto`` of 256 MiB.
 
 The fraction of the limit is the kernel's rate divided by the limit's rate.
 Memory-bound kernels on small shapes run from cache, so their fraction of
@@ -86,7 +86,8 @@ ADAM_LR, ADAM_STEP = 1e-4, 10
 
 CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
-GEMM_REF = (1024, 1024, 1024)
+#: The reference GEMM (M, K, N) of each device: the machine's GEMM rate.
+GEMM_REF = {"cpu": (1024, 1024, 1024), "gpu": (4096, 4096, 4096)}
 
 DTYPES = ("float32", "float64")
 
@@ -212,11 +213,11 @@ def work(spec: OpSpec, shape: Shape, itemsize: int) -> float:
     raise ValueError(f"op: unknown {name!r}")  # pragma: no cover
 
 
-def gemm_dims(spec: OpSpec, shape: Shape) -> tuple[int, int, int]:
+def gemm_dims(spec: OpSpec, shape: Shape, device: str = "cpu") -> tuple[int, int, int]:
     """(M, K, N) of the GEMM that is the limit of a GFLOP/s kernel."""
     if spec.limit == "gemm":
         return tuple(shape.dims)  # type: ignore[return-value]
-    return GEMM_REF
+    return GEMM_REF[device]
 
 
 # ---------------------------------------------------------------- inputs
@@ -965,15 +966,16 @@ def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict
         devices.append(("gpu", cupy, CupyClock(), GPU_COPY_BYTES))
     for device, xp, clock, nbytes in devices:
         copy = Timed("copy", make_copy(xp, nbytes), clock)
-        gemms = {dt: Timed(f"gemm {dt}", make_gemm(xp, GEMM_REF, dt), clock) for dt in dtypes}
+        ref = GEMM_REF[device]
+        gemms = {dt: Timed(f"gemm {dt}", make_gemm(xp, ref, dt), clock) for dt in dtypes}
         measure([copy, *gemms.values()], settings)
         what = "numpy.copyto" if device == "cpu" else "cupy.copyto (device to device)"
         limits[device] = {
             "copy": {"what": f"{what}, {nbytes // 2**20} MiB, read + write", "bytes": 2 * nbytes,
                      **_figures(copy, 2.0 * nbytes)},
             "gemm": {dt: {"what": f"{'numpy' if device == 'cpu' else 'cupy'}.matmul "
-                                  f"{'×'.join(map(str, GEMM_REF))} {dt}",
-                          "flop": 2.0 * math.prod(GEMM_REF), **_figures(t, 2.0 * math.prod(GEMM_REF))}
+                                  f"{'×'.join(map(str, ref))} {dt}",
+                          "flop": 2.0 * math.prod(ref), **_figures(t, 2.0 * math.prod(ref))}
                      for dt, t in gemms.items()},
         }
     return limits
@@ -1030,7 +1032,7 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
             xp, clock, lib, nbytes = np, Clock(), "numpy", CPU_COPY_BYTES
         key = f"limit-{device}"
         if spec.metric == "GFLOP/s":
-            m, k, n = gemm_dims(spec, shape)
+            m, k, n = gemm_dims(spec, shape, device)
             limit_keys[device] = (key, f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n)
             add(key, "limit", device, lambda xp=xp, dims=(m, k, n): make_gemm(xp, dims, dtype), clock)
         else:

@@ -213,6 +213,7 @@ def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch):
     cupy = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
     monkeypatch.setattr(bench, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
+    monkeypatch.setitem(bench.GEMM_REF, "gpu", (256, 256, 256))
 
     class FakeGpuBackend(NumpyBackend):
         name = "cupy"
