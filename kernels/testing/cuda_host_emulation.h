@@ -1,0 +1,1254 @@
+// cuda_host_emulation.h -- run unchanged CUDA C++ kernels on the CPU, for tests.
+//
+// This header lets a `.cu` file that sticks to the subset used in kernels/ compile
+// with the host g++ (C++20) and run with the CUDA execution model emulated:
+//
+//   * every thread of a block is a cooperative fiber with its own stack; fibers
+//     switch only at `__syncthreads()` and at warp collectives, so a thread runs
+//     alone from one barrier to the next. A missing `__syncthreads()` therefore
+//     makes a reader see stale or poisoned shared memory instead of what a
+//     racing writer was meant to publish;
+//   * `__shared__` variables are per-block (thread_local storage of the one OS
+//     thread that runs a block), and all shared memory is filled with 0xFF bytes
+//     (NaN / -1) before each block starts, as uninitialised memory on a GPU is;
+//   * `extern __shared__` arrays all alias one dynamic buffer of the size given at
+//     launch; writes past that size are reported;
+//   * warp intrinsics (`__shfl_*_sync`, `__ballot_sync`, `__any_sync`, ...) are
+//     real exchanges between the 32 lanes of a warp with the PTX lane rules; a
+//     value read from a lane that does not take part is poisoned;
+//   * `__syncthreads()` reached by only part of a block (others returned, or wait
+//     at another barrier), warp collectives that never complete, and every other
+//     deadlock are reported instead of hanging;
+//   * a fault (out-of-bounds access into a guard page, stack overflow, integer
+//     division by zero), `__trap()`, a failed `assert` or a timeout aborts the
+//     launch with a message naming the block and thread.
+//
+// The Python side (tests/cuda_emulation.py) allocates global memory between guard
+// pages, builds one shared library per `.cu` (this header + the source + a table
+// of the requested template instantiations) and launches kernels through
+// `cuemu_launch`. Include this header in exactly one translation unit.
+//
+// Not emulated: timing-dependent races that barriers do not order, the CUDA memory
+// model (fences, volatile, acquire/release between blocks), spin-waits on other
+// threads or blocks (they time out), textures, tensor cores, inline PTX, half
+// types, cooperative groups, performance.
+
+#ifndef NNFAST_CUDA_HOST_EMULATION_H
+#define NNFAST_CUDA_HOST_EMULATION_H
+
+#include <algorithm>
+#include <cassert>
+#include <cfloat>
+#include <climits>
+#include <cstdarg>
+#include <cmath>
+#include <csetjmp>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <math.h>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include <cxxabi.h>
+#include <dlfcn.h>
+#include <link.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/time.h>
+#include <unistd.h>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+// ---------------------------------------------------------------- compiler macros
+#define __CUDACC_RTC__ 1
+#ifndef __CUDA_ARCH__
+#define __CUDA_ARCH__ 900
+#endif
+#define NNFAST_CUDA_HOST_EMULATION 1
+
+#define __global__
+#define __device__
+#define __host__
+#define __managed__
+#define __constant__
+#define __forceinline__ inline __attribute__((always_inline))
+#define __noinline__ __attribute__((noinline))
+#define __restrict__ __restrict
+#define __launch_bounds__(...)
+#define __align__(n) __attribute__((aligned(n)))
+// Block-scope `thread_local` has static storage, so one copy per block (blocks run
+// one after another on one OS thread); `extern thread_local` stays a declaration,
+// which the build aliases to the dynamic shared memory buffer.
+#define __shared__ thread_local
+
+// ---------------------------------------------------------------- vector types
+struct uint3 { unsigned int x, y, z; };
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int vx = 1, unsigned int vy = 1, unsigned int vz = 1) : x(vx), y(vy), z(vz) {}
+  constexpr dim3(uint3 v) : x(v.x), y(v.y), z(v.z) {}
+  constexpr operator uint3() const { return uint3{x, y, z}; }
+};
+
+#define CUEMU_VEC2(T, N, A) struct alignas(A) N { T x, y; }; \
+  inline N make_##N(T x, T y) { N v; v.x = x; v.y = y; return v; }
+#define CUEMU_VEC3(T, N) struct N { T x, y, z; }; \
+  inline N make_##N(T x, T y, T z) { N v; v.x = x; v.y = y; v.z = z; return v; }
+#define CUEMU_VEC4(T, N, A) struct alignas(A) N { T x, y, z, w; }; \
+  inline N make_##N(T x, T y, T z, T w) { N v; v.x = x; v.y = y; v.z = z; v.w = w; return v; }
+
+CUEMU_VEC2(float, float2, 8)
+CUEMU_VEC3(float, float3)
+CUEMU_VEC4(float, float4, 16)
+CUEMU_VEC2(double, double2, 16)
+CUEMU_VEC3(double, double3)
+CUEMU_VEC4(double, double4, 16)
+CUEMU_VEC2(int, int2, 8)
+CUEMU_VEC3(int, int3)
+CUEMU_VEC4(int, int4, 16)
+CUEMU_VEC2(unsigned int, uint2, 8)
+CUEMU_VEC4(unsigned int, uint4, 16)
+CUEMU_VEC2(long long, longlong2, 16)
+CUEMU_VEC2(unsigned long long, ulonglong2, 16)
+CUEMU_VEC4(signed char, char4, 4)
+CUEMU_VEC4(unsigned char, uchar4, 4)
+CUEMU_VEC2(short, short2, 4)
+inline uint3 make_uint3(unsigned x, unsigned y, unsigned z) { return uint3{x, y, z}; }
+#undef CUEMU_VEC2
+#undef CUEMU_VEC3
+#undef CUEMU_VEC4
+
+// ---------------------------------------------------------------- the runtime
+namespace cuemu {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kMaxDynamicSmem = 232448;  // 227 KiB, the opt-in limit of sm_90
+constexpr size_t kSmemTail = 1024;          // poisoned bytes checked past the dynamic size
+
+enum State : int { kRunnable = 0, kAtBarrier = 1, kAtWarp = 2, kDone = 3 };
+enum BarrierKind : int { kSync = 0, kSyncCount = 1, kSyncAnd = 2, kSyncOr = 3 };
+enum WarpOp : int {
+  kShflIdx = 0, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncWarp,
+  kReduceAdd, kReduceMin, kReduceMax, kReduceMinS, kReduceMaxS, kMatchAny
+};
+inline const char* warp_op_name(int op) {
+  static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
+                                "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp",
+                                "__reduce_add_sync", "__reduce_min_sync", "__reduce_max_sync",
+                                "__reduce_min_sync", "__reduce_max_sync", "__match_any_sync"};
+  return (op >= 0 && op <= kMatchAny) ? names[op] : "?";
+}
+
+// Error codes returned by cuemu_launch (mirrored in tests/cuda_emulation.py).
+enum Error : int {
+  kOk = 0, kErrLaunchConfig = 1, kErrFault = 2, kErrDeadlock = 3, kErrBarrierDivergence = 4,
+  kErrWarpDivergence = 5, kErrTrap = 6, kErrTimeout = 7, kErrSharedOverflow = 8, kErrArgs = 9,
+  kErrInternal = 10
+};
+
+struct Thread {
+  void* sp;
+  uint3 idx;
+  unsigned linear, lane, warp;
+  int state;
+  // block barrier (identified by its source location)
+  const char* bar_file;
+  int bar_line;
+  int bar_kind, bar_pred, bar_result;
+  // warp collective
+  const char* w_file;
+  int w_line;
+  int w_op, w_b, w_c, w_size;
+  unsigned w_mask;
+  bool w_done;
+  uint64_t w_val, w_result;
+};
+
+struct Options {  // filled by the Python harness; layout mirrored there
+  int schedule;           // 0 forward, 1 reverse, 2 random (reshuffled at every barrier)
+  int strict_exit;        // 1: __syncthreads() after some threads returned is an error
+  uint64_t seed;          // for the random schedule
+  double timeout_s;       // wall-clock limit of one launch
+  uint64_t max_dynamic_smem;  // dynamic shared memory allowed (48 KiB unless raised)
+  uint64_t stack_bytes;   // per-thread stack
+  int launch_bounds;      // > 0: threads per block allowed by __launch_bounds__
+};
+
+struct Stats {  // returned to the harness; layout mirrored there
+  uint64_t blocks, threads, barriers, warp_collectives, switches, fault_addr;
+};
+
+struct Runtime {
+  // launch
+  dim3 grid_dim, block_dim;
+  uint3 block_idx;
+  void (*invoke)(void (*)(), void**);
+  void (*fn)();
+  void** params;
+  Options opt;
+  Stats stats;
+  // block
+  Thread* threads;
+  unsigned nthreads, capacity, done;
+  unsigned* order;
+  Thread* cur;
+  void* sched_sp;
+  unsigned char* stacks;
+  size_t stacks_len, stack_bytes;
+  uint64_t rng;
+  // shared memory (the module's TLS block, for the launching OS thread)
+  unsigned char* tls_begin;
+  unsigned char* tls_end;
+  unsigned char* dyn_begin;
+  size_t dyn_size;
+  // errors
+  bool in_launch;
+  pthread_t launcher;
+  sigjmp_buf jmp;
+  int error;
+  char message[8192];
+  struct sigaction old_segv, old_bus, old_fpe, old_ill, old_alrm;
+  stack_t old_altstack;
+};
+inline Runtime rt;
+alignas(16) inline unsigned char g_altstack[1 << 16];
+
+// ------------------------------------------------------------ context switching
+#if defined(__x86_64__)
+extern "C" void cuemu_switch_context(void** save_sp, void* next_sp) __attribute__((visibility("hidden")));
+extern "C" void cuemu_fiber_trampoline() __attribute__((visibility("hidden")));
+// Saves the callee-saved registers, MXCSR and the x87 control word on the current
+// stack, stores the stack pointer in *save_sp and resumes the context at next_sp.
+asm(R"(
+    .text
+    .globl cuemu_switch_context
+    .hidden cuemu_switch_context
+    .type cuemu_switch_context, @function
+cuemu_switch_context:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size cuemu_switch_context, .-cuemu_switch_context
+
+    .globl cuemu_fiber_trampoline
+    .hidden cuemu_fiber_trampoline
+    .type cuemu_fiber_trampoline, @function
+cuemu_fiber_trampoline:
+    movq %r13, %rdi
+    callq *%r12
+    ud2
+    .size cuemu_fiber_trampoline, .-cuemu_fiber_trampoline
+)");
+
+inline void* make_context(unsigned char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack_lo) + size) & ~uintptr_t(15);
+  uint64_t* p = reinterpret_cast<uint64_t*>(top - 24);
+  p[0] = reinterpret_cast<uint64_t>(&cuemu_fiber_trampoline);  // popped by ret
+  p[-1] = 0;                                                   // rbp
+  p[-2] = 0;                                                   // rbx
+  p[-3] = reinterpret_cast<uint64_t>(entry);                   // r12
+  p[-4] = reinterpret_cast<uint64_t>(arg);                     // r13
+  p[-5] = 0;                                                   // r14
+  p[-6] = 0;                                                   // r15
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0" : "=m"(mxcsr));
+  asm volatile("fnstcw %0" : "=m"(fpucw));
+  uint64_t ctl = uint64_t(mxcsr) | (uint64_t(fpucw) << 32);
+  p[-7] = ctl;
+  return &p[-7];
+}
+inline void switch_context(void** save, void* next) { cuemu_switch_context(save, next); }
+#else
+// Portable fallback: ucontext (slower: each switch is a system call).
+struct UContext { ucontext_t uc; };
+inline UContext g_sched_uc;
+inline void* make_context(unsigned char* stack_lo, size_t size, void (*entry)(void*), void* arg) {
+  // The UContext lives at the top of the fiber's own stack area.
+  uintptr_t top = (reinterpret_cast<uintptr_t>(stack_lo) + size - sizeof(UContext)) & ~uintptr_t(63);
+  UContext* c = reinterpret_cast<UContext*>(top);
+  getcontext(&c->uc);
+  c->uc.uc_stack.ss_sp = stack_lo;
+  c->uc.uc_stack.ss_size = top - reinterpret_cast<uintptr_t>(stack_lo);
+  c->uc.uc_link = nullptr;
+  makecontext(&c->uc, reinterpret_cast<void (*)()>(entry), 1, arg);
+  return c;
+}
+inline void switch_context(void** save, void* next) {
+  // save points at a slot that holds (or will hold) the UContext of the caller.
+  if (*save == nullptr) *save = &g_sched_uc;
+  swapcontext(&static_cast<UContext*>(*save)->uc, &static_cast<UContext*>(next)->uc);
+}
+#endif
+
+// ------------------------------------------------------------ errors
+inline const char* demangle_site(const void* addr, char* buf, size_t len) {
+  Dl_info info;
+  if (addr && dladdr(addr, &info) && info.dli_sname) {
+    int status = 0;
+    char* name = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+    snprintf(buf, len, "%s+0x%lx", status == 0 && name ? name : info.dli_sname,
+             static_cast<unsigned long>(reinterpret_cast<uintptr_t>(addr) -
+                                        reinterpret_cast<uintptr_t>(info.dli_saddr)));
+    free(name);
+  } else if (addr && dladdr(addr, &info) && info.dli_fname) {
+    const char* base = strrchr(info.dli_fname, '/');
+    snprintf(buf, len, "%s+0x%lx", base ? base + 1 : info.dli_fname,
+             static_cast<unsigned long>(reinterpret_cast<uintptr_t>(addr) -
+                                        reinterpret_cast<uintptr_t>(info.dli_fbase)));
+  } else {
+    snprintf(buf, len, "%p", addr);
+  }
+  return buf;
+}
+
+inline const char* site_name(const char* file, int line, char* buf, size_t len) {
+  const char* base = file ? strrchr(file, '/') : nullptr;
+  snprintf(buf, len, "%s:%d", base ? base + 1 : (file ? file : "?"), line);
+  return buf;
+}
+
+inline bool same_site(const char* f1, int l1, const char* f2, int l2) {
+  return l1 == l2 && (f1 == f2 || (f1 && f2 && strcmp(f1, f2) == 0));
+}
+
+inline void where(char* buf, size_t len, const Thread* t) {
+  if (t) {
+    snprintf(buf, len, "block (%u,%u,%u) thread (%u,%u,%u)", rt.block_idx.x, rt.block_idx.y, rt.block_idx.z,
+             t->idx.x, t->idx.y, t->idx.z);
+  } else {
+    snprintf(buf, len, "block (%u,%u,%u)", rt.block_idx.x, rt.block_idx.y, rt.block_idx.z);
+  }
+}
+
+// Record an error; the first one wins.
+__attribute__((format(printf, 2, 3))) inline void set_error(int code, const char* fmt, ...) {
+  if (rt.error != kOk) return;
+  rt.error = code;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(rt.message, sizeof rt.message, fmt, ap);
+  va_end(ap);
+}
+
+// Abort the launch from anywhere (a fiber, a signal handler): back to cuemu_launch.
+[[noreturn]] inline void abort_launch() { siglongjmp(rt.jmp, 1); }
+
+[[noreturn]] inline void fail_in_thread(int code, const char* what) {
+  char w[160];
+  where(w, sizeof w, rt.cur);
+  set_error(code, "%s in %s", what, w);
+  abort_launch();
+}
+
+// ------------------------------------------------------------ scheduling
+inline void yield() {
+  Thread* t = rt.cur;
+  ++rt.stats.switches;
+  switch_context(&t->sp, rt.sched_sp);
+}
+
+inline void fiber_main(void* arg) {
+  Thread* t = static_cast<Thread*>(arg);
+  rt.invoke(rt.fn, rt.params);
+  t->state = kDone;
+  switch_context(&t->sp, rt.sched_sp);
+  __builtin_trap();
+}
+
+inline uint64_t next_random() {  // splitmix64
+  uint64_t z = (rt.rng += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+inline void make_order() {
+  unsigned n = rt.nthreads;
+  for (unsigned i = 0; i < n; ++i) rt.order[i] = (rt.opt.schedule == 1) ? n - 1 - i : i;
+  if (rt.opt.schedule == 2) {
+    for (unsigned i = n; i > 1; --i) std::swap(rt.order[i - 1], rt.order[next_random() % i]);
+  }
+}
+
+// Lanes of warp w that exist and have not returned.
+inline unsigned live_lanes(unsigned w) {
+  unsigned m = 0, base = w * kWarpSize;
+  for (unsigned l = 0; l < kWarpSize && base + l < rt.nthreads; ++l)
+    if (rt.threads[base + l].state != kDone) m |= 1u << l;
+  return m;
+}
+
+inline uint64_t poison_bits(int size) { return size >= 8 ? ~uint64_t(0) : ((uint64_t(1) << (8 * size)) - 1); }
+
+// Complete the warp collectives of warp w whose participants have all arrived.
+inline void try_complete_warp(unsigned w) {
+  unsigned base = w * kWarpSize;
+  unsigned live = live_lanes(w);
+  for (unsigned l = 0; l < kWarpSize && base + l < rt.nthreads; ++l) {
+    Thread& first = rt.threads[base + l];
+    if (first.state != kAtWarp || first.w_done) continue;
+    unsigned mask = first.w_mask;
+    unsigned need = mask & live;  // named lanes that exist and have not returned
+    bool ready = true;
+    for (unsigned j = 0; j < kWarpSize && ready; ++j) {
+      if (!(need >> j & 1)) continue;
+      const Thread& o = rt.threads[base + j];
+      ready = o.state == kAtWarp && !o.w_done && o.w_mask == mask;
+    }
+    if (!ready) continue;
+    // All participants are here: check they agree on the operation.
+    for (unsigned j = 0; j < kWarpSize; ++j) {
+      if (!(need >> j & 1)) continue;
+      const Thread& o = rt.threads[base + j];
+      if (o.w_op != first.w_op || o.w_size != first.w_size) {
+        char w1[160], s1[256], s2[256];
+        where(w1, sizeof w1, &first);
+        set_error(kErrWarpDivergence,
+                  "warp collectives with mask 0x%08x disagree: %s calls %s (at %s), lane %u calls %s (at %s)",
+                  mask, w1, warp_op_name(first.w_op), site_name(first.w_file, first.w_line, s1, sizeof s1), j,
+                  warp_op_name(o.w_op), site_name(o.w_file, o.w_line, s2, sizeof s2));
+        return;
+      }
+    }
+    ++rt.stats.warp_collectives;
+    int op = first.w_op;
+    uint64_t ballot = 0, sum = 0;
+    uint64_t umin = ~uint64_t(0), umax = 0;
+    int64_t smin = INT64_MAX, smax = INT64_MIN;
+    for (unsigned j = 0; j < kWarpSize; ++j) {
+      if (!(need >> j & 1)) continue;
+      const Thread& o = rt.threads[base + j];
+      if (o.w_val) ballot |= uint64_t(1) << j;
+      uint32_t u = static_cast<uint32_t>(o.w_val);
+      int32_t s = static_cast<int32_t>(u);
+      sum += u;
+      umin = std::min<uint64_t>(umin, u);
+      umax = std::max<uint64_t>(umax, u);
+      smin = std::min<int64_t>(smin, s);
+      smax = std::max<int64_t>(smax, s);
+    }
+    for (unsigned i = 0; i < kWarpSize; ++i) {
+      if (!(need >> i & 1)) continue;
+      Thread& t = rt.threads[base + i];
+      uint64_t r = 0;
+      switch (op) {
+        case kShflIdx: case kShflUp: case kShflDown: case kShflXor: {
+          // PTX shfl.sync: c = (segmask << 8) | clamp.
+          int b = t.w_b, c = t.w_c;
+          int lane = static_cast<int>(i);
+          int clamp = c & 0x1f, segmask = (c >> 8) & 0x1f;
+          int min_lane = lane & segmask;
+          int max_lane = min_lane | (clamp & ~segmask);
+          int j = lane;
+          bool in_range = true;
+          if (op == kShflUp) { j = lane - b; in_range = j >= max_lane; }
+          else if (op == kShflDown) { j = lane + b; in_range = j <= max_lane; }
+          else if (op == kShflXor) { j = lane ^ b; in_range = j <= max_lane; }
+          else { j = min_lane | (b & ~segmask); in_range = j <= max_lane; }
+          if (!in_range) j = lane;
+          if (j >= 0 && j < kWarpSize && (need >> j & 1)) r = rt.threads[base + j].w_val;
+          else r = poison_bits(t.w_size);  // source lane inactive: undefined on hardware
+          break;
+        }
+        case kBallot: r = ballot; break;
+        case kAny: r = ballot != 0; break;
+        case kAll: r = ballot == need; break;
+        case kSyncWarp: r = 0; break;
+        case kReduceAdd: r = static_cast<uint32_t>(sum); break;
+        case kReduceMin: r = umin; break;
+        case kReduceMax: r = umax; break;
+        case kReduceMinS: r = static_cast<uint32_t>(static_cast<int32_t>(smin)); break;
+        case kReduceMaxS: r = static_cast<uint32_t>(static_cast<int32_t>(smax)); break;
+        case kMatchAny: {
+          uint64_t m = 0;
+          for (unsigned j = 0; j < kWarpSize; ++j)
+            if ((need >> j & 1) && rt.threads[base + j].w_val == t.w_val) m |= uint64_t(1) << j;
+          r = m;
+          break;
+        }
+      }
+      t.w_result = r;
+      t.w_done = true;
+      t.state = kRunnable;
+    }
+  }
+}
+
+inline uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, int c, int size,
+                                const char* file, int line) {
+  Thread* t = rt.cur;
+  if (!(mask >> t->lane & 1)) {
+    char w[160], s[256];
+    where(w, sizeof w, t);
+    set_error(kErrWarpDivergence, "%s with mask 0x%08x called by lane %u, which the mask leaves out (%s, at %s)",
+              warp_op_name(op), mask, t->lane, w, site_name(file, line, s, sizeof s));
+    abort_launch();
+  }
+  t->state = kAtWarp;
+  t->w_op = op;
+  t->w_mask = mask;
+  t->w_val = value;
+  t->w_b = b;
+  t->w_c = c;
+  t->w_size = size;
+  t->w_file = file;
+  t->w_line = line;
+  t->w_done = false;
+  try_complete_warp(t->warp);
+  if (rt.error != kOk) abort_launch();
+  if (!t->w_done) yield();
+  t->state = kRunnable;
+  return t->w_result;
+}
+
+inline int block_barrier(int kind, int pred, const char* file, int line) {
+  Thread* t = rt.cur;
+  t->state = kAtBarrier;
+  t->bar_kind = kind;
+  t->bar_pred = pred;
+  t->bar_file = file;
+  t->bar_line = line;
+  yield();
+  return t->bar_result;
+}
+
+// Everyone still running waits at a barrier: release it, or report why not.
+inline bool release_block_barrier() {
+  Thread* first = nullptr;
+  unsigned waiting = 0, count = 0;
+  for (unsigned i = 0; i < rt.nthreads; ++i) {
+    Thread& t = rt.threads[i];
+    if (t.state == kDone) continue;
+    if (t.state != kAtBarrier) return false;
+    ++waiting;
+    if (!first) first = &t;
+    if (!same_site(t.bar_file, t.bar_line, first->bar_file, first->bar_line) || t.bar_kind != first->bar_kind) {
+      char w1[160], w2[160], s1[256], s2[256];
+      where(w1, sizeof w1, first);
+      where(w2, sizeof w2, &t);
+      set_error(kErrBarrierDivergence,
+                "threads of one block wait at different __syncthreads(): %s at %s, %s at %s",
+                w1, site_name(first->bar_file, first->bar_line, s1, sizeof s1), w2,
+                site_name(t.bar_file, t.bar_line, s2, sizeof s2));
+      return false;
+    }
+    count += t.bar_pred != 0;
+  }
+  if (!first) return false;
+  if (waiting != rt.nthreads && rt.opt.strict_exit) {
+    char w1[160], s1[256];
+    where(w1, sizeof w1, nullptr);
+    set_error(kErrBarrierDivergence,
+              "__syncthreads() at %s reached by %u of %u threads of %s; the others already returned "
+              "(undefined behaviour in CUDA: a barrier must be reached by the whole block)",
+              site_name(first->bar_file, first->bar_line, s1, sizeof s1), waiting, rt.nthreads, w1);
+    return false;
+  }
+  int result = 0;
+  switch (first->bar_kind) {
+    case kSyncCount: result = static_cast<int>(count); break;
+    case kSyncAnd: result = count == waiting; break;
+    case kSyncOr: result = count != 0; break;
+    default: break;
+  }
+  for (unsigned i = 0; i < rt.nthreads; ++i) {
+    Thread& t = rt.threads[i];
+    if (t.state == kAtBarrier) {
+      t.state = kRunnable;
+      t.bar_result = result;
+    }
+  }
+  ++rt.stats.barriers;
+  if (rt.opt.schedule == 2) make_order();
+  return true;
+}
+
+inline void report_deadlock() {
+  char buf[4096];
+  size_t used = 0;
+  unsigned shown = 0;
+  for (unsigned i = 0; i < rt.nthreads && shown < 8; ++i) {
+    Thread& t = rt.threads[i];
+    if (t.state == kDone) continue;
+    char w[160], s[256];
+    where(w, sizeof w, &t);
+    int n;
+    if (t.state == kAtBarrier) {
+      n = snprintf(buf + used, sizeof buf - used, "\n  %s waits at __syncthreads() (%s)", w,
+                   site_name(t.bar_file, t.bar_line, s, sizeof s));
+    } else {
+      n = snprintf(buf + used, sizeof buf - used, "\n  %s waits at %s(mask 0x%08x) (%s); live lanes 0x%08x", w,
+                   warp_op_name(t.w_op), t.w_mask, site_name(t.w_file, t.w_line, s, sizeof s), live_lanes(t.warp));
+    }
+    if (n < 0 || used + n >= sizeof buf) break;
+    used += n;
+    ++shown;
+  }
+  buf[used] = 0;
+  set_error(kErrDeadlock, "deadlock: no thread of the block can continue (a warp collective whose named lanes "
+            "never all arrive, or lanes at different barriers):%s", buf);
+}
+
+inline void ensure_threads(unsigned n) {
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  size_t stack = (rt.opt.stack_bytes + page - 1) / page * page;
+  if (n <= rt.capacity && stack == rt.stack_bytes) return;
+  if (rt.stacks) munmap(rt.stacks, rt.stacks_len);
+  free(rt.threads);
+  free(rt.order);
+  rt.capacity = std::max(n, 32u);
+  rt.stack_bytes = stack;
+  rt.stacks_len = rt.capacity * (stack + page);
+  void* mem = mmap(nullptr, rt.stacks_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  rt.stacks = mem == MAP_FAILED ? nullptr : static_cast<unsigned char*>(mem);
+  for (unsigned i = 0; rt.stacks && i < rt.capacity; ++i) mprotect(rt.stacks + i * (stack + page), page, PROT_NONE);
+  rt.threads = static_cast<Thread*>(calloc(rt.capacity, sizeof(Thread)));
+  rt.order = static_cast<unsigned*>(calloc(rt.capacity, sizeof(unsigned)));
+}
+
+inline bool run_block() {
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  unsigned n = rt.nthreads;
+  for (unsigned i = 0; i < n; ++i) {
+    Thread& t = rt.threads[i];
+    memset(&t, 0, sizeof t);
+    t.linear = i;
+    t.idx = uint3{i % rt.block_dim.x, (i / rt.block_dim.x) % rt.block_dim.y, i / (rt.block_dim.x * rt.block_dim.y)};
+    t.lane = i % kWarpSize;
+    t.warp = i / kWarpSize;
+    t.state = kRunnable;
+    unsigned char* lo = rt.stacks + i * (rt.stack_bytes + page) + page;
+    t.sp = make_context(lo, rt.stack_bytes, &fiber_main, &t);
+  }
+  rt.done = 0;
+  make_order();
+  for (;;) {
+    bool ran = false;
+    for (unsigned k = 0; k < n; ++k) {
+      Thread& t = rt.threads[rt.order[k]];
+      if (t.state != kRunnable) continue;
+      rt.cur = &t;
+      ++rt.stats.switches;
+      switch_context(&rt.sched_sp, t.sp);
+      rt.cur = nullptr;
+      ran = true;
+      if (rt.error != kOk) return false;
+      if (t.state == kDone) {
+        ++rt.done;
+        try_complete_warp(t.warp);  // the lane no longer takes part in collectives
+        if (rt.error != kOk) return false;
+      }
+    }
+    if (rt.done == n) return true;
+    if (ran) continue;
+    if (!release_block_barrier()) {
+      if (rt.error == kOk) report_deadlock();
+      return false;
+    }
+  }
+}
+
+// ------------------------------------------------------------ shared memory
+extern "C" {
+// Defined by the build next to the kernels (the symbol every `extern __shared__`
+// array is aliased to), so that the dynamic buffer is thread_local storage too.
+extern thread_local unsigned char cuemu_dynamic_smem[];
+}
+
+struct TlsQuery { uintptr_t base; void* data; size_t size; };
+inline int tls_callback(struct dl_phdr_info* info, size_t, void* arg) {
+  TlsQuery* q = static_cast<TlsQuery*>(arg);
+  if (info->dlpi_addr != q->base) return 0;
+  for (int i = 0; i < info->dlpi_phnum; ++i) {
+    if (info->dlpi_phdr[i].p_type == PT_TLS) {
+      q->data = info->dlpi_tls_data;
+      q->size = info->dlpi_phdr[i].p_memsz;
+    }
+  }
+  return 1;
+}
+
+// Find this module's TLS block (all __shared__ storage) for the calling OS thread.
+inline bool locate_shared_memory() {
+  volatile unsigned char touch = cuemu_dynamic_smem[0];  // allocates the block
+  (void)touch;
+  Dl_info info;
+  if (!dladdr(reinterpret_cast<void*>(&locate_shared_memory), &info)) return false;
+  TlsQuery q{reinterpret_cast<uintptr_t>(info.dli_fbase), nullptr, 0};
+  // dli_fbase is the load address of the ELF header; dlpi_addr is the load bias.
+  // For shared objects linked at address 0 they coincide.
+  dl_iterate_phdr(&tls_callback, &q);
+  if (!q.data) return false;
+  rt.tls_begin = static_cast<unsigned char*>(q.data);
+  rt.tls_end = rt.tls_begin + q.size;
+  rt.dyn_begin = &cuemu_dynamic_smem[0];
+  return rt.dyn_begin >= rt.tls_begin && rt.dyn_begin + kMaxDynamicSmem + kSmemTail <= rt.tls_end;
+}
+
+inline void poison_shared_memory() {
+  size_t dyn = std::min(rt.dyn_size + kSmemTail, kMaxDynamicSmem + kSmemTail);
+  memset(rt.tls_begin, 0xFF, static_cast<size_t>(rt.dyn_begin - rt.tls_begin));
+  memset(rt.dyn_begin, 0xFF, dyn);
+  unsigned char* after = rt.dyn_begin + kMaxDynamicSmem + kSmemTail;
+  memset(after, 0xFF, static_cast<size_t>(rt.tls_end - after));
+}
+
+inline bool check_shared_tail() {
+  for (size_t i = 0; i < kSmemTail; ++i) {
+    if (rt.dyn_begin[rt.dyn_size + i] != 0xFF) {
+      char w[160];
+      where(w, sizeof w, nullptr);
+      set_error(kErrSharedOverflow,
+                "%s wrote dynamic shared memory at byte %zu, past the %zu bytes given at launch",
+                w, rt.dyn_size + i, rt.dyn_size);
+      return false;
+    }
+  }
+  return true;
+}
+
+// ------------------------------------------------------------ signals
+inline bool in_stack_guard(uintptr_t a, unsigned* thread) {
+  if (!rt.stacks) return false;
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  uintptr_t lo = reinterpret_cast<uintptr_t>(rt.stacks);
+  if (a < lo || a >= lo + rt.stacks_len) return false;
+  size_t off = a - lo, slot = rt.stack_bytes + page;
+  if (off % slot >= page) return false;
+  *thread = static_cast<unsigned>(off / slot);
+  return true;
+}
+
+inline void signal_handler(int sig, siginfo_t* info, void* context) {
+  if (!rt.in_launch || !pthread_equal(pthread_self(), rt.launcher)) {
+    // Not ours: put the previous handler back and let the signal happen again.
+    struct sigaction* old = sig == SIGSEGV ? &rt.old_segv : sig == SIGBUS ? &rt.old_bus
+                          : sig == SIGFPE ? &rt.old_fpe : sig == SIGILL ? &rt.old_ill : &rt.old_alrm;
+    sigaction(sig, old, nullptr);
+    if (sig == SIGALRM) raise(sig);
+    return;
+  }
+  char w[160], site[256] = "?";
+  where(w, sizeof w, rt.cur);
+#if defined(__x86_64__)
+  {
+    const greg_t* regs = static_cast<ucontext_t*>(context)->uc_mcontext.gregs;
+    if (regs[REG_RIP] == 0 && regs[REG_RSP] != 0) {  // a call through a null pointer: name the caller
+      char caller[200];
+      demangle_site(*reinterpret_cast<void* const*>(regs[REG_RSP]), caller, sizeof caller);
+      snprintf(site, sizeof site, "address 0, called from %s", caller);
+    } else {
+      demangle_site(reinterpret_cast<const void*>(regs[REG_RIP]), site, sizeof site);
+    }
+  }
+#else
+  (void)context;
+#endif
+  uintptr_t addr = reinterpret_cast<uintptr_t>(info->si_addr);
+  unsigned th = 0;
+  if (sig == SIGSEGV || sig == SIGBUS) rt.stats.fault_addr = addr;
+  if (sig == SIGALRM) {
+    set_error(kErrTimeout, "launch timed out after %.0f s (an endless loop, or a spin-wait on another thread "
+              "or block, which the cooperative emulation cannot run); last running: %s", rt.opt.timeout_s, w);
+  } else if (sig == SIGFPE) {
+    set_error(kErrFault, "arithmetic fault (integer division by zero?) in %s at %s", w, site);
+  } else if (sig == SIGILL) {
+    set_error(kErrTrap, "illegal instruction (a trap: misaligned access caught by the alignment check, "
+              "__builtin_trap or unreachable code) in %s at %s", w, site);
+  } else if ((sig == SIGSEGV || sig == SIGBUS) && in_stack_guard(addr, &th)) {
+    set_error(kErrFault, "stack overflow of thread %u in %s (raise the emulated stack size)", th, w);
+  } else if (sig == SIGSEGV && info->si_code == SI_KERNEL) {
+    set_error(kErrFault, "general protection fault in %s at %s: a misaligned 16-byte vector access (float4 / "
+              "double2 on an address that is not a multiple of 16), or a non-canonical address", w, site);
+  } else {
+    set_error(kErrFault, "invalid memory access at address 0x%lx (%s) in %s at %s", static_cast<unsigned long>(addr),
+              sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", w, site);
+  }
+  abort_launch();
+}
+
+inline void install_handlers() {
+  stack_t ss{};
+  ss.ss_sp = g_altstack;
+  ss.ss_size = sizeof g_altstack;
+  ss.ss_flags = 0;
+  sigaltstack(&ss, &rt.old_altstack);
+  struct sigaction sa{};
+  sa.sa_sigaction = &signal_handler;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &rt.old_segv);
+  sigaction(SIGBUS, &sa, &rt.old_bus);
+  sigaction(SIGFPE, &sa, &rt.old_fpe);
+  sigaction(SIGILL, &sa, &rt.old_ill);
+  sigaction(SIGALRM, &sa, &rt.old_alrm);
+  if (rt.opt.timeout_s > 0) {
+    itimerval it{};
+    it.it_value.tv_sec = static_cast<time_t>(rt.opt.timeout_s);
+    it.it_value.tv_usec = static_cast<suseconds_t>((rt.opt.timeout_s - static_cast<double>(it.it_value.tv_sec)) * 1e6);
+    setitimer(ITIMER_REAL, &it, nullptr);
+  }
+}
+
+inline void remove_handlers() {
+  itimerval it{};
+  setitimer(ITIMER_REAL, &it, nullptr);
+  sigaction(SIGSEGV, &rt.old_segv, nullptr);
+  sigaction(SIGBUS, &rt.old_bus, nullptr);
+  sigaction(SIGFPE, &rt.old_fpe, nullptr);
+  sigaction(SIGILL, &rt.old_ill, nullptr);
+  sigaction(SIGALRM, &rt.old_alrm, nullptr);
+  if (rt.old_altstack.ss_flags & SS_DISABLE) {
+    stack_t ss{};
+    ss.ss_flags = SS_DISABLE;
+    sigaltstack(&ss, nullptr);
+  } else {
+    sigaltstack(&rt.old_altstack, nullptr);
+  }
+}
+
+// ------------------------------------------------------------ kernel table
+enum ParamKind : int { kPtr = 0, kConstPtr = 1, kFloat = 2, kSigned = 3, kUnsigned = 4, kBool = 5, kOther = 6 };
+struct ParamInfo { int kind; int size; };
+
+template <class A>
+constexpr ParamInfo param_info() {
+  using T = std::remove_cv_t<std::remove_reference_t<A>>;
+  if constexpr (std::is_pointer_v<T>) {
+    return {std::is_const_v<std::remove_pointer_t<T>> ? kConstPtr : kPtr, static_cast<int>(sizeof(T))};
+  } else if constexpr (std::is_same_v<T, bool>) {
+    return {kBool, 1};
+  } else if constexpr (std::is_floating_point_v<T>) {
+    return {kFloat, static_cast<int>(sizeof(T))};
+  } else if constexpr (std::is_integral_v<T> || std::is_enum_v<T>) {
+    if constexpr (std::is_enum_v<T>) return {kSigned, static_cast<int>(sizeof(T))};
+    else return {std::is_signed_v<T> ? kSigned : kUnsigned, static_cast<int>(sizeof(T))};
+  } else {
+    return {kOther, static_cast<int>(sizeof(T))};
+  }
+}
+
+template <class... A>
+struct Signature {
+  static constexpr ParamInfo info[sizeof...(A) + 1] = {param_info<A>()..., ParamInfo{-1, 0}};
+  template <size_t... I>
+  static void call(void (*fn)(A...), void** p, std::index_sequence<I...>) {
+    // Each thread gets its own copy of the parameters, as from the CUDA param space.
+    std::tuple<std::remove_cv_t<std::remove_reference_t<A>>...> values;
+    ((memcpy(static_cast<void*>(&std::get<I>(values)), p[I], sizeof(std::get<I>(values)))), ...);
+    fn(std::get<I>(values)...);
+  }
+  static void invoke(void (*fn)(), void** p) {
+    call(reinterpret_cast<void (*)(A...)>(fn), p, std::index_sequence_for<A...>{});
+  }
+};
+
+struct KernelEntry {
+  const char* name;
+  void (*fn)();
+  void (*invoke)(void (*)(), void**);
+  int nparams;
+  const ParamInfo* params;
+};
+
+template <class... A>
+KernelEntry make_entry(void (*fn)(A...), const char* name) {
+  return KernelEntry{name, reinterpret_cast<void (*)()>(fn), &Signature<A...>::invoke,
+                     static_cast<int>(sizeof...(A)), Signature<A...>::info};
+}
+
+}  // namespace cuemu
+
+// ---------------------------------------------------------------- built-in variables
+#define threadIdx (static_cast<const uint3&>(::cuemu::rt.cur->idx))
+#define blockIdx (static_cast<const uint3&>(::cuemu::rt.block_idx))
+#define blockDim (static_cast<const dim3&>(::cuemu::rt.block_dim))
+#define gridDim (static_cast<const dim3&>(::cuemu::rt.grid_dim))
+inline constexpr int warpSize = 32;
+
+// ---------------------------------------------------------------- synchronisation
+// The trailing defaulted parameters (CUEMU_SITE) carry the call's source location (never
+// passed by kernels): it identifies a barrier and names barriers and collectives in messages.
+#define CUEMU_SITE const char* cuemu_file = __builtin_FILE(), int cuemu_line = __builtin_LINE()
+__attribute__((noinline)) inline void __syncthreads(CUEMU_SITE) {
+  asm volatile("" ::: "memory");
+  ::cuemu::block_barrier(::cuemu::kSync, 0, cuemu_file, cuemu_line);
+  asm volatile("" ::: "memory");
+}
+__attribute__((noinline)) inline int __syncthreads_count(int pred, CUEMU_SITE) {
+  return ::cuemu::block_barrier(::cuemu::kSyncCount, pred != 0, cuemu_file, cuemu_line);
+}
+__attribute__((noinline)) inline int __syncthreads_and(int pred, CUEMU_SITE) {
+  return ::cuemu::block_barrier(::cuemu::kSyncAnd, pred != 0, cuemu_file, cuemu_line);
+}
+__attribute__((noinline)) inline int __syncthreads_or(int pred, CUEMU_SITE) {
+  return ::cuemu::block_barrier(::cuemu::kSyncOr, pred != 0, cuemu_file, cuemu_line);
+}
+inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+inline void __threadfence_system() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+__attribute__((noinline)) inline void __syncwarp(unsigned mask = 0xffffffffu, CUEMU_SITE) {
+  ::cuemu::warp_collective(::cuemu::kSyncWarp, mask, 0, 0, 0, 4, cuemu_file, cuemu_line);
+}
+inline unsigned __activemask() { return ::cuemu::live_lanes(::cuemu::rt.cur->warp); }
+
+namespace cuemu {
+template <class T>
+inline uint64_t to_bits(T v) {
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp shuffles move at most 8 bytes");
+  uint64_t b = 0;
+  memcpy(&b, &v, sizeof(T));
+  return b;
+}
+template <class T>
+inline T from_bits(uint64_t b) {
+  T v;
+  memcpy(&v, &b, sizeof(T));
+  return v;
+}
+}  // namespace cuemu
+
+template <class T>
+__attribute__((noinline)) T __shfl_sync(unsigned mask, T var, int src_lane, int width = 32, CUEMU_SITE) {
+  return ::cuemu::from_bits<T>(::cuemu::warp_collective(::cuemu::kShflIdx, mask, ::cuemu::to_bits(var), src_lane,
+                                                        ((32 - width) << 8) | 0x1f, sizeof(T),
+                                                        cuemu_file, cuemu_line));
+}
+template <class T>
+__attribute__((noinline)) T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = 32, CUEMU_SITE) {
+  return ::cuemu::from_bits<T>(::cuemu::warp_collective(::cuemu::kShflUp, mask, ::cuemu::to_bits(var),
+                                                        static_cast<int>(delta), (32 - width) << 8, sizeof(T),
+                                                        cuemu_file, cuemu_line));
+}
+template <class T>
+__attribute__((noinline)) T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = 32, CUEMU_SITE) {
+  return ::cuemu::from_bits<T>(::cuemu::warp_collective(::cuemu::kShflDown, mask, ::cuemu::to_bits(var),
+                                                        static_cast<int>(delta), ((32 - width) << 8) | 0x1f,
+                                                        sizeof(T), cuemu_file, cuemu_line));
+}
+template <class T>
+__attribute__((noinline)) T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32, CUEMU_SITE) {
+  return ::cuemu::from_bits<T>(::cuemu::warp_collective(::cuemu::kShflXor, mask, ::cuemu::to_bits(var), lane_mask,
+                                                        ((32 - width) << 8) | 0x1f, sizeof(T),
+                                                        cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline unsigned __ballot_sync(unsigned mask, int pred, CUEMU_SITE) {
+  return static_cast<unsigned>(::cuemu::warp_collective(::cuemu::kBallot, mask, pred != 0, 0, 0, 4,
+                                                        cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline int __any_sync(unsigned mask, int pred, CUEMU_SITE) {
+  return static_cast<int>(::cuemu::warp_collective(::cuemu::kAny, mask, pred != 0, 0, 0, 4,
+                                                   cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline int __all_sync(unsigned mask, int pred, CUEMU_SITE) {
+  return static_cast<int>(::cuemu::warp_collective(::cuemu::kAll, mask, pred != 0, 0, 0, 4,
+                                                   cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline unsigned __reduce_add_sync(unsigned mask, unsigned v, CUEMU_SITE) {
+  return static_cast<unsigned>(::cuemu::warp_collective(::cuemu::kReduceAdd, mask, v, 0, 0, 4, cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline unsigned __reduce_min_sync(unsigned mask, unsigned v, CUEMU_SITE) {
+  return static_cast<unsigned>(::cuemu::warp_collective(::cuemu::kReduceMin, mask, v, 0, 0, 4, cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline unsigned __reduce_max_sync(unsigned mask, unsigned v, CUEMU_SITE) {
+  return static_cast<unsigned>(::cuemu::warp_collective(::cuemu::kReduceMax, mask, v, 0, 0, 4, cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline int __reduce_add_sync(unsigned mask, int v, CUEMU_SITE) {
+  return static_cast<int>(::cuemu::warp_collective(::cuemu::kReduceAdd, mask, static_cast<uint32_t>(v), 0, 0, 4,
+                                                   cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline int __reduce_min_sync(unsigned mask, int v, CUEMU_SITE) {
+  return static_cast<int>(::cuemu::warp_collective(::cuemu::kReduceMinS, mask, static_cast<uint32_t>(v), 0, 0, 4,
+                                                   cuemu_file, cuemu_line));
+}
+__attribute__((noinline)) inline int __reduce_max_sync(unsigned mask, int v, CUEMU_SITE) {
+  return static_cast<int>(::cuemu::warp_collective(::cuemu::kReduceMaxS, mask, static_cast<uint32_t>(v), 0, 0, 4,
+                                                   cuemu_file, cuemu_line));
+}
+template <class T>
+__attribute__((noinline)) unsigned __match_any_sync(unsigned mask, T v, CUEMU_SITE) {
+  return static_cast<unsigned>(::cuemu::warp_collective(::cuemu::kMatchAny, mask, ::cuemu::to_bits(v), 0, 0,
+                                                        sizeof(T), cuemu_file, cuemu_line));
+}
+
+// ---------------------------------------------------------------- traps, assert
+[[noreturn]] inline void __trap() { ::cuemu::fail_in_thread(::cuemu::kErrTrap, "__trap()"); }
+[[noreturn]] inline void __brkpt() { ::cuemu::fail_in_thread(::cuemu::kErrTrap, "__brkpt()"); }
+namespace cuemu {
+[[noreturn]] inline void assert_failed(const char* expr, const char* file, int line) {
+  char buf[512];
+  snprintf(buf, sizeof buf, "device assert(%s) failed at %s:%d", expr, file, line);
+  fail_in_thread(kErrTrap, buf);
+}
+}  // namespace cuemu
+#undef assert
+#define assert(e) ((e) ? static_cast<void>(0) : ::cuemu::assert_failed(#e, __FILE__, __LINE__))
+
+// ---------------------------------------------------------------- atomics
+namespace cuemu {
+template <class T, class F>
+inline T atomic_update(T* addr, F f) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomics on 4 or 8 bytes");
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  U* p = reinterpret_cast<U*>(addr);
+  U old_bits = __atomic_load_n(p, __ATOMIC_SEQ_CST);
+  for (;;) {
+    T old;
+    memcpy(&old, &old_bits, sizeof(T));
+    T nv = f(old);
+    U new_bits;
+    memcpy(&new_bits, &nv, sizeof(T));
+    if (__atomic_compare_exchange_n(p, &old_bits, new_bits, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) return old;
+  }
+}
+}  // namespace cuemu
+
+template <class T> inline T atomicAdd(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o + v); }); }
+template <class T> inline T atomicSub(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o - v); }); }
+template <class T> inline T atomicExch(T* a, T v) { return ::cuemu::atomic_update(a, [v](T) { return v; }); }
+template <class T> inline T atomicMin(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
+template <class T> inline T atomicMax(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return v > o ? v : o; }); }
+template <class T> inline T atomicAnd(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o & v); }); }
+template <class T> inline T atomicOr(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o | v); }); }
+template <class T> inline T atomicXor(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o ^ v); }); }
+template <class T> inline T atomicCAS(T* a, T compare, T v) {
+  return ::cuemu::atomic_update(a, [compare, v](T o) { return o == compare ? v : o; });
+}
+inline unsigned atomicInc(unsigned* a, unsigned v) {
+  return ::cuemu::atomic_update(a, [v](unsigned o) { return o >= v ? 0u : o + 1; });
+}
+inline unsigned atomicDec(unsigned* a, unsigned v) {
+  return ::cuemu::atomic_update(a, [v](unsigned o) { return (o == 0 || o > v) ? v : o - 1; });
+}
+
+// ---------------------------------------------------------------- math
+using std::abs;
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+using std::signbit;
+
+template <class A, class B>
+inline auto min(A a, B b) -> std::common_type_t<A, B> {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmin(static_cast<C>(a), static_cast<C>(b));
+  else return static_cast<C>(b) < static_cast<C>(a) ? static_cast<C>(b) : static_cast<C>(a);
+}
+template <class A, class B>
+inline auto max(A a, B b) -> std::common_type_t<A, B> {
+  using C = std::common_type_t<A, B>;
+  if constexpr (std::is_floating_point_v<C>) return std::fmax(static_cast<C>(a), static_cast<C>(b));
+  else return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
+}
+
+inline float __expf(float x) { return expf(x); }
+inline float __exp10f(float x) { return powf(10.0f, x); }
+inline float __logf(float x) { return logf(x); }
+inline float __log2f(float x) { return log2f(x); }
+inline float __log10f(float x) { return log10f(x); }
+inline float __sinf(float x) { return sinf(x); }
+inline float __cosf(float x) { return cosf(x); }
+inline float __tanf(float x) { return tanf(x); }
+inline float __powf(float x, float y) { return powf(x, y); }
+inline void __sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __frcp_rn(float x) { return 1.0f / x; }
+inline double __drcp_rn(double x) { return 1.0 / x; }
+inline float __fsqrt_rn(float x) { return sqrtf(x); }
+inline double __dsqrt_rn(double x) { return sqrt(x); }
+inline float __frsqrt_rn(float x) { return 1.0f / sqrtf(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline double rsqrt(double x) { return 1.0 / sqrt(x); }
+inline float rcbrtf(float x) { return 1.0f / cbrtf(x); }
+inline double rcbrt(double x) { return 1.0 / cbrt(x); }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fmaf_rn(float a, float b, float c) { return fmaf(a, b, c); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __fma_rn(double a, double b, double c) { return fma(a, b, c); }
+inline float __saturatef(float x) { return x != x ? 0.0f : fminf(fmaxf(x, 0.0f), 1.0f); }
+inline float normcdff(float x) { return 0.5f * erfcf(-x * 0.70710678118654752f); }
+inline double normcdf(double x) { return 0.5 * erfc(-x * 0.70710678118654752440); }
+inline float fdividef(float a, float b) { return a / b; }
+
+inline int __float_as_int(float x) { int r; memcpy(&r, &x, 4); return r; }
+inline unsigned __float_as_uint(float x) { unsigned r; memcpy(&r, &x, 4); return r; }
+inline float __int_as_float(int x) { float r; memcpy(&r, &x, 4); return r; }
+inline float __uint_as_float(unsigned x) { float r; memcpy(&r, &x, 4); return r; }
+inline long long __double_as_longlong(double x) { long long r; memcpy(&r, &x, 8); return r; }
+inline double __longlong_as_double(long long x) { double r; memcpy(&r, &x, 8); return r; }
+inline float __int2float_rn(int x) { return static_cast<float>(x); }
+inline float __uint2float_rn(unsigned x) { return static_cast<float>(x); }
+inline int __float2int_rz(float x) { return static_cast<int>(x); }
+inline int __float2int_rn(float x) { return static_cast<int>(nearbyintf(x)); }
+inline int __float2int_rd(float x) { return static_cast<int>(floorf(x)); }
+inline int __float2int_ru(float x) { return static_cast<int>(ceilf(x)); }
+inline float __double2float_rn(double x) { return static_cast<float>(x); }
+inline double __int2double_rn(int x) { return static_cast<double>(x); }
+inline int __double2int_rz(double x) { return static_cast<int>(x); }
+
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
+inline int __ffs(int x) { return __builtin_ffs(x); }
+inline int __ffsll(long long x) { return __builtin_ffsll(x); }
+inline unsigned __brev(unsigned x) {
+  x = ((x >> 1) & 0x55555555u) | ((x & 0x55555555u) << 1);
+  x = ((x >> 2) & 0x33333333u) | ((x & 0x33333333u) << 2);
+  x = ((x >> 4) & 0x0f0f0f0fu) | ((x & 0x0f0f0f0fu) << 4);
+  x = ((x >> 8) & 0x00ff00ffu) | ((x & 0x00ff00ffu) << 8);
+  return (x >> 16) | (x << 16);
+}
+inline int __mul24(int a, int b) { return a * b; }
+inline unsigned __umul24(unsigned a, unsigned b) { return a * b; }
+inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<long long>(a) * b) >> 32); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+
+template <class T> inline T __ldg(const T* p) { return *p; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline T __ldca(const T* p) { return *p; }
+template <class T> inline T __ldcs(const T* p) { return *p; }
+template <class T> inline T __ldlu(const T* p) { return *p; }
+template <class T> inline T __ldcv(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+template <class T> inline void __stcs(T* p, T v) { *p = v; }
+template <class T> inline void __stwb(T* p, T v) { *p = v; }
+template <class T> inline void __stwt(T* p, T v) { *p = v; }
+
+// ---------------------------------------------------------------- launch entry points
+// The build appends, after the kernel source, a table
+//   extern "C" const cuemu::KernelEntry cuemu_kernels[] = {cuemu::make_entry(&k<float>, "k<float>"), ...};
+//   extern "C" const int cuemu_num_kernels = N;
+extern "C" {
+extern const cuemu::KernelEntry cuemu_kernels[];
+extern const int cuemu_num_kernels;
+
+__attribute__((visibility("default"), used)) int cuemu_kernel_count() { return cuemu_num_kernels; }
+__attribute__((visibility("default"), used)) const char* cuemu_kernel_name(int i) { return cuemu_kernels[i].name; }
+__attribute__((visibility("default"), used)) int cuemu_kernel_nparams(int i) { return cuemu_kernels[i].nparams; }
+__attribute__((visibility("default"), used)) int cuemu_kernel_param(int i, int j, int* kind, int* size) {
+  *kind = cuemu_kernels[i].params[j].kind;
+  *size = cuemu_kernels[i].params[j].size;
+  return 0;
+}
+__attribute__((visibility("default"), used)) uint64_t cuemu_max_dynamic_smem() { return cuemu::kMaxDynamicSmem; }
+
+// Run kernel `index` over the whole grid, block after block. Returns 0 or an
+// error code; `message` then says what went wrong and where.
+__attribute__((visibility("default"), used)) int cuemu_launch(int index, const unsigned* grid, const unsigned* block,
+                                                               uint64_t shared_mem, void** params,
+                                                               const cuemu::Options* options, cuemu::Stats* stats,
+                                                               char* message, uint64_t message_len) {
+  using namespace cuemu;
+  rt.error = kOk;
+  rt.message[0] = 0;
+  rt.stats = Stats{};
+  rt.opt = *options;
+  rt.rng = options->seed;
+  int code = kOk;
+  auto finish = [&](int c) {
+    if (message && message_len) snprintf(message, message_len, "%s", rt.message);
+    if (stats) *stats = rt.stats;
+    return c;
+  };
+  if (index < 0 || index >= cuemu_num_kernels) {
+    set_error(kErrInternal, "no kernel %d in this module", index);
+    return finish(kErrInternal);
+  }
+  dim3 g(grid[0], grid[1], grid[2]), b(block[0], block[1], block[2]);
+  uint64_t nthreads = uint64_t(b.x) * b.y * b.z;
+  if (g.x == 0 || g.y == 0 || g.z == 0 || b.x == 0 || b.y == 0 || b.z == 0) {
+    set_error(kErrLaunchConfig, "invalid launch: grid (%u,%u,%u), block (%u,%u,%u) has a zero dimension",
+              g.x, g.y, g.z, b.x, b.y, b.z);
+  } else if (b.x > 1024 || b.y > 1024 || b.z > 64 || nthreads > 1024) {
+    set_error(kErrLaunchConfig, "invalid launch: block (%u,%u,%u) exceeds 1024 threads or (1024,1024,64)",
+              b.x, b.y, b.z);
+  } else if (g.x > 0x7fffffffu || g.y > 65535 || g.z > 65535) {
+    set_error(kErrLaunchConfig, "invalid launch: grid (%u,%u,%u) exceeds (2^31-1, 65535, 65535)", g.x, g.y, g.z);
+  } else if (shared_mem > options->max_dynamic_smem || shared_mem > kMaxDynamicSmem) {
+    set_error(kErrLaunchConfig,
+              "invalid launch: %llu bytes of dynamic shared memory exceed the %llu allowed (above 48 KiB a kernel "
+              "needs its max_dynamic_shared_size_bytes attribute raised first)",
+              static_cast<unsigned long long>(shared_mem), static_cast<unsigned long long>(options->max_dynamic_smem));
+  } else if (options->launch_bounds > 0 && nthreads > static_cast<uint64_t>(options->launch_bounds)) {
+    set_error(kErrLaunchConfig, "invalid launch: %llu threads per block but __launch_bounds__(%d)",
+              static_cast<unsigned long long>(nthreads), options->launch_bounds);
+  }
+  if (rt.error != kOk) return finish(rt.error);
+  if (!locate_shared_memory()) {
+    set_error(kErrInternal, "cannot locate the module's thread-local (shared memory) block");
+    return finish(kErrInternal);
+  }
+  ensure_threads(static_cast<unsigned>(nthreads));
+  if (!rt.stacks || !rt.threads || !rt.order) {
+    set_error(kErrInternal, "cannot allocate fiber stacks");
+    return finish(kErrInternal);
+  }
+  rt.grid_dim = g;
+  rt.block_dim = b;
+  rt.nthreads = static_cast<unsigned>(nthreads);
+  rt.fn = cuemu_kernels[index].fn;
+  rt.invoke = cuemu_kernels[index].invoke;
+  rt.params = params;
+  rt.dyn_size = shared_mem;
+  rt.cur = nullptr;
+  rt.launcher = pthread_self();
+  install_handlers();
+  rt.in_launch = true;
+  if (sigsetjmp(rt.jmp, 1) == 0) {
+    for (unsigned z = 0; z < g.z && code == kOk; ++z)
+      for (unsigned y = 0; y < g.y && code == kOk; ++y)
+        for (unsigned x = 0; x < g.x && code == kOk; ++x) {
+          rt.block_idx = uint3{x, y, z};
+          poison_shared_memory();
+          if (!run_block() || !check_shared_tail()) {
+            code = rt.error != kOk ? rt.error : kErrInternal;
+            break;
+          }
+          ++rt.stats.blocks;
+          rt.stats.threads += nthreads;
+        }
+  } else {
+    code = rt.error != kOk ? rt.error : kErrInternal;
+  }
+  rt.in_launch = false;
+  rt.cur = nullptr;
+  remove_handlers();
+  return finish(code);
+}
+}  // extern "C"
+
+#endif  // NNFAST_CUDA_HOST_EMULATION_H

@@ -1,0 +1,806 @@
+"""Run the CUDA kernels of ``kernels/*.cu`` on the CPU, for tests.
+
+The kernels are compiled unchanged with the host ``g++`` against
+``kernels/testing/cuda_host_emulation.h``, which emulates the CUDA execution
+model (threads of a block as cooperative fibers that switch at barriers and
+warp collectives, per-block shared memory poisoned at block start, real lane
+exchanges for warp intrinsics). This module is the Python side:
+
+* :func:`load_module` builds one shared library per ``.cu`` file with the
+  requested template instantiations (the same ``name_expressions`` a
+  ``cupy.RawModule`` gets), cached on disk by a hash of everything that goes
+  into it, and loads it with ctypes;
+* :class:`DeviceArray` is "global memory": each array gets its own mapping with
+  inaccessible guard pages around it, so a read or write out of bounds faults
+  and the launch fails naming the argument and the offset;
+* :class:`Kernel` is called like a ``cupy.RawKernel``
+  (``kernel(grid, block, args, shared_mem=...)``) and packs its arguments the
+  way CuPy does (Python ``int`` -> int64, ``float`` -> float64, NumPy scalars
+  as they are), then checks them against the kernel's real parameter types.
+
+Environment knobs: ``NNFAST_EMU_CACHE`` (cache directory), ``CXX`` (compiler),
+``NNFAST_EMU_SCHEDULE`` (``forward`` | ``reverse`` | ``random``, default
+``forward``), ``NNFAST_EMU_TIMEOUT`` (seconds per launch, default 120),
+``NNFAST_EMU_PLACEMENT`` (``end`` | ``start``: which side of the arrays of the
+emulated CuPy touches a guard page, default ``end``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import mmap
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO_ROOT / "kernels"
+HEADER = KERNEL_DIR / "testing" / "cuda_host_emulation.h"
+
+CXXFLAGS = (
+    "-std=c++20", "-O1", "-fPIC", "-pthread", "-fno-strict-aliasing", "-fno-gnu-unique",
+    "-fvisibility=hidden", "-fno-omit-frame-pointer", "-ffp-contract=off", "-w",
+)
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+DEFAULT_DYNAMIC_SMEM = 48 * 1024
+_SMEM_TAIL = 1024
+_VERSION = "2"  # bump to invalidate cached builds when this file changes what it emits
+
+ERROR_KINDS = {
+    1: "launch_config", 2: "fault", 3: "deadlock", 4: "barrier_divergence", 5: "warp_divergence",
+    6: "trap", 7: "timeout", 8: "shared_overflow", 9: "arguments", 10: "internal",
+}
+
+
+class EmulationUnavailable(RuntimeError):
+    """The emulation cannot run here (no C++ compiler, not Linux/x86-64 or glibc)."""
+
+
+class CompileError(RuntimeError):
+    """g++ rejected a kernel source; the message holds its diagnostics."""
+
+
+class EmulationError(RuntimeError):
+    """A launch failed: bad configuration, out-of-bounds access, deadlock, ...
+
+    ``kind`` is one of :data:`ERROR_KINDS`' values (``"fault"``, ``"deadlock"``...).
+    """
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(f"[{kind}] {message}")
+        self.kind = kind
+
+
+def compiler() -> str | None:
+    """Path of the C++ compiler the emulation uses, or None."""
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def unavailable_reason() -> str | None:
+    """Why the emulation cannot run on this machine, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return f"the CUDA emulation needs Linux (glibc), this is {sys.platform}"
+    if compiler() is None:
+        return f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH"
+    if shutil.which("readelf") is None:
+        return "readelf (binutils) is not on PATH"
+    return None
+
+
+# --------------------------------------------------------------------- memory
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_PAGE = mmap.PAGESIZE
+_PROT_NONE = 0
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+class DeviceArray:
+    """A C-contiguous array in emulated global memory, between guard pages.
+
+    ``placement="end"`` (default) puts the last byte as close to the guard page
+    after it as 16-byte alignment allows (the few bytes of slack are poisoned and
+    checked for writes), so reading one element too far faults. ``"start"``
+    puts the first byte right after the guard page before it, so negative
+    offsets fault. The contents start as 0xFF bytes (NaN, -1) unless given.
+    """
+
+    def __init__(self, shape: int | Sequence[int], dtype: Any = np.float32, *, placement: str = "end"):
+        self.shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.nbytes = self.size * self.dtype.itemsize
+        if placement not in ("end", "start"):
+            raise ValueError(f"placement: expected 'end' or 'start', got {placement!r}")
+        self.placement = placement
+        span = _round_up(max(self.nbytes, 1), 16)
+        data_len = _round_up(span, _PAGE)
+        self._map_len = data_len + 2 * _PAGE
+        base = _libc.mmap(None, self._map_len, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if base in (None, _MAP_FAILED):
+            raise MemoryError(f"mmap of {self._map_len} bytes failed (errno {ctypes.get_errno()})")
+        self._base = base
+        self._data = base + _PAGE
+        self._data_len = data_len
+        self._protect(mmap.PROT_READ | mmap.PROT_WRITE)
+        weakref.finalize(self, _libc.munmap, base, self._map_len)
+        self.ptr = self._data + data_len - span if placement == "end" else self._data
+        raw = (ctypes.c_ubyte * data_len).from_address(self._data)
+        self._raw = np.frombuffer(raw, dtype=np.uint8)
+        self._raw[:] = 0xFF
+        start = self.ptr - self._data
+        self.host = self._raw[start:start + self.nbytes].view(self.dtype).reshape(self.shape)
+
+    def _protect(self, prot: int) -> None:
+        if _libc.mprotect(self._data, self._data_len, prot) != 0:
+            raise OSError(ctypes.get_errno(), "mprotect failed")
+
+    # CuPy-like surface
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def get(self) -> np.ndarray:
+        """A NumPy copy of the contents."""
+        return self.host.copy()
+
+    def set(self, values: Any) -> None:
+        self.host[...] = np.asarray(values, dtype=self.dtype).reshape(self.shape)
+
+    def slack_intact(self) -> bool:
+        """True when no byte of the mapping outside the array was written."""
+        start = self.ptr - self._data
+        return bool((self._raw[:start] == 0xFF).all() and (self._raw[start + self.nbytes:] == 0xFF).all())
+
+    def contains(self, address: int) -> bool:
+        return self._base <= address < self._base + self._map_len
+
+    def describe_offset(self, address: int) -> str:
+        off = address - self.ptr
+        item = self.dtype.itemsize
+        where = "before the start" if off < 0 else ("past the end" if off >= self.nbytes else "inside")
+        return (f"byte offset {off} (element {off // item}) of a {self.dtype} array of {self.size} elements, "
+                f"{where}")
+
+    def __repr__(self) -> str:
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, placement={self.placement!r})"
+
+
+def to_device(a: Any, dtype: Any = None, *, placement: str = "end") -> DeviceArray:
+    """Copy a host array into a new :class:`DeviceArray`."""
+    host = np.ascontiguousarray(a, dtype=dtype)
+    d = DeviceArray(host.shape, host.dtype, placement=placement)
+    d.host[...] = host
+    return d
+
+
+def empty(shape: int | Sequence[int], dtype: Any = np.float32, *, placement: str = "end") -> DeviceArray:
+    """A new :class:`DeviceArray` full of 0xFF bytes (NaN for floats), like uninitialised memory."""
+    return DeviceArray(shape, dtype, placement=placement)
+
+
+def zeros(shape: int | Sequence[int], dtype: Any = np.float32, *, placement: str = "end") -> DeviceArray:
+    d = DeviceArray(shape, dtype, placement=placement)
+    d.host[...] = 0
+    return d
+
+
+# --------------------------------------------------------------------- building
+def _cache_dir() -> Path:
+    env = os.environ.get("NNFAST_EMU_CACHE")
+    path = Path(env) if env else Path(tempfile.gettempdir()) / f"nnfast-cuda-emu-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+_compiler_id: str | None = None
+
+
+def _compiler_version() -> str:
+    global _compiler_id
+    if _compiler_id is None:
+        out = subprocess.run([compiler(), "--version"], capture_output=True, text=True)
+        _compiler_id = out.stdout.splitlines()[0] if out.stdout else "unknown"
+    return _compiler_id
+
+
+def _inputs_digest(source: Path, names: Sequence[str], defines: Sequence[str]) -> str:
+    """Hash of the header, the source, every header beside it, the request and the toolchain."""
+    h = hashlib.sha256()
+    h.update(_VERSION.encode())
+    h.update(_compiler_version().encode())
+    h.update(" ".join(CXXFLAGS).encode())
+    h.update(HEADER.read_bytes())
+    dirs = {source.parent.resolve(), KERNEL_DIR.resolve()}
+    for d in sorted(dirs):
+        for f in sorted(d.glob("*")):
+            if f.suffix in (".cu", ".cuh", ".h", ".hpp") and f.is_file():
+                h.update(f.name.encode())
+                h.update(f.read_bytes())
+    h.update(str(source.resolve()).encode())
+    h.update("\0".join(names).encode())
+    h.update("\0".join(defines).encode())
+    return h.hexdigest()[:24]
+
+
+def _wrapper_source(source: Path, names: Sequence[str]) -> str:
+    entries = ",\n".join(f"  cuemu::make_entry(&{n}, {_c_string(n)})" for n in names)
+    return (
+        f'#include "{HEADER.resolve()}"\n'
+        f'#include "{source.resolve()}"\n'
+        "extern \"C\" __attribute__((visibility(\"default\"))) const cuemu::KernelEntry cuemu_kernels[] = {\n"
+        f"{entries}{',' if names else ''}\n"
+        "  cuemu::KernelEntry{nullptr, nullptr, nullptr, 0, nullptr}\n};\n"
+        f"extern \"C\" __attribute__((visibility(\"default\"))) const int cuemu_num_kernels = {len(names)};\n"
+    )
+
+
+def _c_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _dynamic_shared_symbols(obj: Path) -> tuple[list[str], list[str]]:
+    """Undefined symbols of the object that the build must define.
+
+    Returns the thread-local ones (the ``extern __shared__`` arrays, which all
+    alias the dynamic shared memory buffer) and the TLS init functions
+    (``_ZTH...``) GCC may call for them, which have nothing to initialise.
+    """
+    out = subprocess.run(["readelf", "-sW", str(obj)], capture_output=True, text=True, check=True).stdout
+    tls, init = {"cuemu_dynamic_smem"}, set()
+    for line in out.splitlines():
+        cols = line.split()
+        if len(cols) >= 8 and cols[6] == "UND":
+            if cols[3] == "TLS":
+                tls.add(cols[7])
+            elif cols[7].startswith("_ZTH"):
+                init.add(cols[7])
+    return sorted(tls), sorted(init)
+
+
+def _alias_assembly(tls: Iterable[str], init: Iterable[str]) -> str:
+    lines = ['\t.section .tbss,"awT",@nobits', "\t.p2align 7"]
+    for n in tls:
+        lines += [f"\t.globl {n}", f"\t.hidden {n}", f"\t.type {n}, @object", f"\t.size {n}, 4"]
+    lines += [f"{n}:" for n in tls]
+    lines.append(f"\t.zero {232448 + _SMEM_TAIL}")
+    lines.append("\t.text")
+    for n in init:
+        lines += [f"\t.globl {n}", f"\t.hidden {n}", f"\t.type {n}, @function", f"{n}:", "\tret"]
+    lines.append('\t.section .note.GNU-stack,"",@progbits')
+    return "\n".join(lines) + "\n"
+
+
+_build_lock = threading.Lock()
+
+
+def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
+                 defines: Sequence[str] = ()) -> Path:
+    """Compile ``source`` with the instantiations ``name_expressions``; return the .so path (cached)."""
+    reason = unavailable_reason()
+    if reason:
+        raise EmulationUnavailable(reason)
+    source = Path(source)
+    names = list(name_expressions)
+    digest = _inputs_digest(source, names, defines)
+    target = _cache_dir() / f"{source.stem}-{digest}.so"
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory(prefix="cuemu-build-", dir=_cache_dir()) as tmp:
+        tmp = Path(tmp)
+        wrap = tmp / "wrap.cpp"
+        wrap.write_text(_wrapper_source(source, names))
+        obj = tmp / "wrap.o"
+        cmd = [compiler(), *CXXFLAGS, *(f"-D{d}" for d in defines), f"-I{KERNEL_DIR}", f"-I{source.parent}",
+               "-c", str(wrap), "-o", str(obj)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CompileError(f"g++ failed on {source} ({len(names)} instantiations):\n{res.stderr[-20000:]}")
+        alias = tmp / "shared.s"
+        alias.write_text(_alias_assembly(*_dynamic_shared_symbols(obj)))
+        so = tmp / "module.so"
+        res = subprocess.run([compiler(), "-shared", "-pthread", str(obj), str(alias), "-o", str(so), "-ldl"],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise CompileError(f"linking {source} failed:\n{res.stderr[-20000:]}")
+        os.replace(so, target)
+    return target
+
+
+# --------------------------------------------------------------------- launching
+class _Options(ctypes.Structure):
+    _fields_ = [
+        ("schedule", ctypes.c_int), ("strict_exit", ctypes.c_int), ("seed", ctypes.c_uint64),
+        ("timeout_s", ctypes.c_double), ("max_dynamic_smem", ctypes.c_uint64), ("stack_bytes", ctypes.c_uint64),
+        ("launch_bounds", ctypes.c_int),
+    ]
+
+
+class LaunchStats(ctypes.Structure):
+    _fields_ = [
+        ("blocks", ctypes.c_uint64), ("threads", ctypes.c_uint64), ("barriers", ctypes.c_uint64),
+        ("warp_collectives", ctypes.c_uint64), ("switches", ctypes.c_uint64), ("fault_addr", ctypes.c_uint64),
+    ]
+
+
+_PARAM_KINDS = {0: "pointer", 1: "pointer to const", 2: "float", 3: "signed int", 4: "unsigned int", 5: "bool",
+                6: "struct"}
+
+
+@dataclass(frozen=True)
+class Param:
+    kind: str
+    size: int
+
+    @property
+    def is_pointer(self) -> bool:
+        return self.kind.startswith("pointer")
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.size} bytes)"
+
+
+_launch_lock = threading.RLock()  # one launch at a time: the runtime is per process
+
+
+def _pack(value: Any, param: Param, position: int, kernel: str) -> tuple[bytes, DeviceArray | None]:
+    """Pack one launch argument as CuPy would and check it against the kernel parameter."""
+    where = f"{kernel}: argument {position} ({param.describe()})"
+    if isinstance(value, DeviceArray):
+        if not param.is_pointer:
+            raise EmulationError("arguments", f"{where} got an array; the kernel takes a value")
+        return value.ptr.to_bytes(8, "little"), value
+    if isinstance(value, EmulatedArray):
+        if not param.is_pointer:
+            raise EmulationError("arguments", f"{where} got an array; the kernel takes a value")
+        return value.data.ptr.to_bytes(8, "little"), _device_of(value)
+    if isinstance(value, np.ndarray):
+        raise EmulationError("arguments", f"{where} got a host numpy array; copy it to the device first")
+    if value is None:
+        return bytes(8), None
+    if not isinstance(value, np.generic):
+        if isinstance(value, int):
+            value = np.int64(value)
+        elif isinstance(value, float):
+            value = np.float64(value)
+        else:
+            raise EmulationError("arguments", f"{where}: unsupported argument type {type(value).__name__}")
+    raw = value.tobytes()
+    if param.is_pointer:
+        if value.dtype.kind in "iu" and len(raw) == 8:
+            return raw, None  # a raw device address, as CuPy allows
+        raise EmulationError("arguments", f"{where} got a {value.dtype} scalar")
+    if len(raw) < param.size:
+        raise EmulationError(
+            "arguments", f"{where} got a {len(raw)}-byte {value.dtype}: the kernel would read past it")
+    if param.kind == "float":
+        if value.dtype.kind != "f" or value.dtype.itemsize != param.size:
+            raise EmulationError(
+                "arguments",
+                f"{where} got {value.dtype}: the kernel would read its first {param.size} bytes as a "
+                f"float{8 * param.size} (pass numpy.float{8 * param.size}(...))")
+    elif param.kind in ("signed int", "unsigned int", "bool"):
+        if value.dtype.kind not in "iub":
+            raise EmulationError("arguments", f"{where} got {value.dtype}: its bits would be read as an integer")
+        if len(raw) > param.size:
+            low = int.from_bytes(raw[:param.size], "little", signed=param.kind == "signed int")
+            if low != int(value):
+                raise EmulationError(
+                    "arguments", f"{where} got {value!r}, which does not fit: the kernel would read {low}")
+    return raw + bytes(16 - len(raw) % 16 if len(raw) % 16 else 0), None
+
+
+class Module:
+    """A built kernel library; like ``cupy.RawModule(code, name_expressions=...)``."""
+
+    def __init__(self, source: str | os.PathLike, name_expressions: Sequence[str], *, defines: Sequence[str] = ()):
+        self.source = Path(source)
+        self.name_expressions = tuple(name_expressions)
+        self.path = build_module(self.source, self.name_expressions, defines=defines)
+        self._lib = ctypes.CDLL(str(self.path), mode=getattr(os, "RTLD_LOCAL", 0) | os.RTLD_NOW)
+        lib = self._lib
+        lib.cuemu_kernel_name.restype = ctypes.c_char_p
+        lib.cuemu_kernel_name.argtypes = (ctypes.c_int,)
+        lib.cuemu_kernel_nparams.argtypes = (ctypes.c_int,)
+        lib.cuemu_kernel_param.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                           ctypes.POINTER(ctypes.c_int))
+        lib.cuemu_launch.argtypes = (
+            ctypes.c_int, ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_uint64,
+            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_Options), ctypes.POINTER(LaunchStats),
+            ctypes.c_char_p, ctypes.c_uint64)
+        self._kernels: dict[str, Kernel] = {}
+        for i in range(lib.cuemu_kernel_count()):
+            name = lib.cuemu_kernel_name(i).decode()
+            params = []
+            for j in range(lib.cuemu_kernel_nparams(i)):
+                kind, size = ctypes.c_int(), ctypes.c_int()
+                lib.cuemu_kernel_param(i, j, ctypes.byref(kind), ctypes.byref(size))
+                params.append(Param(_PARAM_KINDS.get(kind.value, "struct"), size.value))
+            self._kernels[name] = Kernel(self, i, name, tuple(params))
+
+    def get_function(self, name: str) -> "Kernel":
+        try:
+            return self._kernels[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not among the instantiations built for {self.source.name}: "
+                           f"{sorted(self._kernels)}") from None
+
+
+class Kernel:
+    """One kernel instantiation; called like ``cupy.RawKernel``."""
+
+    def __init__(self, module: Module, index: int, name: str, params: tuple[Param, ...]):
+        self.module, self.index, self.name, self.params = module, index, name, params
+        #: as the CUDA function attribute: raise it to launch with more than 48 KiB
+        self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SMEM
+        self.launch_bounds = launch_bounds(module.source, name)
+
+    def __repr__(self) -> str:
+        return f"<emulated kernel {self.name} of {self.module.source.name}>"
+
+    def __call__(self, grid: Sequence[int] | int, block: Sequence[int] | int, args: Sequence[Any],
+                 shared_mem: int = 0, *, schedule: str | None = None, seed: int = 0,
+                 timeout: float | None = None, strict_exit: bool = True,
+                 stack_bytes: int = 256 * 1024) -> LaunchStats:
+        grid = _dims(grid)
+        block = _dims(block)
+        if len(args) != len(self.params):
+            raise EmulationError("arguments", f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
+        packed, arrays = [], []
+        readonly, writable = set(), set()
+        for i, (value, param) in enumerate(zip(args, self.params)):
+            raw, arr = _pack(value, param, i, self.name)
+            packed.append(ctypes.create_string_buffer(raw, max(len(raw), 16)))
+            if arr is not None:
+                arrays.append((i, arr))
+                (readonly if param.kind == "pointer to const" else writable).add(id(arr))
+        schedule = schedule or os.environ.get("NNFAST_EMU_SCHEDULE", "forward")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {schedule!r}")
+        opts = _Options(
+            schedule=SCHEDULES[schedule], strict_exit=int(strict_exit), seed=seed,
+            timeout_s=float(timeout if timeout is not None else os.environ.get("NNFAST_EMU_TIMEOUT", 120)),
+            max_dynamic_smem=int(self.max_dynamic_shared_size_bytes), stack_bytes=int(stack_bytes),
+            launch_bounds=int(self.launch_bounds or 0))
+        argv = (ctypes.c_void_p * max(len(packed), 1))(*[ctypes.addressof(b) for b in packed])
+        stats = LaunchStats()
+        msg = ctypes.create_string_buffer(16384)
+        frozen = [a for _, a in arrays if id(a) in readonly and id(a) not in writable]
+        with _launch_lock:
+            for a in frozen:
+                a._protect(mmap.PROT_READ)
+            try:
+                code = self.module._lib.cuemu_launch(
+                    self.index, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), int(shared_mem), argv,
+                    ctypes.byref(opts), ctypes.byref(stats), msg, len(msg))
+            finally:
+                for a in frozen:
+                    a._protect(mmap.PROT_READ | mmap.PROT_WRITE)
+        if code != 0:
+            text = msg.value.decode(errors="replace")
+            if stats.fault_addr:
+                for i, a in arrays:
+                    if a.contains(stats.fault_addr):
+                        ro = " (read-only: a pointer to const)" if a in frozen else ""
+                        text += f"; the address is argument {i}{ro}: {a.describe_offset(stats.fault_addr)}"
+            raise EmulationError(ERROR_KINDS.get(code, "internal"), f"{self.name} grid {grid} block {block} "
+                                 f"shared_mem {shared_mem}: {text}")
+        for i, a in arrays:
+            if not a.slack_intact():
+                raise EmulationError("fault", f"{self.name}: wrote past the end of argument {i} ({a!r}) "
+                                     "into the bytes before the guard page")
+        return stats
+
+
+def _dims(d: Sequence[int] | int) -> tuple[int, int, int]:
+    """As CuPy: pad to three dimensions and raise each to at least 1."""
+    if isinstance(d, (int, np.integer)):
+        d = (int(d),)
+    d = tuple(int(v) for v in d) + (1, 1)
+    return tuple(max(1, v) for v in d[:3])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------- launch bounds
+_TEMPLATE_RE = re.compile(r"template\s*<(?P<params>[^{};]*?)>\s*(?P<decl>[^{};]*?)\b(?P<name>\w+)\s*\(", re.S)
+
+
+def _split_top_level(s: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in s:
+        if ch in "<([":
+            depth += 1
+        elif ch in ">)]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    if "".join(cur).strip():
+        parts.append("".join(cur).strip())
+    return parts
+
+
+def launch_bounds(source: Path, name_expression: str) -> int | None:
+    """The maxThreadsPerBlock of ``__launch_bounds__`` on a kernel, when it can be read.
+
+    Handles an integer expression of literals and the kernel's template
+    parameters (``__launch_bounds__(BM * BN / 64)``); returns None otherwise.
+    """
+    base = name_expression.split("<", 1)[0].split("::")[-1].strip()
+    targs = []
+    if "<" in name_expression:
+        targs = _split_top_level(name_expression[name_expression.index("<") + 1:name_expression.rindex(">")])
+    try:
+        text = source.read_text()
+    except OSError:
+        return None
+    text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", text, flags=re.S)
+    pattern = re.compile(r"__launch_bounds__\s*\((?P<args>[^;{]*?)\)\s*(?:\w+\s+)*?" + re.escape(base) + r"\s*\(")
+    m = pattern.search(text)
+    if not m:
+        return None
+    expr = _split_top_level(m.group("args"))[0]
+    env: dict[str, int] = {}
+    # Template parameters of the declaration that holds this __launch_bounds__.
+    head = text[:m.start()]
+    t = head.rfind("template")
+    if t >= 0 and targs:
+        lt = head.find("<", t)
+        depth, k = 0, lt
+        while k < len(head):
+            depth += head[k] == "<"
+            depth -= head[k] == ">"
+            if depth == 0:
+                break
+            k += 1
+        for p, v in zip(_split_top_level(head[lt + 1:k]), targs):
+            pname = re.split(r"[\s=]+", p.split("=")[0].strip())[-1]
+            try:
+                env[pname] = int(v.rstrip("uUlL"), 0)
+            except ValueError:
+                pass
+    if not re.fullmatch(r"[\w\s+\-*/%()]+", expr):
+        return None
+    try:
+        value = eval(expr.replace("/", "//"), {"__builtins__": {}}, env)  # noqa: S307 - integers only
+    except Exception:
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+# --------------------------------------------------------------------- cache of modules
+_modules: dict[tuple, Module] = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
+                defines: Sequence[str] = ()) -> Module:
+    """Build (or reuse) and load the module; once per process for the same request."""
+    key = (str(Path(source).resolve()), tuple(name_expressions), tuple(defines))
+    with _modules_lock:
+        mod = _modules.get(key)
+        if mod is None:
+            mod = _modules[key] = Module(source, name_expressions, defines=defines)
+        return mod
+
+
+# --------------------------------------------------------------------- an emulated CuPy
+# Just enough of the ``cupy`` module for nnfast's CuPy backend to run unchanged
+# on the emulation: arrays are NumPy arrays in guarded "device" memory, kernels
+# come from the emulated modules. Nothing here is imported by nnfast itself.
+class _MemoryPointer:
+    __slots__ = ("ptr",)
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+
+class EmulatedArray(np.ndarray):
+    """A ``cupy.ndarray`` stand-in: a NumPy array whose memory is a :class:`DeviceArray`."""
+
+    __module__ = "cupy_emulation"  # nnfast recognises CuPy arrays by their module name
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._device = getattr(obj, "_device", None)
+
+    @property
+    def data(self) -> _MemoryPointer:  # type: ignore[override]
+        return _MemoryPointer(self.__array_interface__["data"][0])
+
+    def get(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        return np.array(self.view(np.ndarray), copy=True)
+
+    def copy(self, order: str = "C") -> "EmulatedArray":  # type: ignore[override]
+        return _device_copy(self)
+
+    def __getitem__(self, key: Any) -> Any:
+        r = super().__getitem__(key)
+        if not isinstance(r, np.ndarray):  # CuPy returns 0-d arrays, not scalars
+            out = _device_empty((), self.dtype)
+            out[...] = r
+            return out
+        return r
+
+
+def _device_empty(shape: Any, dtype: Any = np.float32, *, fill: int | None = None) -> EmulatedArray:
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    dev = DeviceArray(shape, dtype, placement=os.environ.get("NNFAST_EMU_PLACEMENT", "end"))
+    arr = dev.host.view(EmulatedArray)
+    arr._device = dev
+    if fill is not None:
+        arr.view(np.ndarray)[...] = fill
+    return arr
+
+
+def _device_copy(a: Any, dtype: Any = None) -> EmulatedArray:
+    host = np.asarray(a.view(np.ndarray) if isinstance(a, EmulatedArray) else a, dtype=dtype)
+    out = _device_empty(host.shape, host.dtype)
+    out.view(np.ndarray)[...] = host
+    return out
+
+
+def _device_of(a: EmulatedArray) -> DeviceArray | None:
+    dev = getattr(a, "_device", None)
+    if dev is None:
+        base = a
+        while dev is None and isinstance(getattr(base, "base", None), np.ndarray):
+            base = base.base
+            dev = getattr(base, "_device", None)
+    return dev
+
+
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.done = True
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Stream:
+    def synchronize(self) -> None:
+        pass
+
+
+class _Device:
+    sm_count = 132
+
+    def __init__(self, *args: Any):
+        self.attributes = {"MultiProcessorCount": _Device.sm_count}
+        self.compute_capability = "90"
+
+
+class _CudaNamespace:
+    Event = _Event
+    Device = _Device
+
+    @staticmethod
+    def get_current_stream() -> _Stream:
+        return _Stream()
+
+
+def make_emulated_cupy(sm_count: int = 132) -> Any:
+    """A module object standing in for ``cupy`` (arrays and the little of ``cupy.cuda`` nnfast uses)."""
+    import types
+
+    m = types.ModuleType("cupy", "CPU emulation of the bits of CuPy that nnfast's CuPy backend uses")
+    m.ndarray = EmulatedArray
+    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint32",
+                 "uint64", "bool_", "dtype"):
+        setattr(m, name, getattr(np, name))
+
+    def empty(shape: Any, dtype: Any = np.float32, order: str = "C") -> EmulatedArray:
+        return _device_empty(shape, dtype)
+
+    def zeros(shape: Any, dtype: Any = np.float32, order: str = "C") -> EmulatedArray:
+        return _device_empty(shape, dtype, fill=0)
+
+    def empty_like(a: Any, dtype: Any = None) -> EmulatedArray:
+        return _device_empty(a.shape, dtype or a.dtype)
+
+    def zeros_like(a: Any, dtype: Any = None) -> EmulatedArray:
+        return _device_empty(a.shape, dtype or a.dtype, fill=0)
+
+    def asarray(a: Any, dtype: Any = None, order: Any = None) -> EmulatedArray:
+        if isinstance(a, EmulatedArray) and (dtype is None or np.dtype(dtype) == a.dtype):
+            return a
+        return _device_copy(a, dtype)
+
+    def ascontiguousarray(a: Any, dtype: Any = None) -> EmulatedArray:
+        if (isinstance(a, EmulatedArray) and a.flags.c_contiguous
+                and (dtype is None or np.dtype(dtype) == a.dtype)):
+            return a
+        return _device_copy(a, dtype)
+
+    m.empty, m.zeros, m.empty_like, m.zeros_like = empty, zeros, empty_like, zeros_like
+    m.asarray, m.array, m.ascontiguousarray = asarray, lambda a, dtype=None: _device_copy(a, dtype), ascontiguousarray
+    cuda = _CudaNamespace()
+    m.cuda = cuda
+    _Device.sm_count = sm_count
+    return m
+
+
+#: Name expressions launched through the emulation in this process, per kernel file.
+launched: dict[str, set[str]] = {}
+
+
+def emulated_function(file: str, kernel: str) -> "Kernel":
+    """The emulated kernel ``kernel`` of ``kernels/<file>``, built with every instantiation of the file."""
+    from nnfast.backends import cuda_launch
+
+    module = load_module(cuda_launch.kernel_dir() / file, cuda_launch.name_expressions(file))
+    fn = module.get_function(kernel)
+    launched.setdefault(file, set()).add(kernel)
+    return fn
+
+
+def build_all_kernel_modules(workers: int | None = None) -> dict[str, Module]:
+    """Build every ``kernels/*.cu`` module (in parallel, cached) and load it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from nnfast.backends import cuda_launch
+
+    files = list(cuda_launch.KERNEL_FILES)
+    workers = workers or max(1, min(len(files), os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda f: build_module(cuda_launch.kernel_dir() / f, cuda_launch.name_expressions(f)), files))
+    return {f: load_module(cuda_launch.kernel_dir() / f, cuda_launch.name_expressions(f)) for f in files}
+
+
+class emulated_cupy_backend:
+    """Context manager: nnfast's real ``CupyBackend`` running on the emulation.
+
+    Inside, the backend's kernel lookup is redirected to :func:`emulated_function`
+    and its array module is :func:`make_emulated_cupy`; everything else (launch
+    configuration from ``cuda_launch``, argument packing, the bad-label flag) is
+    the backend's own code. ``sm_count`` is the multiprocessor count the
+    launcher sees: a small one picks the large GEMM tiles for small shapes.
+    """
+
+    def __init__(self, sm_count: int = 132):
+        self.sm_count = sm_count
+
+    def __enter__(self) -> Any:
+        from nnfast.backends import cupy_backend
+
+        self._module = cupy_backend
+        self._saved = (cupy_backend._function, cupy_backend._checked_class)
+        fake = make_emulated_cupy(self.sm_count)
+        previous = sys.modules.get("cupy")
+        sys.modules["cupy"] = fake
+        try:
+            backend = cupy_backend.CupyBackend()
+        finally:
+            if previous is None:
+                del sys.modules["cupy"]
+            else:
+                sys.modules["cupy"] = previous
+        cupy_backend._function = emulated_function
+        cupy_backend._checked_class = None
+        self.backend = backend
+        return backend
+
+    def __exit__(self, *exc: Any) -> None:
+        self._module._function, self._module._checked_class = self._saved

@@ -1,0 +1,613 @@
+"""Every CUDA kernel of kernels/ executed on the CPU, against the NumPy reference.
+
+Two parts:
+
+* the emulation itself (kernels in tests/emulation_kernels/checks.cu): barriers,
+  shared memory, warp shuffles and votes, dynamic shared memory, atomics, and
+  the bugs it must catch -- a reduction with a missing ``__syncthreads()``,
+  out-of-bounds reads, divergent barriers and shuffles, shared-memory overruns;
+* nnfast's real CuPy backend (``nnfast/backends/cupy_backend.py``, launch
+  configurations from ``cuda_launch.py``) running on the emulation, checked op
+  by op against the NumPy reference, with every kernel instantiation launched.
+
+See kernels/testing/cuda_host_emulation.h and tests/cuda_emulation.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import cuda_emulation as emu
+
+pytestmark = pytest.mark.skipif(emu.unavailable_reason() is not None,
+                                reason=f"CPU emulation of CUDA unavailable: {emu.unavailable_reason()}")
+
+CHECKS = emu.REPO_ROOT / "tests" / "emulation_kernels" / "checks.cu"
+CHECK_KERNELS = [
+    "block_sum<float>", "block_sum<double>", "block_sum_missing_sync<float>",
+    "block_sum_missing_loop_sync<float>", "warp_sum<float>", "warp_sum<double>", "row_max_down<float>",
+    "shuffle_table", "vote", "reverse_dynamic<float>", "reverse_dynamic<double>", "copy_off_by_one",
+    "copy_checked", "early_return_then_sync", "reads_unwritten_shared", "dynamic_shared_overrun",
+    "divergent_shuffle", "read_before_start", "partial_warp_sum", "traps", "spins", "count_barrier",
+    "echo_scalars", "index_map", "writes_input",
+]
+
+
+@pytest.fixture(scope="module")
+def checks() -> emu.Module:
+    return emu.load_module(CHECKS, CHECK_KERNELS)
+
+
+def _sum_with(checks, kernel, x, grid=3, block=256, **kw):
+    dtype = x.dtype
+    out = emu.zeros(1, dtype)
+    checks.get_function(kernel)((grid,), (block,), [out, emu.to_device(x), np.int32(x.size)], **kw)
+    return out.get()[0]
+
+
+# ===================================================================== the emulation itself
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
+def test_block_reduction_is_exact_under_every_schedule(checks, dtype, schedule):
+    x = np.random.default_rng(0).random(1000).astype(dtype)
+    kernel = f"block_sum<{'float' if dtype == np.float32 else 'double'}>"
+    got = _sum_with(checks, kernel, x, schedule=schedule, seed=7)
+    np.testing.assert_allclose(got, x.sum(dtype=np.float64), rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["block_sum_missing_sync<float>", "block_sum_missing_loop_sync<float>"])
+@pytest.mark.parametrize("schedule", ["forward", "random"])
+def test_reduction_with_a_missing_syncthreads_gives_a_wrong_result(checks, kernel, schedule):
+    # The same reduction as block_sum with its barriers forgotten: a thread runs alone
+    # until the next barrier, so it reads partial sums that are not written yet
+    # (poisoned shared memory or stale values) and the result is wrong.
+    x = np.random.default_rng(0).random(1000).astype(np.float32)
+    assert np.isclose(_sum_with(checks, "block_sum<float>", x, schedule=schedule, seed=3), x.sum(), rtol=1e-5)
+    got = _sum_with(checks, kernel, x, schedule=schedule, seed=3)
+    assert not np.isclose(got, x.sum(), rtol=1e-3), f"{kernel}: the race went unnoticed ({got} == {x.sum()})"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("block", [32, 96, 1024])
+def test_warp_shuffle_reduction(checks, dtype, block):
+    x = np.random.default_rng(1).standard_normal(5000).astype(dtype)
+    kernel = f"warp_sum<{'float' if dtype == np.float32 else 'double'}>"
+    got = _sum_with(checks, kernel, x, grid=2, block=block)
+    np.testing.assert_allclose(got, x.sum(dtype=np.float64), rtol=1e-4 if dtype == np.float32 else 1e-12)
+
+
+def test_shuffle_down_row_max_with_2d_blocks(checks):
+    x = np.random.default_rng(2).standard_normal((13, 70)).astype(np.float32)
+    out = emu.empty(13, np.float32)
+    checks.get_function("row_max_down<float>")((4,), (32, 4), [out, emu.to_device(x), np.int32(13), np.int32(70)])
+    np.testing.assert_array_equal(out.get(), x.max(axis=1))
+
+
+def _expected_shuffles(n: int, b: int) -> np.ndarray:
+    """CUDA's documented shuffle results for v = 100 * warp + lane (the programming guide's rules)."""
+    out = np.zeros((8, n), dtype=np.int64)
+    for t in range(n):
+        warp, lane = divmod(t, 32)
+        v = lambda src: 100 * warp + src  # noqa: E731
+        for row, width in ((0, 32), (1, 8)):
+            out[row, t] = v((lane // width) * width + b % width)
+        for row, width in ((2, 32), (3, 8)):
+            out[row, t] = v(lane - b if lane % width >= b else lane)
+        for row, width in ((4, 32), (5, 8)):
+            out[row, t] = v(lane + b if lane % width + b < width else lane)
+        for row, width in ((6, 32), (7, 8)):
+            src = lane ^ b
+            out[row, t] = v(src if src < (lane // width + 1) * width else lane)
+    return out
+
+
+@pytest.mark.parametrize("b", [0, 1, 3, 5, 9, 17, 31])
+def test_shuffles_follow_the_cuda_lane_rules(checks, b):
+    n = 64
+    out = emu.empty(8 * n, np.int32)
+    checks.get_function("shuffle_table")((1,), (n,), [out, np.int32(b)])
+    np.testing.assert_array_equal(out.get().reshape(8, n), _expected_shuffles(n, b))
+
+
+def test_ballot_any_all(checks):
+    x = np.random.default_rng(3).standard_normal(128).astype(np.float32)
+    x[64:96] = np.abs(x[64:96]) + 1  # warp 2: all positive
+    x[96:128] = -np.abs(x[96:128]) - 1  # warp 3: none
+    out = emu.empty(12, np.uint32)
+    checks.get_function("vote")((2,), (64,), [out, emu.to_device(x)])
+    got = out.get().reshape(4, 3)
+    for w in range(4):
+        bits = x[32 * w:32 * w + 32] > 0
+        assert got[w, 0] == sum(1 << i for i in range(32) if bits[i])
+        assert got[w, 1] == int(bits.any()) and got[w, 2] == int(bits.all())
+
+
+def test_syncthreads_count_and_or(checks):
+    x = np.array([1.0, -0.5, 2.0, -2.0] * 16, dtype=np.float32)
+    out = emu.empty(3, np.int32)
+    checks.get_function("count_barrier")((1,), (64,), [out, emu.to_device(x)])
+    assert out.get().tolist() == [32, 0, 0]
+
+
+@pytest.mark.parametrize("dtype,ctype", [(np.float32, "float"), (np.float64, "double")])
+def test_dynamic_shared_memory(checks, dtype, ctype):
+    n, block = 300, 128
+    x = np.arange(n, dtype=dtype)
+    out = emu.empty(n, dtype)
+    checks.get_function(f"reverse_dynamic<{ctype}>")((3,), (block,), [out, emu.to_device(x), np.int32(n)],
+                                                      shared_mem=block * x.itemsize)
+    expected = np.concatenate([x[i:i + block][::-1] for i in range(0, n, block)])
+    got = out.get()
+    np.testing.assert_array_equal(got[:256], expected[:256])  # the full blocks
+
+
+def test_two_dimensional_grid_and_block_indices(checks):
+    width, height = 21, 12
+    out = emu.empty(width * height, np.int32)
+    checks.get_function("index_map")((3, 3), (8, 4), [out, np.int32(width)])
+    got = out.get().reshape(height, width)
+    for y in range(height):
+        for x in range(width):
+            bx, tx, by, ty = x // 8, x % 8, y // 4, y % 4
+            assert got[y, x] == (by * 3 + bx) * 1000 + ty * 8 + tx
+
+
+def test_scalar_arguments_are_packed_like_cupy(checks):
+    out = emu.empty(6, np.float64)
+    k = checks.get_function("echo_scalars")
+    k((1,), (32,), [out, np.float32(1.5), np.float64(2.25), -7, np.int64(-(2**40)), np.uint32(4000000000),
+                    np.bool_(True)])
+    assert out.get().tolist() == [1.5, 2.25, -7.0, float(-(2**40)), 4000000000.0, 1.0]
+    # A Python float is a float64 for CuPy: a float parameter would read half of it.
+    with pytest.raises(emu.EmulationError, match="float32") as err:
+        k((1,), (32,), [out, 1.5, 2.25, 1, 1, np.uint32(1), np.bool_(True)])
+    assert err.value.kind == "arguments"
+    # An int32 where the kernel takes a 64-bit integer: the kernel would read past it.
+    with pytest.raises(emu.EmulationError, match="read past"):
+        k((1,), (32,), [out, np.float32(1), 2.0, 1, np.int32(1), np.uint32(1), np.bool_(True)])
+    with pytest.raises(emu.EmulationError, match="host numpy array"):
+        k((1,), (32,), [np.zeros(6), np.float32(1), 2.0, 1, 1, np.uint32(1), np.bool_(True)])
+
+
+# --------------------------------------------------------------------- what it must catch
+def test_out_of_bounds_read_faults_and_names_the_argument(checks):
+    n = 64  # a multiple of 16 bytes: x[n] is the first byte of the guard page
+    x = emu.to_device(np.ones(n, np.float32))
+    out = emu.empty(n + 1, np.float32)
+    with pytest.raises(emu.EmulationError) as err:
+        checks.get_function("copy_off_by_one")((1,), (128,), [out, x, np.int32(n)])
+    assert err.value.kind == "fault"
+    assert "argument 1" in str(err.value) and "past the end" in str(err.value)
+
+
+def test_out_of_bounds_write_into_the_slack_is_detected(checks):
+    n = 62  # 248 bytes: the 8 bytes before the guard page are poisoned slack
+    out = emu.empty(n, np.float32)
+    with pytest.raises(emu.EmulationError, match="wrote past the end of argument 0"):
+        checks.get_function("copy_off_by_one")((1,), (128,), [out, emu.to_device(np.ones(n + 1, np.float32)),
+                                                                np.int32(n)])
+
+
+def test_read_before_the_start_faults_with_start_placement(checks):
+    x = emu.to_device(np.ones(40, np.float32), placement="start")
+    with pytest.raises(emu.EmulationError, match="before the start") as err:
+        checks.get_function("read_before_start")((1,), (64,), [emu.empty(40, np.float32), x, np.int32(40)])
+    assert err.value.kind == "fault"
+
+
+def test_correct_copy_passes_at_every_length(checks):
+    k = checks.get_function("copy_checked")
+    for n in (1, 3, 4, 63, 64, 65, 1000):
+        x = np.arange(n, dtype=np.float32)
+        out = emu.empty(n, np.float32)
+        k((-(-n // 128),), (128,), [out, emu.to_device(x), np.int32(n)])
+        np.testing.assert_array_equal(out.get(), x)
+
+
+def test_syncthreads_after_an_early_return_is_reported(checks):
+    x = emu.to_device(np.ones(128, np.float32))
+    with pytest.raises(emu.EmulationError, match="reached by 100 of 128 threads") as err:
+        checks.get_function("early_return_then_sync")((1,), (128,), [emu.empty(128, np.float32), x, np.int32(100)])
+    assert err.value.kind == "barrier_divergence"
+    # with the whole block present the same kernel is fine
+    out = emu.empty(128, np.float32)
+    checks.get_function("early_return_then_sync")((1,), (128,), [out, x, np.int32(128)])
+    assert (out.get() == 1).all()
+
+
+def test_reading_unwritten_shared_memory_sees_poison(checks):
+    out = emu.empty(100, np.float32)
+    checks.get_function("reads_unwritten_shared")((1,), (128,), [out, emu.to_device(np.ones(100, np.float32)),
+                                                                 np.int32(100)])
+    got = out.get()
+    assert (got[:99] == 2).all() and np.isnan(got[99])
+
+
+def test_dynamic_shared_memory_overrun_is_reported(checks):
+    with pytest.raises(emu.EmulationError, match="past the 256 bytes") as err:
+        checks.get_function("dynamic_shared_overrun")((1,), (64,), [emu.empty(64, np.float32)], shared_mem=256)
+    assert err.value.kind == "shared_overflow"
+
+
+def test_divergent_warp_shuffle_is_a_reported_deadlock(checks):
+    with pytest.raises(emu.EmulationError, match="__shfl_xor_sync") as err:
+        checks.get_function("divergent_shuffle")((1,), (64,), [emu.empty(64, np.float32)])
+    assert err.value.kind == "deadlock"
+
+
+def test_shuffle_from_a_lane_that_does_not_exist_is_poisoned(checks):
+    # 20 threads: lanes 20-31 do not exist, so the full-warp tree reduction reads garbage.
+    out = emu.empty(1, np.float32)
+    checks.get_function("partial_warp_sum")((1,), (20,), [out, emu.to_device(np.ones(20, np.float32))])
+    assert np.isnan(out.get()[0])
+    checks.get_function("partial_warp_sum")((1,), (32,), [out, emu.to_device(np.ones(32, np.float32))])
+    assert out.get()[0] == 32
+
+
+def test_trap_and_assert_fail_the_launch(checks):
+    with pytest.raises(emu.EmulationError, match=r"__trap\(\) in block \(0,0,0\) thread \(3,0,0\)"):
+        checks.get_function("traps")((1,), (32,), [emu.empty(32, np.float32), np.int32(0)])
+    with pytest.raises(emu.EmulationError, match=r"assert\(which != 1\)"):
+        checks.get_function("traps")((1,), (32,), [emu.empty(32, np.float32), np.int32(1)])
+    out = emu.empty(32, np.float32)
+    checks.get_function("traps")((1,), (32,), [out, np.int32(2)])
+    assert (out.get() == 1).all()
+
+
+def test_spin_wait_times_out_instead_of_hanging(checks):
+    with pytest.raises(emu.EmulationError) as err:
+        checks.get_function("spins")((1,), (32,), [emu.zeros(1, np.int32)], timeout=0.5)
+    assert err.value.kind == "timeout"
+
+
+def test_write_through_a_pointer_to_const_faults(checks):
+    with pytest.raises(emu.EmulationError, match="read-only"):
+        checks.get_function("writes_input")((1,), (32,), [emu.empty(32, np.float32),
+                                                         emu.to_device(np.ones(32, np.float32))])
+
+
+def test_invalid_launch_configurations(checks):
+    k = checks.get_function("copy_checked")
+    args = [emu.empty(8, np.float32), emu.to_device(np.ones(8, np.float32)), np.int32(8)]
+    with pytest.raises(emu.EmulationError, match="exceeds 1024 threads") as err:
+        k((1,), (1025,), args)
+    assert err.value.kind == "launch_config"
+    with pytest.raises(emu.EmulationError, match="dynamic shared memory"):
+        k((1,), (32,), args, shared_mem=48 * 1024 + 1)
+    k.max_dynamic_shared_size_bytes = 100 * 1024
+    try:
+        k((1,), (32,), args, shared_mem=48 * 1024 + 1)
+    finally:
+        k.max_dynamic_shared_size_bytes = emu.DEFAULT_DYNAMIC_SMEM
+    # block_sum is declared __launch_bounds__(256)
+    assert checks.get_function("block_sum<float>").launch_bounds == 256
+    with pytest.raises(emu.EmulationError, match=r"__launch_bounds__\(256\)"):
+        checks.get_function("block_sum<float>")((1,), (512,), [emu.zeros(1, np.float32), args[1], np.int32(8)])
+
+
+def test_builds_are_cached(checks):
+    assert emu.build_module(CHECKS, CHECK_KERNELS) == checks.path
+    assert checks.path.exists()
+
+
+# ===================================================================== nnfast's kernels
+# The real CuPy backend on the emulation: launch configurations, argument packing
+# and the bad-label flag are the backend's own code.
+from nnfast.backends import backend_for, cuda_launch  # noqa: E402
+from nnfast.backends.base import ACTIVATIONS, saves_input  # noqa: E402
+
+from op_table import OPS, OpInfo, Sample  # noqa: E402
+
+REFERENCE = backend_for("numpy")
+DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
+#: 132 SMs (an H100) picks the small GEMM tiles for test-sized problems; 1 SM the large ones
+#: and few blocks, so grid-stride loops go round more than once.
+SM_COUNTS = [pytest.param(132, id="sm132"), pytest.param(1, id="sm1")]
+
+
+@pytest.fixture(scope="module")
+def kernel_modules():
+    return emu.build_all_kernel_modules()
+
+
+@pytest.fixture
+def gpu(kernel_modules, request):
+    sm_count = getattr(request, "param", 132)
+    with emu.emulated_cupy_backend(sm_count=sm_count) as backend:
+        yield backend
+
+
+def _tolerances(length: int, dtype) -> tuple[float, float]:
+    # as tests/test_op_table.py
+    length = max(length, 1)
+    if np.dtype(dtype) == np.float64:
+        return 1e-9, 1e-12 * length
+    return 1e-4, 1e-5 * np.sqrt(length)
+
+
+def _assert_close(got, expected, length, dtype, what):
+    rtol, atol = _tolerances(length, dtype)
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype}, reference {expected.dtype}"
+    scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1.0)
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("gpu", SM_COUNTS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_op_table_on_the_emulated_gpu(gpu, op: OpInfo, dtype):
+    """Every op of the op table, the CuPy backend on the emulation vs the NumPy reference."""
+    rng = np.random.default_rng(sum(map(ord, op.name)) + 1)
+    for sample in op.samples(rng, np.dtype(dtype)):
+        # Each backend gets its own copy: ops such as the optimizers update in place.
+        expected = op.run(REFERENCE, copy.deepcopy(sample))
+        got = op.run(gpu, copy.deepcopy(sample))
+        assert len(got) == len(expected)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_close(g, e, op.reduction_length(sample), dtype, f"{op.name} output {i} {sample}")
+
+
+# --------------------------------------------------------------------- linear
+def _linear_case(backend, x, W, b, activation, dy, need_dx=True):
+    xs, Ws = backend.asarray(x), backend.asarray(W)
+    bs = None if b is None else backend.asarray(b)
+    y, saved = backend.linear_forward(xs, Ws, bs, activation)
+    dx, dW, db = backend.linear_backward(backend.asarray(dy), xs, Ws, saved, activation, has_bias=b is not None,
+                                         need_dx=need_dx)
+    out = [backend.to_numpy(y), backend.to_numpy(dW)]
+    if saves_input(activation):
+        out.append(backend.to_numpy(saved))
+    if need_dx:
+        out.append(backend.to_numpy(dx))
+    if b is not None:
+        out.append(backend.to_numpy(db))
+    return out
+
+
+# (batch, in, out): vectorisable dims (multiples of 4), odd dims, one row, partial tiles in
+# every direction, K not a multiple of BK, more than one bias split (batch > 32).
+LINEAR_CASES = [(8, 16, 12), (1, 8, 4), (70, 20, 68), (1, 5, 3), (37, 19, 45), (130, 9, 66), (66, 132, 36)]
+
+
+@pytest.mark.parametrize("gpu", SM_COUNTS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_partial_tiles_and_vector_paths(gpu, dtype, activation):
+    rng = np.random.default_rng(ACTIVATIONS.index(activation))
+    for i, (m, k, n) in enumerate(LINEAR_CASES):
+        x = rng.standard_normal((m, k)).astype(dtype)
+        W = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype) if i % 3 != 1 else None
+        dy = rng.standard_normal((m, n)).astype(dtype)
+        expected = _linear_case(REFERENCE, x, W, b, activation, dy, need_dx=i != 2)
+        got = _linear_case(gpu, x, W, b, activation, dy, need_dx=i != 2)
+        for j, (g, e) in enumerate(zip(got, expected)):
+            _assert_close(g, e, max(m, k, n), dtype, f"linear {activation} {(m, k, n)} output {j}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_with_misaligned_operands_takes_the_scalar_path(gpu, dtype):
+    # Views one element into a buffer: 16-byte vectors would be misaligned, the launcher must
+    # pick the scalar instantiation (vec = false) for shapes that would otherwise be vectorised.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 16)).astype(dtype)
+    W = rng.standard_normal((16, 12)).astype(dtype)
+    cp = gpu.xp
+    xb = cp.empty(x.size + 1, dtype)
+    xb[1:] = x.ravel()
+    xs = xb[1:].reshape(8, 16)
+    y, _ = gpu.linear_forward(xs, cp.asarray(W), None, "relu")
+    _assert_close(gpu.to_numpy(y), np.maximum(x @ W, 0), 16, dtype, "misaligned linear")
+
+
+# --------------------------------------------------------------------- activations
+@pytest.mark.parametrize("gpu", SM_COUNTS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activations_long_and_misaligned(gpu, dtype, activation):
+    rng = np.random.default_rng(11)
+    cp = gpu.xp
+    for n in (1, 5, 4099, 20003):
+        x = (rng.standard_normal(n) * 3).astype(dtype)
+        dy = rng.standard_normal(n).astype(dtype)
+        y_ref = REFERENCE.activation_forward(x, activation)
+        dx_ref = REFERENCE.activation_backward(dy, x if saves_input(activation) else y_ref, activation)
+        for offset in (0, 1):  # 1: every operand starts one element into its buffer
+            xb = cp.empty(n + offset, dtype)
+            xb[offset:] = x
+            xs = xb[offset:]
+            y = gpu.activation_forward(xs, activation)
+            saved = xs if saves_input(activation) else y
+            dyb = cp.empty(n + offset, dtype)
+            dyb[offset:] = dy
+            dx = gpu.activation_backward(dyb[offset:], saved, activation)
+            _assert_close(gpu.to_numpy(y), y_ref, 1, dtype, f"{activation} forward n={n} offset={offset}")
+            _assert_close(gpu.to_numpy(dx), dx_ref, 1, dtype, f"{activation} backward n={n} offset={offset}")
+
+
+# --------------------------------------------------------------------- softmax, cross-entropy
+# Row lengths for every threads-per-row choice (32, 128, 256, 512 threads), odd lengths so
+# rows start at every alignment, and rows longer than one block's vectors.
+ROW_SHAPES = [(1, 1), (9, 33), (3, 1029), (2, 4101), (1, 16389)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_softmax_every_row_length(gpu, dtype, log):
+    rng = np.random.default_rng(4)
+    for rows, cols in ROW_SHAPES:
+        x = (rng.standard_normal((rows, cols)) * 4).astype(dtype)
+        ref = REFERENCE.log_softmax(x) if log else REFERENCE.softmax(x)
+        got = gpu.to_numpy((gpu.log_softmax if log else gpu.softmax)(gpu.asarray(x)))
+        _assert_close(got, ref, cols, dtype, f"{'log_' if log else ''}softmax {(rows, cols)}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_every_row_length_with_ignored_rows(gpu, dtype, reduction):
+    rng = np.random.default_rng(6)
+    for rows, cols in ROW_SHAPES + [(40, 7)]:
+        logits = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+        labels = rng.integers(0, cols, size=rows)
+        labels[::3] = -100
+        for smoothing in (0.0, 0.3):
+            kw = dict(label_smoothing=smoothing, reduction=reduction)
+            loss_r, grad_r = REFERENCE.softmax_cross_entropy(logits, labels, **kw)
+            loss, grad = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels), **kw)
+            what = f"cross-entropy {(rows, cols)} {kw}"
+            _assert_close(gpu.to_numpy(loss), loss_r, cols, dtype, what + " loss")
+            _assert_close(gpu.to_numpy(grad), grad_r, cols, dtype, what + " grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bad", [5, -1, -101, 10**9, -(2**62)])
+def test_cross_entropy_bad_label_sets_the_error_flag(gpu, dtype, bad):
+    # The label is never used as an index (the guard pages would catch it), ce_prepare
+    # records the first bad row, the backend raises when the loss is read.
+    rng = np.random.default_rng(8)
+    for rows, cols in [(6, 5), (3, 1029)]:
+        logits = rng.standard_normal((rows, cols)).astype(dtype)
+        labels = rng.integers(0, min(cols, 5), size=rows)
+        labels[0] = -100
+        labels[2] = bad if bad != 5 else cols
+        loss, grad = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels))
+        with pytest.raises(ValueError, match=r"got -?\d+ at row 2"):
+            gpu.to_numpy(loss)
+        # the flag was consumed: a good call afterwards works
+        labels[2] = 1
+        loss, _ = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels))
+        _assert_close(gpu.to_numpy(loss), REFERENCE.softmax_cross_entropy(logits, labels)[0], cols, dtype, "ce")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_every_row_ignored_and_custom_ignore_index(gpu, dtype):
+    logits = np.random.default_rng(9).standard_normal((50, 9)).astype(dtype)
+    for labels, kw in [(np.full(50, -100), {}), (np.arange(50) % 9, {"ignore_index": 4}),
+                       (np.full(50, 7), {"ignore_index": 7, "reduction": "sum"})]:
+        loss_r, grad_r = REFERENCE.softmax_cross_entropy(logits, labels, **kw)
+        loss, grad = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels), **kw)
+        _assert_close(gpu.to_numpy(loss), loss_r, 9, dtype, f"ce {kw}")
+        _assert_close(gpu.to_numpy(grad), grad_r, 9, dtype, f"ce grad {kw}")
+
+
+# --------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("gpu", SM_COUNTS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizers_many_chunks(gpu, dtype, kind):
+    # 9000 elements: three chunks of 4096 in one tensor; with 1 SM a block does several chunks.
+    rng = np.random.default_rng(10)
+    shapes = [(9000,), (3, 7), (1,), (4096,)]
+    state = {name: [rng.standard_normal(s).astype(dtype) for s in shapes] for name in "pgmv"}
+    state["v"] = [np.abs(v) for v in state["v"]]
+    settings = ([dict(lr=0.1), dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)] if kind == "sgd"
+                else [dict(lr=1e-2, weight_decay=0.1), dict(lr=1e-3, weight_decay=0.1, decoupled=False)])
+    for opts in settings:
+        results = []
+        for backend in (REFERENCE, gpu):
+            t = {k: [backend.asarray(a.copy()) for a in v] for k, v in state.items()}
+            for step in (1, 2):
+                if kind == "sgd":
+                    backend.sgd_update(t["p"], t["g"], t["m"] if opts.get("momentum") else [], **opts)
+                else:
+                    backend.adam_update(t["p"], t["g"], t["m"], t["v"], step=step, **opts)
+            results.append([backend.to_numpy(a) for k in "pmv" for a in t[k]])
+        for j, (g, e) in enumerate(zip(*results[::-1])):
+            _assert_close(g, e, 1, dtype, f"{kind} {opts} tensor {j}")
+
+
+# --------------------------------------------------------------------- schedules, placement
+@pytest.mark.parametrize("schedule", ["reverse", "random"])
+def test_barrier_kernels_under_other_schedules(kernel_modules, monkeypatch, schedule):
+    # Threads between two barriers run in another order: a race that only shows when the
+    # writer runs late (or early) is caught here if the forward order missed it.
+    monkeypatch.setenv("NNFAST_EMU_SCHEDULE", schedule)
+    rng = np.random.default_rng(12)
+    with emu.emulated_cupy_backend(sm_count=1) as gpu:
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal((37, 19)).astype(dtype)
+            W = rng.standard_normal((19, 45)).astype(dtype)
+            dy = rng.standard_normal((37, 45)).astype(dtype)
+            b = rng.standard_normal(45).astype(dtype)
+            for g, e in zip(_linear_case(gpu, x, W, b, "gelu", dy), _linear_case(REFERENCE, x, W, b, "gelu", dy)):
+                _assert_close(g, e, 45, dtype, f"linear under {schedule}")
+            for rows, cols in [(2, 1029), (1, 4101)]:
+                z = rng.standard_normal((rows, cols)).astype(dtype)
+                labels = np.array([3, -100][:rows])
+                _assert_close(gpu.to_numpy(gpu.softmax(gpu.asarray(z))), REFERENCE.softmax(z), cols, dtype,
+                              f"softmax under {schedule}")
+                loss, grad = gpu.softmax_cross_entropy(gpu.asarray(z), gpu.asarray(labels))
+                loss_r, grad_r = REFERENCE.softmax_cross_entropy(z, labels)
+                _assert_close(gpu.to_numpy(loss), loss_r, cols, dtype, f"ce under {schedule}")
+                _assert_close(gpu.to_numpy(grad), grad_r, cols, dtype, f"ce grad under {schedule}")
+
+
+@pytest.mark.parametrize("op", [op for op in OPS if op.name in ("linear_silu", "softmax_cross_entropy",
+                                                                "log_softmax", "adam_update", "activation_elu")],
+                         ids=lambda op: op.name)
+def test_no_read_before_the_start_of_any_array(kernel_modules, monkeypatch, op):
+    # The arrays touch the guard page with their first byte: a negative index faults.
+    monkeypatch.setenv("NNFAST_EMU_PLACEMENT", "start")
+    rng = np.random.default_rng(13)
+    with emu.emulated_cupy_backend(sm_count=1) as gpu:
+        for sample in op.samples(rng, np.dtype(np.float32)):
+            expected = op.run(REFERENCE, copy.deepcopy(sample))
+            for g, e in zip(op.run(gpu, copy.deepcopy(sample)), expected):
+                _assert_close(g, e, op.reduction_length(sample), np.float32, f"{op.name} {sample}")
+
+
+# --------------------------------------------------------------------- coverage
+def test_every_kernel_instantiation_is_launched(kernel_modules):
+    """A compact sweep that launches every instantiation listed by cuda_launch, checked as above."""
+    emu.launched.clear()
+    rng = np.random.default_rng(14)
+    for sm_count in (132, 1):
+        with emu.emulated_cupy_backend(sm_count=sm_count) as gpu:
+            for dtype in (np.float32, np.float64):
+                for activation in ACTIVATIONS:
+                    for (m, k, n) in [(8, 16, 12), (5, 7, 3), (40, 8, 4)]:  # vec, scalar, split bias
+                        x = rng.standard_normal((m, k)).astype(dtype)
+                        W = rng.standard_normal((k, n)).astype(dtype)
+                        b = rng.standard_normal(n).astype(dtype)
+                        dy = rng.standard_normal((m, n)).astype(dtype)
+                        for g, e in zip(_linear_case(gpu, x, W, b, activation, dy),
+                                        _linear_case(REFERENCE, x, W, b, activation, dy)):
+                            _assert_close(g, e, k, dtype, f"linear {activation}")
+                    if activation != "identity":
+                        x = rng.standard_normal(10).astype(dtype)
+                        y = gpu.activation_forward(gpu.asarray(x), activation)
+                        gpu.activation_backward(gpu.asarray(x), gpu.asarray(x) if saves_input(activation) else y,
+                                                activation)
+                for rows, cols in ROW_SHAPES:
+                    z = rng.standard_normal((rows, cols)).astype(dtype)
+                    gpu.to_numpy(gpu.softmax(gpu.asarray(z)))
+                    gpu.to_numpy(gpu.log_softmax(gpu.asarray(z)))
+                    for reduction in ("mean", "none"):
+                        gpu.to_numpy(gpu.softmax_cross_entropy(gpu.asarray(z), gpu.asarray(np.zeros(rows, np.int64)),
+                                                               reduction=reduction)[0])
+                p = [gpu.asarray(rng.standard_normal(5).astype(dtype))]
+                gpu.sgd_update(p, [gpu.asarray(rng.standard_normal(5).astype(dtype))], [], lr=0.1)
+                gpu.adam_update(p, p, [gpu.zeros(5, dtype)], [gpu.zeros(5, dtype)], step=1, lr=0.1)
+                # The backend copies for the identity instead of launching act_*<T, 0>: launch
+                # those directly, configured by cuda_launch as the backend would.
+                for aligned in (True, False):
+                    x = gpu.asarray(rng.standard_normal(9).astype(dtype))
+                    dy = gpu.asarray(rng.standard_normal(9).astype(dtype))
+                    out = gpu.xp.empty(9, dtype)
+                    t = np.dtype(dtype).type
+                    launch, vec = cuda_launch.activation_launch(9, dtype, "identity", backward=False, aligned=aligned)
+                    emu.emulated_function(launch.file, launch.kernel)(
+                        launch.grid, launch.block, (out, x, np.int64(9), t(0), np.int32(vec)), launch.shared_mem)
+                    np.testing.assert_array_equal(gpu.to_numpy(out), gpu.to_numpy(x))
+                    launch, vec = cuda_launch.activation_launch(9, dtype, "identity", backward=True, aligned=aligned)
+                    emu.emulated_function(launch.file, launch.kernel)(
+                        launch.grid, launch.block, (out, dy, x, np.int64(9), t(0), np.int32(vec)), launch.shared_mem)
+                    np.testing.assert_array_equal(gpu.to_numpy(out), gpu.to_numpy(dy))
+    missing = {f: sorted(set(cuda_launch.name_expressions(f)) - emu.launched.get(f, set()))
+               for f in cuda_launch.KERNEL_FILES}
+    missing = {f: names for f, names in missing.items() if names}
+    assert not missing, f"instantiations never launched on the emulation: {missing}"
