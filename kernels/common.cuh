@@ -7,7 +7,7 @@
 //
 // Portability rules for every kernel file: no CUDA system headers (NVRTC
 // provides the math builtins), no inline PTX, all shared memory dynamic
-// (`extern __shared__ float4 smem[]`, sized by the launch configuration in
+// (nnf::dynamic_smem<T>(), sized by the launch configuration in
 // nnfast/backends/cuda_launch.py), only __syncthreads, __shfl_xor_sync,
 // __shfl_down_sync, __ballot_sync and atomicAdd as CUDA intrinsics.
 #ifndef NNFAST_COMMON_CUH
@@ -99,6 +99,20 @@ __device__ __forceinline__ T sigmoid(T x) {
     const T e = m_exp(-m_abs(x));
     const T r = rcp_1_2(T(1) + e);  // 1 + e is in (1, 2]
     return x >= T(0) ? r : e * r;
+}
+
+// ------------------------------------------------------------ shared memory
+// The block's dynamic shared memory (16-byte aligned; its size is the launch's
+// shared_mem, see cuda_launch.py). Declared once, in a non-template function,
+// so every kernel and every instantiation names the same array.
+__device__ __forceinline__ float4* dynamic_smem_base() {
+    extern __shared__ float4 nnf_dynamic_smem[];
+    return nnf_dynamic_smem;
+}
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+    return reinterpret_cast<T*>(dynamic_smem_base());
 }
 
 // ------------------------------------------------------------ 128-bit vectors

@@ -26,12 +26,14 @@ namespace {
 // reduction codes, as cuda_launch.REDUCTION_CODES
 enum { RED_MEAN = 0 };
 
+// softmax is exp((x - max) - log(sum)): x - max is formed first so that large
+// logits keep their precision (max + log(sum) would round).
 template <typename T>
 struct CeGrad {
-    T lse, scale, smooth_term, hit_term;
+    T m, log_s, scale, smooth_term, hit_term;
     int label;
     __device__ __forceinline__ T operator()(T x, int j) const {
-        const T p = nnf::m_exp(x - lse);
+        const T p = nnf::m_exp((x - m) - log_s);
         return scale * ((p - smooth_term) - (j == label ? hit_term : T(0)));
     }
 };
@@ -43,8 +45,7 @@ struct CeGrad {
 __global__ void __launch_bounds__(1024)
 ce_prepare(int* __restrict__ info, double* __restrict__ scale, const long long* __restrict__ labels,
            int rows, int classes, long long ignore_index, int reduction) {
-    extern __shared__ float4 smem_raw[];
-    int* scratch = reinterpret_cast<int*>(smem_raw);
+    int* scratch = nnf::dynamic_smem<int>();
     int first_bad = rows;
     int count = 0;
     for (int r = threadIdx.x; r < rows; r += blockDim.x) {
@@ -81,12 +82,11 @@ ce_prepare(int* __restrict__ info, double* __restrict__ scale, const long long* 
 }
 
 template <typename T, int RT>
-__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads)
+__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, nnf::RowLayout<RT>::min_blocks)
 ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ logits,
         const long long* __restrict__ labels, const double* __restrict__ scale, int rows, int classes,
         T smoothing, T inv_classes, long long ignore_index) {
-    extern __shared__ float4 smem_raw[];
-    T* scratch = reinterpret_cast<T*>(smem_raw);
+    T* scratch = nnf::dynamic_smem<T>();
     constexpr int RPB = nnf::RowLayout<RT>::rows_per_block;
     const int row = blockIdx.x * RPB + (int)threadIdx.x / RT;
     const int lane_id = threadIdx.x % RT;
@@ -105,16 +105,17 @@ ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ lo
     nnf::OnlineMaxSum<T> acc;
     nnf::row_visit<T, RT>(xr, classes, lane_id, acc);
     nnf::row_reduce<T, RT>(acc, scratch);
-    const T lse = acc.m + nnf::m_log(acc.s);
+    const T log_s = nnf::m_log(acc.s);  // lse = acc.m + log_s
 
     if (lane_id == 0) {
-        const T nll = lse - xr[label];
-        const T smooth = lse - acc.sx * inv_classes;
+        const T nll = (acc.m - xr[label]) + log_s;
+        const T smooth = (acc.m - acc.sx * inv_classes) + log_s;
         row_loss[row] = (T(1) - smoothing) * nll + smoothing * smooth;
     }
 
     CeGrad<T> g;
-    g.lse = lse;
+    g.m = acc.m;
+    g.log_s = log_s;
     g.scale = (T)scale[0];
     g.smooth_term = smoothing * inv_classes;
     g.hit_term = T(1) - smoothing;
@@ -128,8 +129,7 @@ template <typename T>
 __global__ void __launch_bounds__(1024)
 ce_reduce(T* __restrict__ loss, const T* __restrict__ row_loss, const double* __restrict__ scale,
           int rows) {
-    extern __shared__ float4 smem_raw[];
-    double* scratch = reinterpret_cast<double*>(smem_raw);
+    double* scratch = nnf::dynamic_smem<double>();
     double total = 0.0;
     for (int r = threadIdx.x; r < rows; r += blockDim.x) total += (double)row_loss[r];
     total = nnf::warp_sum(total);

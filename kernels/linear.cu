@@ -97,8 +97,7 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
     static_assert(TM % W == 0 && TN % W == 0, "thread tile must be whole vectors");
     static_assert(BK % W == 0 && BM % W == 0 && BN % W == 0, "block tile must be whole vectors");
 
-    extern __shared__ float4 smem_raw[];
-    T* As = reinterpret_cast<T*>(smem_raw);  // [BK][PA]
+    T* As = nnf::dynamic_smem<T>();  // [BK][PA]
     T* Bs = As + BK * PA;                    // [BK][PB]
 
     const int m0 = blockIdx.y * BM;
@@ -191,8 +190,7 @@ template <typename T, int ACT>
 __global__ void __launch_bounds__(256)
 bias_act_backward(T* __restrict__ dz, T* __restrict__ partial, const T* __restrict__ dy,
                   const T* __restrict__ saved, int M, int N, int rows_per_split, T alpha) {
-    extern __shared__ float4 smem_raw[];
-    T* scratch = reinterpret_cast<T*>(smem_raw);  // [blockDim.y][32]
+    T* scratch = nnf::dynamic_smem<T>();  // [blockDim.y][32]
     const int col = blockIdx.x * 32 + threadIdx.x;
     const int r0 = blockIdx.y * rows_per_split;
     const int r1 = r0 + rows_per_split < M ? r0 + rows_per_split : M;

@@ -17,10 +17,14 @@
 namespace nnf {
 
 // Rows per block for RT threads per row.
+// min_blocks is the __launch_bounds__ occupancy hint: with it ptxas budgets up
+// to 65536 / (2 * threads) registers instead of squeezing the short row loops
+// into 32 registers with a spill.
 template <int RT>
 struct RowLayout {
     static constexpr int rows_per_block = RT == WARP ? 8 : 1;
     static constexpr int threads = RT * rows_per_block;
+    static constexpr int min_blocks = 2;
 };
 
 // Number of leading scalars before the first 16-byte boundary (at most n).

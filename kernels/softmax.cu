@@ -11,21 +11,28 @@
 
 namespace {
 
+// exp(x - max) / sum, and (x - max) - log(sum) for log-softmax; x - max is
+// formed first so that large logits keep their precision.
 template <typename T, bool LOG>
 struct SoftmaxOut {
-    T shift, inv_s;  // LOG: x - shift with shift = max + log(sum); else exp(x - max) / sum
-    __device__ __forceinline__ T operator()(T x, int) const {
-        return LOG ? x - shift : nnf::m_exp(x - shift) * inv_s;
-    }
+    T m, inv_s;
+    __device__ __forceinline__ SoftmaxOut(T max, T sum) : m(max), inv_s(T(1) / sum) {}
+    __device__ __forceinline__ T operator()(T x, int) const { return nnf::m_exp(x - m) * inv_s; }
+};
+
+template <typename T>
+struct SoftmaxOut<T, true> {
+    T m, log_s;
+    __device__ __forceinline__ SoftmaxOut(T max, T sum) : m(max), log_s(nnf::m_log(sum)) {}
+    __device__ __forceinline__ T operator()(T x, int) const { return (x - m) - log_s; }
 };
 
 }  // namespace
 
 template <typename T, int RT, bool LOG>
-__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads)
+__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, nnf::RowLayout<RT>::min_blocks)
 softmax_rows(T* __restrict__ y, const T* __restrict__ x, int rows, int cols) {
-    extern __shared__ float4 smem_raw[];
-    T* scratch = reinterpret_cast<T*>(smem_raw);
+    T* scratch = nnf::dynamic_smem<T>();
     constexpr int RPB = nnf::RowLayout<RT>::rows_per_block;
     const int row = blockIdx.x * RPB + (int)threadIdx.x / RT;
     const int lane_id = threadIdx.x % RT;
@@ -37,8 +44,6 @@ softmax_rows(T* __restrict__ y, const T* __restrict__ x, int rows, int cols) {
     nnf::row_visit<T, RT>(xr, cols, lane_id, acc);
     nnf::row_reduce<T, RT>(acc, scratch);
 
-    SoftmaxOut<T, LOG> out;
-    out.shift = LOG ? acc.m + nnf::m_log(acc.s) : acc.m;
-    out.inv_s = LOG ? T(0) : T(1) / acc.s;
+    SoftmaxOut<T, LOG> out(acc.m, acc.s);
     nnf::row_map<T, RT>(yr, xr, cols, lane_id, out);
 }
