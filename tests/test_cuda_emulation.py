@@ -16,9 +16,12 @@ See kernels/testing/cuda_host_emulation.h and tests/cuda_emulation.py.
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cuda_emulation as emu
 
@@ -288,6 +291,23 @@ def test_invalid_launch_configurations(checks):
         checks.get_function("block_sum<float>")((1,), (512,), [emu.zeros(1, np.float32), args[1], np.int32(8)])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_vector_access_is_caught(kernel_modules, dtype):
+    # A launcher that wrongly declares a view 16-byte aligned: the vectorised kernel body
+    # would raise "misaligned address" on a GPU; the alignment check traps here.
+    from nnfast.backends import cuda_launch
+
+    with emu.emulated_cupy_backend() as gpu:
+        buf = gpu.xp.zeros(80, dtype)
+        x, y = buf[1:65], gpu.xp.empty(65, dtype)[1:]
+        launch, _ = cuda_launch.activation_launch(64, dtype, "relu", backward=False, aligned=True)
+        kernel = emu.emulated_function(launch.file, launch.kernel)
+        with pytest.raises(emu.EmulationError, match="misaligned") as err:
+            kernel(launch.grid, launch.block, (y, x, np.int64(64), np.dtype(dtype).type(0), np.int32(1)))
+        assert err.value.kind in ("trap", "fault")
+        kernel(launch.grid, launch.block, (y, x, np.int64(64), np.dtype(dtype).type(0), np.int32(0)))  # scalar path
+
+
 def test_builds_are_cached(checks):
     assert emu.build_module(CHECKS, CHECK_KERNELS) == checks.path
     assert checks.path.exists()
@@ -310,6 +330,8 @@ SM_COUNTS = [pytest.param(132, id="sm132"), pytest.param(1, id="sm1")]
 
 @pytest.fixture(scope="module")
 def kernel_modules():
+    if importlib.util.find_spec("nnfast.backends.cupy_backend") is None:
+        pytest.skip("nnfast.backends.cupy_backend is not in this checkout")
     return emu.build_all_kernel_modules()
 
 
@@ -484,6 +506,24 @@ def test_cross_entropy_bad_label_sets_the_error_flag(gpu, dtype, bad):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_more_rows_than_the_prepare_and_reduce_blocks(gpu, dtype):
+    # ce_prepare and ce_reduce are one block of 512 threads: 1100 rows loop over it twice.
+    rng = np.random.default_rng(15)
+    logits = rng.standard_normal((1100, 3)).astype(dtype)
+    labels = rng.integers(0, 3, size=1100)
+    labels[rng.random(1100) < 0.2] = -100
+    for reduction in ("mean", "sum"):
+        loss_r, grad_r = REFERENCE.softmax_cross_entropy(logits, labels, reduction=reduction)
+        loss, grad = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels), reduction=reduction)
+        _assert_close(gpu.to_numpy(loss), loss_r, 1100, dtype, f"ce {reduction} loss")
+        _assert_close(gpu.to_numpy(grad), grad_r, 3, dtype, f"ce {reduction} grad")
+    labels[1050] = 3  # a bad label in the second pass of the prepare loop
+    loss, _ = gpu.softmax_cross_entropy(gpu.asarray(logits), gpu.asarray(labels))
+    with pytest.raises(ValueError, match="at row 1050"):
+        gpu.to_numpy(loss)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_every_row_ignored_and_custom_ignore_index(gpu, dtype):
     logits = np.random.default_rng(9).standard_normal((50, 9)).astype(dtype)
     for labels, kw in [(np.full(50, -100), {}), (np.arange(50) % 9, {"ignore_index": 4}),
@@ -518,6 +558,42 @@ def test_optimizers_many_chunks(gpu, dtype, kind):
             results.append([backend.to_numpy(a) for k in "pmv" for a in t[k]])
         for j, (g, e) in enumerate(zip(*results[::-1])):
             _assert_close(g, e, 1, dtype, f"{kind} {opts} tensor {j}")
+
+
+# --------------------------------------------------------------------- random shapes
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 140), k=st.integers(1, 70), n=st.integers(1, 140), sm_count=st.sampled_from([1, 132]),
+       dtype=st.sampled_from([np.float32, np.float64]), activation=st.sampled_from(ACTIVATIONS),
+       bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_random_shapes(kernel_modules, m, k, n, sm_count, dtype, activation, bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k)).astype(dtype)
+    W = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(dtype)
+    b = rng.standard_normal(n).astype(dtype) if bias else None
+    dy = rng.standard_normal((m, n)).astype(dtype)
+    with emu.emulated_cupy_backend(sm_count=sm_count) as gpu:
+        got = _linear_case(gpu, x, W, b, activation, dy)
+    for j, (g, e) in enumerate(zip(got, _linear_case(REFERENCE, x, W, b, activation, dy))):
+        _assert_close(g, e, max(m, k, n), dtype, f"linear {activation} {(m, k, n)} output {j}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 20), cols=st.one_of(st.integers(1, 70), st.integers(1000, 4200)),
+       dtype=st.sampled_from([np.float32, np.float64]), smoothing=st.sampled_from([0.0, 0.1]),
+       seed=st.integers(0, 2**16))
+def test_rows_random_shapes(kernel_modules, rows, cols, dtype, smoothing, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+    labels = rng.integers(-1, cols, size=rows)
+    labels[labels == -1] = -100
+    with emu.emulated_cupy_backend() as gpu:
+        got = [gpu.to_numpy(gpu.softmax(gpu.asarray(x))), gpu.to_numpy(gpu.log_softmax(gpu.asarray(x)))]
+        got += [gpu.to_numpy(a) for a in gpu.softmax_cross_entropy(gpu.asarray(x), gpu.asarray(labels),
+                                                                    label_smoothing=smoothing)]
+    expected = [REFERENCE.softmax(x), REFERENCE.log_softmax(x)]
+    expected += list(REFERENCE.softmax_cross_entropy(x, labels, label_smoothing=smoothing))
+    for j, (g, e) in enumerate(zip(got, expected)):
+        _assert_close(g, e, cols, dtype, f"rows {(rows, cols)} output {j}")
 
 
 # --------------------------------------------------------------------- schedules, placement
