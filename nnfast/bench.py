@@ -630,6 +630,14 @@ def _physical_cores() -> int | None:
         return None
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average, where the OS reports one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -656,6 +664,9 @@ def machine_info(torch: Any = None, gpu: bool = False) -> dict[str, Any]:
                 if k in os.environ},
         "gpu": None,
     }
+    load = _load_average()
+    if load is not None:
+        info["load_average_1min"] = round(load, 2)
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         info["blas"] = f"{blas.get('name')} {blas.get('version')}".strip()
@@ -828,6 +839,12 @@ def run(args: argparse.Namespace) -> int:
     cases = [(spec, variant, shape)
              for spec in specs for variant in spec.variants for shape in spec.shapes
              if not quick or shape.size == "small"]
+
+    load = _load_average()
+    cpus = os.cpu_count() or 1
+    if load is not None and load > 0.5 * cpus:
+        notes.append(f"the machine is busy (load average {load:.1f} on {cpus} CPUs): figures will be noisy, "
+                     "multi-threaded ones most; --threads 1 gives steadier ratios")
 
     restore = ThreadLimits(threads, torch, notes) if threads is not None else None
     try:
