@@ -882,7 +882,7 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
     report = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "command": "nnfast bench " + " ".join(_argv_of(args)),
+        "command": " ".join(["nnfast bench", *_argv_of(args)]),
         "machine": machine_info(torch, gpu),
         "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default",
                      "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
@@ -1252,7 +1252,9 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3,
                     rows: list[dict[str, Any]] | None = None) -> str:
     """The report (or the given ``rows`` of it) as Markdown tables, with machine, limits and work models."""
     h = "#" * heading_level
-    out = [f"Measured {report['created'][:10]} on {machine_line(report)}.", "",
+    load = report["machine"].get("load_average_1min")
+    busy = f" (1-minute load average at the start: {load:.1f})" if load is not None else ""
+    out = [f"Measured {report['created'][:10]} on {machine_line(report)}{busy}.", "",
            f"Machine limits measured in the same run: {limits_line(report)}.", "",
            "Times are medians after warm-up; speedups are measured side by side in the same run; "
            "'% limit' is the rate over the GEMM (GFLOP/s kernels) or memory-copy (GB/s kernels) rate.", ""]
