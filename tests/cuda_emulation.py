@@ -57,7 +57,7 @@ CXXFLAGS = (
 SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 _SMEM_TAIL = 1024
-_VERSION = "2"  # bump to invalidate cached builds when this file changes what it emits
+_VERSION = "3"  # bump to invalidate cached builds when this file changes what it emits
 
 ERROR_KINDS = {
     1: "launch_config", 2: "fault", 3: "deadlock", 4: "barrier_divergence", 5: "warp_divergence",
@@ -243,11 +243,13 @@ def _inputs_digest(source: Path, names: Sequence[str], defines: Sequence[str]) -
     return h.hexdigest()[:24]
 
 
-def _wrapper_source(source: Path, names: Sequence[str]) -> str:
-    entries = ",\n".join(f"  cuemu::make_entry(&{n}, {_c_string(n)})" for n in names)
+def _wrapper_source(source: Path, names: Sequence[str], with_bounds: bool = True) -> str:
+    bounds = _launch_bounds_code(source, names) if with_bounds else ({}, "")
+    entries = ",\n".join(f"  cuemu::make_entry(&{n}, {_c_string(n)}, {bounds[0].get(n, '0')})" for n in names)
     return (
         f'#include "{HEADER.resolve()}"\n'
         f'#include "{source.resolve()}"\n'
+        f"{bounds[1]}"
         "extern \"C\" __attribute__((visibility(\"default\"))) const cuemu::KernelEntry cuemu_kernels[] = {\n"
         f"{entries}{',' if names else ''}\n"
         "  cuemu::KernelEntry{nullptr, nullptr, nullptr, 0, nullptr}\n};\n"
@@ -309,11 +311,17 @@ def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
     with tempfile.TemporaryDirectory(prefix="cuemu-build-", dir=_cache_dir()) as tmp:
         tmp = Path(tmp)
         wrap = tmp / "wrap.cpp"
-        wrap.write_text(_wrapper_source(source, names))
         obj = tmp / "wrap.o"
         cmd = [compiler(), *CXXFLAGS, *(f"-D{d}" for d in defines), f"-I{KERNEL_DIR}", f"-I{source.parent}",
                "-c", str(wrap), "-o", str(obj)]
+        wrap.write_text(_wrapper_source(source, names))
         res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            # Perhaps only the copied __launch_bounds__ expressions do not compile at
+            # file scope: build without the check rather than not at all.
+            wrap.write_text(_wrapper_source(source, names, with_bounds=False))
+            if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+                res = subprocess.CompletedProcess(cmd, 0)
         if res.returncode != 0:
             raise CompileError(f"g++ failed on {source} ({len(names)} instantiations):\n{res.stderr[-20000:]}")
         alias = tmp / "shared.s"
@@ -422,6 +430,8 @@ class Module:
         lib.cuemu_kernel_name.restype = ctypes.c_char_p
         lib.cuemu_kernel_name.argtypes = (ctypes.c_int,)
         lib.cuemu_kernel_nparams.argtypes = (ctypes.c_int,)
+        lib.cuemu_kernel_launch_bounds.restype = ctypes.c_longlong
+        lib.cuemu_kernel_launch_bounds.argtypes = (ctypes.c_int,)
         lib.cuemu_kernel_param.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                                            ctypes.POINTER(ctypes.c_int))
         lib.cuemu_launch.argtypes = (
@@ -453,7 +463,8 @@ class Kernel:
         self.module, self.index, self.name, self.params = module, index, name, params
         #: as the CUDA function attribute: raise it to launch with more than 48 KiB
         self.max_dynamic_shared_size_bytes = DEFAULT_DYNAMIC_SMEM
-        self.launch_bounds = launch_bounds(module.source, name)
+        #: maxThreadsPerBlock of the kernel's __launch_bounds__ (None when it has none)
+        self.launch_bounds = int(module._lib.cuemu_kernel_launch_bounds(index)) or None
 
     def __repr__(self) -> str:
         return f"<emulated kernel {self.name} of {self.module.source.name}>"
@@ -521,10 +532,8 @@ def _dims(d: Sequence[int] | int) -> tuple[int, int, int]:
 
 
 # --------------------------------------------------------------------- launch bounds
-_TEMPLATE_RE = re.compile(r"template\s*<(?P<params>[^{};]*?)>\s*(?P<decl>[^{};]*?)\b(?P<name>\w+)\s*\(", re.S)
-
-
 def _split_top_level(s: str) -> list[str]:
+    """Split at the commas that are not nested in <>, () or []."""
     parts, depth, cur = [], 0, []
     for ch in s:
         if ch in "<([":
@@ -541,52 +550,60 @@ def _split_top_level(s: str) -> list[str]:
     return parts
 
 
-def launch_bounds(source: Path, name_expression: str) -> int | None:
-    """The maxThreadsPerBlock of ``__launch_bounds__`` on a kernel, when it can be read.
+def _balanced(text: str, start: int, open_ch: str, close_ch: str) -> int:
+    """Index just past the bracket that closes the one at ``start``, or -1."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += text[i] == open_ch
+        depth -= text[i] == close_ch
+        if depth == 0:
+            return i + 1
+    return -1
 
-    Handles an integer expression of literals and the kernel's template
-    parameters (``__launch_bounds__(BM * BN / 64)``); returns None otherwise.
-    """
-    base = name_expression.split("<", 1)[0].split("::")[-1].strip()
-    targs = []
-    if "<" in name_expression:
-        targs = _split_top_level(name_expression[name_expression.index("<") + 1:name_expression.rindex(">")])
-    try:
-        text = source.read_text()
-    except OSError:
-        return None
+
+def _launch_bounds_declarations(text: str) -> dict[str, tuple[str | None, str]]:
+    """``{kernel name: (template parameter list or None, maxThreadsPerBlock expression)}``."""
     text = re.sub(r"//[^\n]*|/\*.*?\*/", " ", text, flags=re.S)
-    pattern = re.compile(r"__launch_bounds__\s*\((?P<args>[^;{]*?)\)\s*(?:\w+\s+)*?" + re.escape(base) + r"\s*\(")
-    m = pattern.search(text)
-    if not m:
-        return None
-    expr = _split_top_level(m.group("args"))[0]
-    env: dict[str, int] = {}
-    # Template parameters of the declaration that holds this __launch_bounds__.
-    head = text[:m.start()]
-    t = head.rfind("template")
-    if t >= 0 and targs:
-        lt = head.find("<", t)
-        depth, k = 0, lt
-        while k < len(head):
-            depth += head[k] == "<"
-            depth -= head[k] == ">"
-            if depth == 0:
-                break
-            k += 1
-        for p, v in zip(_split_top_level(head[lt + 1:k]), targs):
-            pname = re.split(r"[\s=]+", p.split("=")[0].strip())[-1]
-            try:
-                env[pname] = int(v.rstrip("uUlL"), 0)
-            except ValueError:
-                pass
-    if not re.fullmatch(r"[\w\s+\-*/%()]+", expr):
-        return None
+    found: dict[str, tuple[str | None, str]] = {}
+    for m in re.finditer(r"__launch_bounds__\s*\(", text):
+        close = _balanced(text, m.end() - 1, "(", ")")
+        name = re.match(r"\s*(\w+)\s*\(", text[close:]) if close > 0 else None
+        if not name:
+            continue
+        expr = _split_top_level(text[m.end():close - 1])[0]
+        # "template <...> __global__ void" right before it, if the kernel is a template
+        head = text[:m.start()]
+        params = None
+        tpl = head.rfind("template")
+        lt = head.find("<", tpl) if tpl >= 0 else -1
+        gt = _balanced(head, lt, "<", ">") if lt >= 0 else -1
+        if gt > 0 and re.fullmatch(r"(?:\s|__global__|void)*", head[gt:]):
+            params = head[lt + 1:gt - 1]
+        found[name.group(1)] = (params, expr)
+    return found
+
+
+def _launch_bounds_code(source: Path, names: Sequence[str]) -> tuple[dict[str, str], str]:
+    """C++ that evaluates each kernel's ``__launch_bounds__`` thread count, and its uses."""
     try:
-        value = eval(expr.replace("/", "//"), {"__builtins__": {}}, env)  # noqa: S307 - integers only
-    except Exception:
-        return None
-    return int(value) if isinstance(value, int) else None
+        decls = _launch_bounds_declarations(source.read_text())
+    except OSError:
+        return {}, ""
+    values, code = {}, []
+    for i, name in enumerate(names):
+        base = name.split("<", 1)[0].split("::")[-1].strip()
+        if base not in decls:
+            continue
+        params, expr = decls[base]
+        var = f"cuemu_launch_bounds_{i}"
+        if params is None and "<" not in name:
+            code.append(f"constexpr long long {var} = (long long)({expr});")
+            values[name] = var
+        elif params is not None and "<" in name:
+            args = name[name.index("<") + 1:name.rindex(">")]
+            code.append(f"template <{params}> constexpr long long {var} = (long long)({expr});")
+            values[name] = f"{var}<{args}>"
+    return values, "\n".join(code) + ("\n" if code else "")
 
 
 # --------------------------------------------------------------------- cache of modules

@@ -637,6 +637,14 @@ def test_no_read_before_the_start_of_any_array(kernel_modules, monkeypatch, op):
 
 
 # --------------------------------------------------------------------- coverage
+def test_launch_bounds_are_known_and_respected_by_cuda_launch(kernel_modules):
+    """Every instantiation's __launch_bounds__ is read (so launches above it fail)."""
+    for file, module in kernel_modules.items():
+        for name in cuda_launch.name_expressions(file):
+            assert module.get_function(name).launch_bounds, f"{file}: no __launch_bounds__ read for {name}"
+
+
+
 def test_every_kernel_instantiation_is_launched(kernel_modules):
     """A compact sweep that launches every instantiation listed by cuda_launch, checked as above."""
     emu.launched.clear()

@@ -874,12 +874,13 @@ struct KernelEntry {
   void (*invoke)(void (*)(), void**);
   int nparams;
   const ParamInfo* params;
+  long long launch_bounds;  // maxThreadsPerBlock of __launch_bounds__, 0 when unknown
 };
 
 template <class... A>
-KernelEntry make_entry(void (*fn)(A...), const char* name) {
+KernelEntry make_entry(void (*fn)(A...), const char* name, long long launch_bounds = 0) {
   return KernelEntry{name, reinterpret_cast<void (*)()>(fn), &Signature<A...>::invoke,
-                     static_cast<int>(sizeof...(A)), Signature<A...>::info};
+                     static_cast<int>(sizeof...(A)), Signature<A...>::info, launch_bounds};
 }
 
 }  // namespace cuemu
@@ -1150,7 +1151,9 @@ template <class T> inline void __stwt(T* p, T v) { *p = v; }
 
 // ---------------------------------------------------------------- launch entry points
 // The build appends, after the kernel source, a table
-//   extern "C" const cuemu::KernelEntry cuemu_kernels[] = {cuemu::make_entry(&k<float>, "k<float>"), ...};
+//   extern "C" const cuemu::KernelEntry cuemu_kernels[] = {cuemu::make_entry(&k<float>, "k<float>", lb), ...};
+// where lb is the kernel's __launch_bounds__ thread count, evaluated by the compiler from
+// the expression the build copies out of the source (0 when it cannot).
 //   extern "C" const int cuemu_num_kernels = N;
 extern "C" {
 extern const cuemu::KernelEntry cuemu_kernels[];
@@ -1163,6 +1166,9 @@ __attribute__((visibility("default"), used)) int cuemu_kernel_param(int i, int j
   *kind = cuemu_kernels[i].params[j].kind;
   *size = cuemu_kernels[i].params[j].size;
   return 0;
+}
+__attribute__((visibility("default"), used)) long long cuemu_kernel_launch_bounds(int i) {
+  return cuemu_kernels[i].launch_bounds;
 }
 __attribute__((visibility("default"), used)) uint64_t cuemu_max_dynamic_smem() { return cuemu::kMaxDynamicSmem; }
 
