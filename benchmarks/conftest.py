@@ -55,7 +55,7 @@ def _asked_for_here(config: pytest.Config) -> bool:
     base = Path(config.invocation_params.dir)
     for arg in config.args:
         path = (base / arg.split("::", 1)[0]).resolve()
-        if path == HERE or HERE in path.parents or path in HERE.parents:
+        if path == HERE or HERE in path.parents:
             return True
     return False
 
@@ -63,9 +63,9 @@ def _asked_for_here(config: pytest.Config) -> bool:
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
     """Collect ``bench_*.py`` here (pytest's own pattern is ``test_*.py``).
 
-    Only when the run was asked for benchmarks: ``pytest benchmarks/``, a
-    file in it, or a folder above it. A file named on the command line is
-    collected by pytest itself already.
+    Only when the run was asked for benchmarks: ``pytest benchmarks/`` or a
+    file in it (``pytest .`` runs the tests, not the benchmarks). A file
+    named on the command line is collected by pytest itself already.
     """
     if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
         return None
