@@ -1,0 +1,448 @@
+"""The CuPy backend: every op a hand-written CUDA kernel from ``kernels/*.cu``.
+
+Each ``kernels/<file>.cu`` becomes one ``cupy.RawModule``, compiled by NVRTC
+the first time one of its kernels is needed (CuPy also caches the binary on
+disk) with every template instantiation listed by
+:func:`nnfast.backends.cuda_launch.name_expressions`. The op methods below are
+thin: they allocate the outputs, ask :mod:`~nnfast.backends.cuda_launch` for
+the instantiation and launch configuration, and launch. Arguments were
+already validated by :class:`~nnfast.backends.base.Backend`.
+
+Importing this module never imports CuPy; :func:`cupy_unavailable_reason`
+says, without raising, why the backend cannot run on this machine.
+
+Bad labels in the cross-entropy are detected on the device (a flag written by
+the kernel, never a device-side assert, so the CUDA context stays usable) and
+raised as ``ValueError`` when the result is first read: when the returned loss
+is converted to a host value, by :meth:`CupyBackend.to_numpy` or
+:meth:`CupyBackend.synchronize`, or by the next cross-entropy call once the
+earlier one has finished.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from . import cuda_launch
+from .base import Backend, bad_label_error, saves_input
+
+_INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
+
+
+def _cuda_version(v: int) -> str:
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+@functools.lru_cache(maxsize=1)
+def cupy_unavailable_reason() -> str | None:
+    """Why the CuPy backend cannot run here (CuPy missing, no driver, no device...), or None.
+
+    Never raises. Imports CuPy on first call only.
+    """
+    try:
+        import cupy
+    except ImportError as err:
+        return f"CuPy is not installed ({err}); install it with: {_INSTALL_HINT}"
+    except Exception as err:  # a broken installation raises anything
+        return f"CuPy failed to import ({type(err).__name__}: {err}); reinstall it with: {_INSTALL_HINT}"
+    try:
+        runtime = cupy.cuda.runtime
+        try:
+            driver = runtime.driverGetVersion()
+        except Exception:
+            driver = 0
+        if driver == 0:
+            return ("no NVIDIA driver found (the CUDA driver library could not be loaded); "
+                    "this machine needs an NVIDIA GPU with its driver installed")
+        built = runtime.runtimeGetVersion()
+        try:
+            count = runtime.getDeviceCount()
+        except runtime.CUDARuntimeError as err:
+            text = str(err)
+            if "InsufficientDriver" in text:
+                return (f"the NVIDIA driver is too old: it supports CUDA {_cuda_version(driver)} but this "
+                        f"CuPy needs CUDA {_cuda_version(built)}; update the driver or install the CuPy "
+                        f"build for your CUDA version: {_INSTALL_HINT}")
+            if "NoDevice" in text:
+                return "no CUDA device found (CuPy and the driver are installed, but no GPU answers)"
+            return f"CUDA is not usable: {text}"
+        if count < 1:
+            return "no CUDA device found (CuPy and the driver are installed, but no GPU answers)"
+        try:
+            from cupy_backends.cuda.libs import nvrtc
+
+            nvrtc.getVersion()
+        except Exception as err:
+            return (f"the NVRTC runtime compiler is missing ({err}); install it with: "
+                    "pip install nvidia-cuda-nvrtc-cu12 (or nvidia-cuda-nvrtc for CUDA 13)")
+        cupy.cuda.Device(0).compute_capability  # the device answers
+    except Exception as err:
+        return f"CUDA is not usable: {type(err).__name__}: {err}"
+    return None
+
+
+# --------------------------------------------------------------------- modules
+_modules: dict[str, Any] = {}
+_functions: dict[tuple[str, str], Any] = {}
+_modules_lock = threading.Lock()
+
+
+def _function(file: str, kernel: str) -> Any:
+    """The compiled kernel ``kernel`` (a name expression) of ``kernels/<file>``."""
+    fn = _functions.get((file, kernel))
+    if fn is not None:
+        return fn
+    with _modules_lock:
+        module = _modules.get(file)
+        if module is None:
+            import cupy
+
+            module = cupy.RawModule(
+                code=cuda_launch.load_source(file),
+                options=cuda_launch.COMPILE_OPTIONS,
+                name_expressions=cuda_launch.name_expressions(file),
+            )
+            _modules[file] = module
+        fn = module.get_function(kernel)
+        _functions[(file, kernel)] = fn
+    return fn
+
+
+def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
+    _function(launch.file, launch.kernel)(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+
+
+_NULL = np.uint64(0)
+
+
+def _ptr(a: Any) -> int:
+    return 0 if a is None else a.data.ptr
+
+
+def _arg(a: Any) -> Any:
+    """An array argument, or a null pointer for None."""
+    return _NULL if a is None else a
+
+
+def _aligned(*arrays: Any) -> bool:
+    return cuda_launch.is_aligned(*(_ptr(a) for a in arrays if a is not None))
+
+
+class _PendingLabelCheck:
+    """The device flag of one cross-entropy call, checked before a value is read."""
+
+    __slots__ = ("info", "labels", "rows", "classes", "ignore_index", "event")
+
+    def __init__(self, info: Any, labels: Any, rows: int, classes: int, ignore_index: int, event: Any):
+        self.info, self.labels, self.rows = info, labels, rows
+        self.classes, self.ignore_index, self.event = classes, ignore_index, event
+
+    def raise_if_bad(self) -> None:
+        first_bad = int(self.info[0].get())
+        if first_bad < self.rows:
+            label = int(self.labels[first_bad].get())
+            raise bad_label_error(label, first_bad, self.classes, self.ignore_index)
+
+
+_checked_class: Any = None
+
+
+def _checked_array_class(cupy: Any) -> Any:
+    """A ``cupy.ndarray`` subclass that raises a pending label error before its value is read."""
+    global _checked_class
+    if _checked_class is not None:
+        return _checked_class
+
+    class CheckedArray(cupy.ndarray):
+        """Loss array of the cross-entropy: reading it first checks the labels were valid."""
+
+        def __array_finalize__(self, obj: Any) -> None:
+            self._nnfast_backend = getattr(obj, "_nnfast_backend", None)
+
+        def _nnfast_check(self) -> None:
+            backend = getattr(self, "_nnfast_backend", None)
+            if backend is not None:
+                backend._check_pending()
+
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            self._nnfast_check()
+            return super().get(*args, **kwargs)
+
+        def item(self) -> Any:
+            self._nnfast_check()
+            return super().item()
+
+        def tolist(self) -> Any:
+            self._nnfast_check()
+            return super().tolist()
+
+        def __float__(self) -> float:
+            self._nnfast_check()
+            return super().__float__()
+
+        def __int__(self) -> int:
+            self._nnfast_check()
+            return super().__int__()
+
+        def __bool__(self) -> bool:
+            self._nnfast_check()
+            return super().__bool__()
+
+        def __array__(self, *args: Any, **kwargs: Any) -> Any:
+            self._nnfast_check()
+            return super().__array__(*args, **kwargs)
+
+        def __repr__(self) -> str:
+            self._nnfast_check()
+            return super().__repr__()
+
+        def __str__(self) -> str:
+            self._nnfast_check()
+            return super().__str__()
+
+        def __format__(self, spec: str) -> str:
+            self._nnfast_check()
+            return super().__format__(spec)
+
+    _checked_class = CheckedArray
+    return CheckedArray
+
+
+class CupyBackend(Backend):
+    """Every op a hand-written CUDA kernel (``kernels/*.cu``) launched through CuPy."""
+
+    name = "cupy"
+    xp: Any = None  # set to the cupy module when the backend is created
+
+    #: Pending cross-entropy label checks kept before the oldest is checked synchronously.
+    MAX_PENDING = 64
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.xp = cupy
+        self._cupy = cupy
+        try:
+            self._sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        except Exception:
+            self._sm_count = cuda_launch.DEFAULT_SM_COUNT
+        self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
+        self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+
+    # ------------------------------------------------------------------ arrays
+    def to_numpy(self, a: Any) -> np.ndarray:
+        """Copy ``a`` to the host, after raising any pending bad-label error."""
+        self._check_pending()
+        if isinstance(a, self._cupy.ndarray):
+            return self._cupy.ndarray.get(a)
+        return np.asarray(a)
+
+    def memory_limit(self) -> int | None:
+        """Bytes of memory of the current device."""
+        try:
+            return int(self._cupy.cuda.Device().mem_info[1])
+        except Exception:
+            return None
+
+    def synchronize(self) -> None:
+        """Wait for every queued kernel, then raise any pending bad-label error."""
+        self._cupy.cuda.get_current_stream().synchronize()
+        self._check_pending()
+
+    def _check_pending(self) -> None:
+        """Read every pending cross-entropy flag (oldest first); raise on the first bad label."""
+        while self._pending:
+            check = self._pending.popleft()
+            check.raise_if_bad()
+
+    def _poll_pending(self) -> None:
+        """Check the flags of finished calls without waiting; bound the queue."""
+        while self._pending and (len(self._pending) >= self.MAX_PENDING or self._pending[0].event.done):
+            self._pending.popleft().raise_if_bad()
+
+    def _scalar(self, dtype: Any, value: float) -> Any:
+        return np.dtype(dtype).type(value)
+
+    # ------------------------------------------------------------------ linear
+    def _linear_forward(self, x, W, b, activation, alpha):
+        cp = self._cupy
+        M, K = x.shape
+        N = W.shape[1]
+        y = cp.empty((M, N), dtype=x.dtype)
+        z = cp.empty((M, N), dtype=x.dtype) if saves_input(activation) else None
+        launch = cuda_launch.gemm_launch(M, N, K, x.dtype, activation=activation,
+                                         aligned=_aligned(x, W, y, z), sm_count=self._sm_count)
+        _launch(launch, y, _arg(z), x, W, _arg(b), np.int32(M), np.int32(N), np.int32(K),
+                self._scalar(x.dtype, alpha))
+        return y, (z if z is not None else y)
+
+    def _linear_backward(self, dy, x, W, saved, activation, alpha, has_bias, need_dx):
+        cp = self._cupy
+        M, N = dy.shape
+        K = x.shape[1]
+        dtype = x.dtype
+        identity = activation == "identity"
+        dz = dy if identity else cp.empty((M, N), dtype=dtype)
+        db = cp.empty((N,), dtype=dtype) if has_bias else None
+        if has_bias or not identity:
+            plan = cuda_launch.bias_act_backward_launch(M, N, dtype, activation, has_bias=has_bias,
+                                                        sm_count=self._sm_count)
+            partial = None
+            if has_bias:
+                partial = db if plan.reduce is None else cp.empty((plan.splits, N), dtype=dtype)
+            _launch(plan.main, _NULL if identity else dz, _arg(partial), dy, _NULL if identity else saved,
+                    np.int32(M), np.int32(N), np.int32(plan.rows_per_split), self._scalar(dtype, alpha))
+            if plan.reduce is not None:
+                _launch(plan.reduce, db, partial, np.int32(plan.splits), np.int32(N))
+        zero = self._scalar(dtype, 0.0)
+        # dW[K, N] = x^T @ dz: x is read as the transposed operand in place.
+        dW = cp.empty((K, N), dtype=dtype)
+        launch = cuda_launch.gemm_launch(K, N, M, dtype, trans_a=True, aligned=_aligned(x, dz, dW),
+                                         sm_count=self._sm_count)
+        _launch(launch, dW, _NULL, x, dz, _NULL, np.int32(K), np.int32(N), np.int32(M), zero)
+        dx = None
+        if need_dx:
+            # dx[M, K] = dz @ W^T: W is read as the transposed operand in place.
+            dx = cp.empty((M, K), dtype=dtype)
+            launch = cuda_launch.gemm_launch(M, K, N, dtype, trans_b=True, aligned=_aligned(dz, W, dx),
+                                             sm_count=self._sm_count)
+            _launch(launch, dx, _NULL, dz, W, _NULL, np.int32(M), np.int32(K), np.int32(N), zero)
+        return dx, dW, db
+
+    # ------------------------------------------------------------------ activations
+    def _activation_forward(self, x, activation, alpha):
+        if activation == "identity":
+            return x.copy()
+        y = self._cupy.empty_like(x)
+        launch, vec = cuda_launch.activation_launch(x.size, x.dtype, activation, backward=False,
+                                                    aligned=_aligned(x, y), sm_count=self._sm_count)
+        _launch(launch, y, x, np.int64(x.size), self._scalar(x.dtype, alpha), np.int32(vec))
+        return y
+
+    def _activation_backward(self, dy, saved, activation, alpha):
+        if activation == "identity":
+            return dy.copy()
+        dx = self._cupy.empty_like(dy)
+        launch, vec = cuda_launch.activation_launch(dy.size, dy.dtype, activation, backward=True,
+                                                    aligned=_aligned(dx, dy, saved), sm_count=self._sm_count)
+        _launch(launch, dx, dy, saved, np.int64(dy.size), self._scalar(dy.dtype, alpha), np.int32(vec))
+        return dx
+
+    # ------------------------------------------------------------------ rows
+    def _aligned_rows(self, x: Any) -> Any:
+        # The row kernels need input and output to share their address modulo 16.
+        return x if _aligned(x) else x.copy()
+
+    def _softmax_rows(self, x, log):
+        x = self._aligned_rows(x)
+        y = self._cupy.empty_like(x)
+        rows, cols = x.shape
+        _launch(cuda_launch.softmax_launch(rows, cols, x.dtype, log=log), y, x, np.int32(rows), np.int32(cols))
+        return y
+
+    def _softmax(self, x):
+        return self._softmax_rows(x, False)
+
+    def _log_softmax(self, x):
+        return self._softmax_rows(x, True)
+
+    def _softmax_cross_entropy(self, logits, labels, label_smoothing, ignore_index, reduction):
+        cp = self._cupy
+        self._poll_pending()
+        logits = self._aligned_rows(logits)
+        rows, classes = logits.shape
+        dtype = logits.dtype
+        plan = cuda_launch.cross_entropy_launches(rows, classes, dtype, reduction)
+        # Labels are int64: an ignore_index outside that range matches no label.
+        ignore = np.int64(min(max(ignore_index, -(2**63)), 2**63 - 1))
+        grad = cp.empty_like(logits)
+        row_loss = cp.empty((rows,), dtype=dtype)
+        info = cp.empty((2,), dtype=np.int32)
+        scale = cp.empty((1,), dtype=np.float64)
+        _launch(plan.prepare, info, scale, labels, np.int32(rows), np.int32(classes), ignore,
+                np.int32(plan.reduction_code))
+        _launch(plan.rows, grad, row_loss, logits, labels, scale, np.int32(rows), np.int32(classes),
+                self._scalar(dtype, label_smoothing), self._scalar(dtype, 1.0 / classes), ignore)
+        if plan.reduce is not None:
+            loss = cp.empty((), dtype=dtype)
+            _launch(plan.reduce, loss, row_loss, scale, np.int32(rows))
+        else:
+            loss = row_loss
+        event = cp.cuda.Event(block=False, disable_timing=True)
+        event.record()
+        self._pending.append(_PendingLabelCheck(info, labels, rows, classes, ignore_index, event))
+        return self._checked(loss), grad
+
+    def _checked(self, loss: Any) -> Any:
+        """``loss`` as an array whose host reads raise a pending bad-label error first."""
+        try:
+            checked = loss.view(type=_checked_array_class(self._cupy))
+            checked._nnfast_backend = self
+            return checked
+        except Exception:  # pragma: no cover - an older CuPy without ndarray subclasses
+            return loss
+
+    # ------------------------------------------------------------------ optimizers
+    def _multi_tensor_table(self, kind: str, dtype: Any, tensors: list[list[Any]]) -> tuple[Any, Any, Any, int]:
+        """Device tables (pointers, sizes, chunks) of one multi-tensor launch, cached by address."""
+        ptrs = tuple(_ptr(t) for group in tensors for t in group)
+        sizes = tuple(int(group[0].size) for group in tensors)
+        key = (kind, np.dtype(dtype).str, ptrs, sizes)
+        table = self._tables.get(key)
+        if table is not None:
+            self._tables.move_to_end(key)
+            return table
+        cp = self._cupy
+        chunks = cuda_launch.multi_tensor_chunks(sizes)
+        dev_ptrs = cp.asarray(np.array(ptrs, dtype=np.int64))
+        dev_sizes = cp.asarray(np.array(sizes, dtype=np.int64))
+        dev_chunks = cp.asarray(np.array(chunks, dtype=np.int64).reshape(-1, 2) if chunks
+                                else np.zeros((0, 2), dtype=np.int64))
+        table = (dev_ptrs, dev_sizes, dev_chunks, len(chunks))
+        self._tables[key] = table
+        while len(self._tables) > 16:
+            self._tables.popitem(last=False)
+        return table
+
+    @staticmethod
+    def _by_dtype(*lists: list[Any]) -> dict[Any, list[list[Any]]]:
+        groups: dict[Any, list[list[Any]]] = {}
+        for items in zip(*lists):
+            if items[0].size:
+                groups.setdefault(items[0].dtype, []).append(list(items))
+        return groups
+
+    def _sgd_update(self, params, grads, velocities, lr, momentum, nesterov, weight_decay):
+        if momentum == 0.0:
+            velocities = [None] * len(params)
+        for dtype, tensors in self._by_dtype(params, grads, velocities).items():
+            ptrs, sizes, chunks, count = self._multi_tensor_table("sgd", dtype, tensors)
+            if count == 0:
+                continue
+            t = np.dtype(dtype).type
+            launch = cuda_launch.optimizer_launch("sgd", count, dtype, sm_count=self._sm_count)
+            _launch(launch, ptrs, sizes, chunks, np.int32(count), np.int32(cuda_launch.OPTIM_CHUNK),
+                    t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov)))
+
+    def _adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                     weight_decay, decoupled):
+        step_size = lr / (1.0 - beta1**step)
+        sqrt_bias2 = math.sqrt(1.0 - beta2**step)
+        for dtype, tensors in self._by_dtype(params, grads, exp_avgs, exp_avg_sqs).items():
+            ptrs, sizes, chunks, count = self._multi_tensor_table("adam", dtype, tensors)
+            if count == 0:
+                continue
+            t = np.dtype(dtype).type
+            launch = cuda_launch.optimizer_launch("adam", count, dtype, sm_count=self._sm_count)
+            _launch(launch, ptrs, sizes, chunks, np.int32(count), np.int32(cuda_launch.OPTIM_CHUNK),
+                    t(lr), t(beta1), t(beta2), t(eps), t(weight_decay), np.int32(bool(decoupled)),
+                    t(step_size), t(sqrt_bias2))
+
+
+__all__ = ["CupyBackend", "cupy_unavailable_reason"]
