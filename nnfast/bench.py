@@ -843,8 +843,8 @@ def run(args: argparse.Namespace) -> int:
     load = _load_average()
     cpus = os.cpu_count() or 1
     if load is not None and load > 0.5 * cpus:
-        notes.append(f"the machine is busy (load average {load:.1f} on {cpus} CPUs): figures will be noisy, "
-                     "multi-threaded ones most; --threads 1 gives steadier ratios")
+        hint = "" if threads == 1 else ", multi-threaded ones most; --threads 1 gives steadier ratios"
+        notes.append(f"the machine is busy (load average {load:.1f} on {cpus} CPUs): figures will be noisy{hint}")
 
     restore = ThreadLimits(threads, torch, notes) if threads is not None else None
     try:
