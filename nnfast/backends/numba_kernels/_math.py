@@ -58,6 +58,8 @@ _P5 = _f(5.0000001201e-1)
 _HALF32 = _f(0.5)
 _ONE32 = _f(1.0)
 _ZERO32 = _f(0.0)
+_BIAS32 = _f(127.0)
+_MANT32 = _f(8388608.0)
 
 _ERF_CLAMP = _f(4.0)
 _A1, _A3, _A5, _A7 = _f(-1.60960333262415e-02), _f(-2.95459980854025e-03), _f(-7.34990630326855e-04), _f(-5.69250639462346e-05)
@@ -66,7 +68,7 @@ _B0, _B2, _B4 = _f(-1.42647390514189e-02), _f(-7.37332916720468e-03), _f(-1.6828
 _B6, _B8 = _f(-2.13374055278905e-04), _f(-1.45660718464996e-05)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _exp32(x):
     xc = min(max(x, _EXP_LO), _EXP_HI)
     n = np.floor(xc * _LOG2E + _HALF32)
@@ -78,11 +80,13 @@ def _exp32(x):
     p = p * r + _P4
     p = p * r + _P5
     y = p * (r * r) + r + _ONE32
-    y = y * f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    # 2^n from its bit pattern; (n + 127) * 2^23 stays in int32 end to end
+    # (an int64 shift would halve the vector width).
+    y = y * f32_from_bits(np.int32((n + _BIAS32) * _MANT32))
     return y if x > _EXP_LO else _ZERO32
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _erf32(x):
     xc = min(max(x, -_ERF_CLAMP), _ERF_CLAMP)
     x2 = xc * xc

@@ -162,6 +162,23 @@ def vlane(typingctx, v, i):
     return v.dtype(v, i), codegen
 
 
+@intrinsic
+def prefetch(typingctx, arr, idx):
+    """Hint the cache line holding ``arr[idx]`` into L1 for writing (``prefetchw``)."""
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_ptr(context, builder, sig.args[0], args[0], args[1])
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                          ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, idx), codegen
+
+
 # ------------------------------------------------------------- bit casts
 @intrinsic
 def f32_from_bits(typingctx, i):
@@ -185,5 +202,5 @@ def f64_from_bits(typingctx, i):
     return types.float64(i), codegen
 
 
-__all__ = ["SimdType", "vload", "vstore", "vbroadcast", "vzero", "vfma", "vadd", "vrelu", "vmax", "vlane",
+__all__ = ["SimdType", "vload", "vstore", "vbroadcast", "vzero", "vfma", "vadd", "vrelu", "vmax", "vlane", "prefetch",
            "f32_from_bits", "f64_from_bits", "cgutils"]

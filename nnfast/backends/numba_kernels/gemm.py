@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import IDENTITY, RELU, act_fwd
-from ._simd import vadd, vbroadcast, vfma, vload, vrelu, vstore, vzero
+from ._simd import prefetch, vadd, vbroadcast, vfma, vload, vrelu, vstore, vzero
 
 #: Rows of the register tile.
 MR = 6
@@ -96,6 +96,11 @@ def _micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, re
     c41 = vzero(T)
     c50 = vzero(T)
     c51 = vzero(T)
+    if direct:
+        # The C tile is touched only after the K loop: start fetching it now.
+        for r in range(MR):
+            prefetch(Cf, coff + r * ldc)
+            prefetch(Cf, coff + r * ldc + 2 * h - 1)
     pa = aoff
     pb = boff
     for _ in range(kc):

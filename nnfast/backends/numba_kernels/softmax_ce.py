@@ -22,9 +22,9 @@ outside ``[0, C)`` that is not ``ignore_index`` stops the kernel before any
 row is read, and the wrapper raises ``base.bad_label_error``. A label is
 never used as an index unless it is in range.
 
-``fastmath``: only ``reassoc`` (+ ``contract``), only in the row-statistics
-function, so that LLVM can vectorise the sum of exponentials and of ``x``
-with partial sums; it changes the summation order (float64: ~1e-16 relative).
+``fastmath``: only ``reassoc`` (+ ``contract``), only in the two inner block
+loops, so that LLVM can vectorise the sums of exponentials and of ``x`` with
+partial sums; it changes the summation order (float64: ~1e-16 relative).
 No ``nnan`` / ``ninf``: a NaN or inf logit propagates to the loss as in NumPy.
 """
 
@@ -77,35 +77,60 @@ def _block_max(x, lo, hi):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _block_sums(x, lo, hi, m):
-    """(sum(exp(x - m)), sum(x)) over x[lo:hi]."""
+def _block_exp(x, e, lo, hi, m):
+    """e[lo:hi] = exp(x[lo:hi] - m); returns (sum of those, sum(x[lo:hi]))."""
     s = like(m, 0.0)
     sx = like(m, 0.0)
     xs = x[lo:hi]
+    es = e[lo:hi]
     for k in range(xs.size):
         v = xs[k]
-        s += fexp(v - m)
+        ev = fexp(v - m)
+        es[k] = ev
+        s += ev
         sx += v
     return s, sx
 
 
 @njit(cache=True, error_model="numpy")
-def row_stats(x):
-    """(max, sum(exp(x - max)), sum(x)) of a row in one online sweep."""
+def row_exp(x, e, mb):
+    """Online softmax sweep over one row.
+
+    Writes ``e = exp(x - m_b)`` where ``m_b`` is the running maximum when
+    block ``b`` was reached (kept in ``mb[b]``), and returns the row maximum
+    ``M``, ``s = sum(exp(x - M))`` and ``sum(x)``. ``e * exp(mb[b] - M)`` is
+    then ``exp(x - M)``: the second sweep needs no exp per element.
+    """
     n = x.size
     m = x[0]
     s = like(m, 0.0)
     sx = like(m, 0.0)
+    b = 0
     for lo in range(0, n, BLOCK):
         hi = min(n, lo + BLOCK)
         bm = _block_max(x, lo, hi)
         if bm > m:
             s *= fexp(m - bm)
             m = bm
-        bs, bx = _block_sums(x, lo, hi, m)
+        bs, bx = _block_exp(x, e, lo, hi, m)
         s += bs
         sx += bx
+        mb[b] = m
+        b += 1
     return m, s, sx
+
+
+@njit(cache=True, error_model="numpy", fastmath=_FM)
+def _rescale(e, mb, m, mul, sub):
+    """e = e * exp(mb[b] - m) * mul - sub, block by block."""
+    n = e.size
+    b = 0
+    for lo in range(0, n, BLOCK):
+        es = e[lo:min(n, lo + BLOCK)]
+        f = fexp(mb[b] - m) * mul
+        for k in range(es.size):
+            es[k] = es[k] * f - sub
+        b += 1
 
 
 @njit(cache=True, error_model="numpy")
@@ -125,6 +150,7 @@ def scan_labels(labels, classes, ignore_index, use_ignore):
 @njit(cache=True, error_model="numpy")
 def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss, grad):
     classes = logits.shape[1]
+    mb = np.empty((classes + BLOCK - 1) // BLOCK, logits.dtype)
     for i in range(r0, r1):
         x = logits[i]
         g = grad[i]
@@ -139,13 +165,10 @@ def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss,
                 g[j] = np.nan
             loss[i] = np.nan
             continue
-        m, s, sx = row_stats(x)
+        m, s, sx = row_exp(x, g, mb)
         lse = np.float64(m) + math.log(np.float64(s))
         loss[i] = lse - (1.0 - eps) * np.float64(x[y]) - eps * np.float64(sx) / classes
-        inv = like(m, 1.0) / s * like(m, scale)
-        off = like(m, eps / classes * scale)
-        for j in range(classes):
-            g[j] = fexp(x[j] - m) * inv - off
+        _rescale(g, mb, m, like(m, 1.0) / s * like(m, scale), like(m, eps / classes * scale))
         g[y] -= like(m, (1.0 - eps) * scale)
 
 
@@ -183,18 +206,17 @@ def softmax_cross_entropy(logits, labels, label_smoothing, ignore_index, reducti
 
 @njit(cache=True, error_model="numpy")
 def _softmax_rows(x, r0, r1, out, log):
+    mb = np.empty((x.shape[1] + BLOCK - 1) // BLOCK, x.dtype)
     for i in range(r0, r1):
         row = x[i]
         o = out[i]
-        m, s, _ = row_stats(row)
+        m, s, _ = row_exp(row, o, mb)
         if log:
-            ls = like(m, math.log(np.float64(s)))
+            shift = m + like(m, math.log(np.float64(s)))
             for j in range(row.size):
-                o[j] = (row[j] - m) - ls
+                o[j] = row[j] - shift
         else:
-            inv = like(m, 1.0) / s
-            for j in range(row.size):
-                o[j] = fexp(row[j] - m) * inv
+            _rescale(o, mb, m, like(m, 1.0) / s, like(m, 0.0))
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
