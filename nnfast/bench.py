@@ -1303,7 +1303,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     left.set_yticklabels(labels, fontsize=7)
     left.invert_yaxis()
     fig.suptitle(f"nnfast bench · {report['created'][:10]} · {machine_line(report)}", fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.4 / height))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
