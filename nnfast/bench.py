@@ -38,6 +38,8 @@ Machine limits, measured in the same run
 * GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes (4096³
   for the training step), and a device-to-device ``cupy.copyto`` of 256 MiB.
 
+Each row's limit is sampled in the same rounds as the row's kernels; the
+report's run-level limits (GEMM 1024³, memory copy) are measured once, first.
 The fraction of the limit is the kernel's rate divided by the limit's rate.
 Memory-bound kernels on small shapes run from cache, so their fraction of
 the DRAM copy rate can exceed 1; that is a property of the shape, not an
