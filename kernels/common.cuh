@@ -203,18 +203,26 @@ struct Act<T, ACT_GELU> {
     }
 };
 
+// 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), evaluated through
+// 1 + tanh(u) = 2 sigmoid(2u) and 1 - tanh(u)^2 = 4 sigmoid(2u) sigmoid(-2u),
+// which do not cancel where tanh(u) rounds to -1 (x below about -4).
 template <typename T>
 struct Act<T, ACT_GELU_TANH> {
-    static __device__ __forceinline__ T fwd(T x, T) {
-        const T inner = Constants<T>::sqrt_2_over_pi() * (x + Constants<T>::gelu_tanh_c() * x * x * x);
-        return T(0.5) * x * (T(1) + m_tanh(inner));
+    static __device__ __forceinline__ T two_u(T x) {
+        return T(2) * Constants<T>::sqrt_2_over_pi() * (x + Constants<T>::gelu_tanh_c() * x * x * x);
     }
-    static __device__ __forceinline__ T grad(T x, T) {
-        const T c = Constants<T>::gelu_tanh_c();
-        const T inner = Constants<T>::sqrt_2_over_pi() * (x + c * x * x * x);
-        const T t = m_tanh(inner);
-        const T d_inner = Constants<T>::sqrt_2_over_pi() * (T(1) + T(3) * c * x * x);
-        return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * d_inner;
+    static __device__ __forceinline__ T fwd(T x, T) { return x * sigmoid(two_u(x)); }
+    // Beyond |x| = 10 the derivative is exactly 1 or 0; x is clipped there so
+    // that x * x * sigmoid(2u) * sigmoid(-2u) never becomes inf * 0.
+    static __device__ __forceinline__ T grad(T x_in, T) {
+        const T x = x_in > T(10) ? T(10) : (x_in < T(-10) ? T(-10) : x_in);  // NaN stays NaN
+        const T u2 = two_u(x);
+        const T e = m_exp(-m_abs(u2));
+        const T r = rcp_1_2(T(1) + e);
+        const T s_pos = u2 >= T(0) ? r : e * r;  // sigmoid(2u)  = (1 + tanh u) / 2
+        const T s_neg = u2 >= T(0) ? e * r : r;  // sigmoid(-2u) = (1 - tanh u) / 2
+        const T d_u = Constants<T>::sqrt_2_over_pi() * (T(1) + T(3) * Constants<T>::gelu_tanh_c() * x * x);
+        return s_pos + T(2) * x * s_pos * s_neg * d_u;
     }
 };
 
@@ -230,9 +238,9 @@ struct Act<T, ACT_SILU> {
 template <typename T>
 struct Act<T, ACT_SOFTPLUS> {
     // log(1 + e^x), linear above the threshold (PyTorch, beta 1, threshold 20).
+    // NaN propagates (fmin would turn it into the threshold).
     static __device__ __forceinline__ T fwd(T x, T) {
-        const T th = Constants<T>::softplus_threshold();
-        return x > th ? x : m_log1p(m_exp(m_min(x, th)));
+        return x > Constants<T>::softplus_threshold() ? x : m_log1p(m_exp(x));
     }
     static __device__ __forceinline__ T grad(T x, T) {
         return x > Constants<T>::softplus_threshold() ? T(1) : sigmoid(x);
@@ -242,7 +250,7 @@ struct Act<T, ACT_SOFTPLUS> {
 template <typename T>
 struct Act<T, ACT_ELU> {
     static __device__ __forceinline__ T fwd(T x, T alpha) {
-        return x > T(0) ? x : alpha * m_expm1(m_min(x, T(0)));
+        return x > T(0) ? x : alpha * m_expm1(x);  // NaN propagates
     }
     // For x <= 0, alpha * e^x = y + alpha.
     static __device__ __forceinline__ T grad(T y, T alpha) { return y > T(0) ? T(1) : y + alpha; }

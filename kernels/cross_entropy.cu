@@ -110,7 +110,9 @@ ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ lo
     if (lane_id == 0) {
         const T nll = (acc.m - xr[label]) + log_s;
         const T smooth = (acc.m - acc.sx * inv_classes) + log_s;
-        row_loss[row] = (T(1) - smoothing) * nll + smoothing * smooth;
+        // Without smoothing the smooth term is left out, not multiplied by 0:
+        // a logit spread beyond the float range makes it inf, and 0 * inf is NaN.
+        row_loss[row] = smoothing != T(0) ? (T(1) - smoothing) * nll + smoothing * smooth : nll;
     }
 
     CeGrad<T> g;
