@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 
+import hypothesis
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -558,6 +559,65 @@ def test_optimizers_many_chunks(gpu, dtype, kind):
             results.append([backend.to_numpy(a) for k in "pmv" for a in t[k]])
         for j, (g, e) in enumerate(zip(*results[::-1])):
             _assert_close(g, e, 1, dtype, f"{kind} {opts} tensor {j}")
+
+
+# Defects these tests found in the kernels, reported to their owner. Expected failures, not
+# strict: a test passes again by itself once the kernel is fixed, and its entry goes.
+ADAM_ONE_MINUS_BETA = (
+    "kernels/optim.cu adam_multi computes (T(1) - beta2) on the device from the float32-rounded beta2: "
+    "catastrophic cancellation gives exp_avg_sq a relative error of 1.3e-5 for beta2 = 0.999 (1.7e-4 for "
+    "0.9999) against 4e-8 for the reference and torch, which form 1 - beta2 in double on the host")
+
+
+@pytest.mark.xfail(reason=ADAM_ONE_MINUS_BETA, strict=False)
+def test_adam_second_moment_is_as_precise_as_the_reference(gpu):
+    g = np.array([64.0, -30.0, 100.0, 0.5], np.float32)
+    exact = (1.0 - 0.9999) * g.astype(np.float64) ** 2
+    states = []
+    for backend in (REFERENCE, gpu):
+        p, m, v = (backend.zeros(4, np.float32) for _ in range(3))
+        backend.adam_update([p], [backend.asarray(g.copy())], [m], [v], step=1, lr=0.0, beta1=0.0, beta2=0.9999)
+        states.append(backend.to_numpy(v))
+    ref_err, gpu_err = (float(np.abs(v / exact - 1).max()) for v in states)
+    assert ref_err < 1e-6
+    assert gpu_err < 1e-6, f"exp_avg_sq relative error {gpu_err:.1e} (reference {ref_err:.1e})"
+
+
+# --------------------------------------------------------------------- the project's property tests
+# tests/test_properties.py's cross-backend properties (extreme values, NaN propagation,
+# comparison with the reference) run on the CuPy backend on the emulation.
+GELU_TANH_REFERENCE = (
+    "reference, not kernel: numpy_backend's float32 gelu_tanh derivative forms 0.5 * (1 + tanh(u)) and "
+    "cancels for x < -4 (absolute error ~1e-6, above the test's atol); the kernel's value is the closer one "
+    "to the float64 sigmoid(2u) + 0.5 x sech^2(u) u' there")
+PROPERTY_CASES = (
+    [pytest.param("test_activation_matches_reference", (a,),
+                  marks=[pytest.mark.xfail(reason=GELU_TANH_REFERENCE, strict=False)] if a == "gelu_tanh" else [])
+     for a in ACTIVATIONS]
+    + [("test_activation_finite_in_finite_out", (a,)) for a in ACTIVATIONS]
+    + [("test_activation_propagates_nan", (a,)) for a in ACTIVATIONS]
+    + [("test_linear_matches_reference", (a,)) for a in ACTIVATIONS]
+    + [("test_softmax_matches_reference", ("softmax",)), ("test_softmax_matches_reference", ("log_softmax",)),
+       ("test_softmax_rows_are_distributions", ()), ("test_cross_entropy_matches_reference", ()),
+       ("test_cross_entropy_is_never_nan", ()), ("test_optimizer_update_matches_reference", ("sgd",)),
+       pytest.param("test_optimizer_update_matches_reference", ("adam",),
+                    marks=pytest.mark.xfail(reason=ADAM_ONE_MINUS_BETA, strict=False))]
+)
+
+
+@pytest.mark.parametrize("test_name,args", PROPERTY_CASES)
+def test_property_suite_on_the_emulated_gpu(kernel_modules, monkeypatch, test_name, args):
+    props = pytest.importorskip("test_properties")
+    test = getattr(props, test_name, None)
+    if test is None or not hasattr(props, "backend_for"):
+        pytest.skip(f"tests/test_properties.py has no {test_name} (or no backend_for) any more")
+    inner = getattr(test, "_hypothesis_internal_use_settings", None)
+    if inner is not None:  # the same examples on every run: CI stays deterministic
+        monkeypatch.setattr(test, "_hypothesis_internal_use_settings",
+                            hypothesis.settings(inner, derandomize=True, database=None))
+    with emu.emulated_cupy_backend() as gpu:
+        monkeypatch.setattr(props, "backend_for", lambda name: gpu if name == "cupy-emulated" else backend_for(name))
+        test("cupy-emulated", *args)
 
 
 # --------------------------------------------------------------------- random shapes
