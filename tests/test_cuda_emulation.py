@@ -506,6 +506,20 @@ def test_cross_entropy_bad_label_sets_the_error_flag(gpu, dtype, bad):
         _assert_close(gpu.to_numpy(loss), REFERENCE.softmax_cross_entropy(logits, labels)[0], cols, dtype, "ce")
 
 
+def test_bad_label_is_raised_by_the_next_call_or_synchronize(gpu):
+    logits = gpu.asarray(np.random.default_rng(16).standard_normal((4, 3)).astype(np.float32))
+    bad = gpu.asarray(np.array([0, 1, 7, 2]))
+    good = gpu.asarray(np.array([0, 1, 2, 2]))
+    gpu.softmax_cross_entropy(logits, bad)  # nothing read: the flag stays pending
+    with pytest.raises(ValueError, match="got 7 at row 2"):
+        gpu.softmax_cross_entropy(logits, good)  # the earlier call has finished: checked first
+    gpu.softmax_cross_entropy(logits, bad, reduction="none")
+    with pytest.raises(ValueError, match="got 7 at row 2"):
+        gpu.synchronize()
+    loss, _ = gpu.softmax_cross_entropy(logits, good)
+    assert np.isfinite(gpu.to_numpy(loss))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy_more_rows_than_the_prepare_and_reduce_blocks(gpu, dtype):
     # ce_prepare and ce_reduce are one block of 512 threads: 1100 rows loop over it twice.
