@@ -43,11 +43,11 @@ class SoftmaxCrossEntropy:
     def __call__(self, logits: Any, labels: Any) -> tuple[Any, Any]:
         backend = self.backend
         if not backend.is_native(logits):
-            logits = backend.asarray(logits)
+            logits = backend.asarray(logits, arg="logits")
         if logits.dtype.kind != "f":
             raise TypeError(f"logits: expected floating-point data, got dtype {logits.dtype}")
         if not backend.is_native(labels):
-            labels = backend.asarray(labels)
+            labels = backend.asarray(labels, arg="labels")
         if labels.dtype.kind == "b" or (labels.dtype.kind not in "iu" and labels.size):
             raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if labels.dtype.kind not in "iu":  # an empty list comes in as float64
