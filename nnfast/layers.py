@@ -439,6 +439,7 @@ class MLP(Sequential):
             raise ValueError(f"sizes: expected a list of at least 2 layer sizes, got {sizes!r}")
         for i, s in enumerate(sizes):
             _check_positive_int(s, f"sizes[{i}]")
+        resolve_activation(activation)  # checked even when no hidden layer uses it
         rng = _rng(seed)
         _check_weights_fit(list(zip(sizes[:-1], sizes[1:])), _check_dtype(dtype), f"sizes: MLP({sizes})")
         last = len(sizes) - 2
