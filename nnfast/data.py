@@ -69,9 +69,17 @@ _IDX_FILES = {
 }
 
 
+def _as_path(path: str | os.PathLike) -> Path:
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"data: expected a path (str or os.PathLike), got {type(path).__name__}")
+    return Path(path)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (raw or ``.gz``) of unsigned bytes into an array."""
-    path = Path(path)
+    path = _as_path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -130,7 +138,7 @@ def load_path(path: str | os.PathLike) -> Dataset:
     An ``.npz`` must hold ``x_train``, ``y_train``, ``x_test``, ``y_test`` (the
     layout of Keras' ``mnist.npz``). Pixel values are scaled to ``[0, 1]``.
     """
-    path = Path(path)
+    path = _as_path(path)
     if not path.exists():
         raise ValueError(f"data: {str(path)!r} does not exist")
     if path.is_dir():
