@@ -230,32 +230,37 @@ def _pack_a(A, trans, i0, mc, p0, kc, Ap):
 def _pack_b(B, trans, p0, kc, j0, nc, Bp):
     """Bp[(jp*kc + p)*NR + c] = op(B)[p0 + p, j0 + jp*NR + c], columns past nc zeroed."""
     NR = _nr(Bp)
-    for jp in range((nc + NR - 1) // NR):
-        base = jp * kc * NR
-        cols = min(NR, nc - jp * NR)
-        jj = j0 + jp * NR
-        if trans:  # op(B)[p, j] = B[j, p]: read rows of B, write with stride NR
+    h = NR // 2
+    full = nc // NR  # panels without padding
+    if trans:  # op(B)[p, j] = B[j, p]: read rows of B, write with stride NR
+        for jp in range((nc + NR - 1) // NR):
+            base = jp * kc * NR
+            cols = min(NR, nc - jp * NR)
             for c in range(cols):
-                src = B[jj + c, p0:p0 + kc]
+                src = B[j0 + jp * NR + c, p0:p0 + kc]
                 for p in range(kc):
                     Bp[base + p * NR + c] = src[p]
             for c in range(cols, NR):
                 for p in range(kc):
                     Bp[base + p * NR + c] = 0
-        elif cols == NR:
-            for p in range(kc):
-                src = B[p0 + p, jj:jj + NR]
-                dst = Bp[base + p * NR:base + (p + 1) * NR]
-                for c in range(NR):
-                    dst[c] = src[c]
-        else:
-            for p in range(kc):
-                src = B[p0 + p]
-                dst = base + p * NR
-                for c in range(cols):
-                    Bp[dst + c] = src[jj + c]
-                for c in range(cols, NR):
-                    Bp[dst + c] = 0
+        return
+    # Row by row: each row segment of B is read once, sequentially, and its
+    # 16-float (two-vector) pieces are scattered to the panels.
+    ldb = B.shape[1]
+    Bf = B.reshape(B.size)
+    for p in range(kc):
+        src = (p0 + p) * ldb + j0
+        for jp in range(full):
+            dst = (jp * kc + p) * NR
+            vstore(Bp, dst, vload(Bf, src + jp * NR))
+            vstore(Bp, dst + h, vload(Bf, src + jp * NR + h))
+        if full * NR < nc:
+            dst = (full * kc + p) * NR
+            cols = nc - full * NR
+            for c in range(cols):
+                Bp[dst + c] = Bf[src + full * NR + c]
+            for c in range(cols, NR):
+                Bp[dst + c] = 0
 
 
 @njit(cache=True, error_model="numpy")
