@@ -237,7 +237,7 @@ def _inputs_digest(source: Path, names: Sequence[str], defines: Sequence[str]) -
             if f.suffix in (".cu", ".cuh", ".h", ".hpp") and f.is_file():
                 h.update(f.name.encode())
                 h.update(f.read_bytes())
-    h.update(str(source.resolve()).encode())
+    h.update(source.name.encode())  # content, not location: copies of kernels/ share builds
     h.update("\0".join(names).encode())
     h.update("\0".join(defines).encode())
     return h.hexdigest()[:24]
@@ -293,7 +293,20 @@ def _alias_assembly(tls: Iterable[str], init: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_build_lock = threading.Lock()
+_CACHE_MAX_AGE_S = 7 * 24 * 3600
+
+
+def _prune_cache() -> None:
+    """Delete builds nobody used for a week (kernel edits leave old ones behind)."""
+    import time
+
+    cutoff = time.time() - _CACHE_MAX_AGE_S
+    for f in _cache_dir().glob("*.so"):
+        try:
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
+        except OSError:
+            pass
 
 
 def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
@@ -307,7 +320,9 @@ def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
     digest = _inputs_digest(source, names, defines)
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
+        os.utime(target)  # recently used: kept by _prune_cache
         return target
+    _prune_cache()
     with tempfile.TemporaryDirectory(prefix="cuemu-build-", dir=_cache_dir()) as tmp:
         tmp = Path(tmp)
         wrap = tmp / "wrap.cpp"
@@ -763,14 +778,18 @@ def make_emulated_cupy(sm_count: int = 132) -> Any:
 
 #: Name expressions launched through the emulation in this process, per kernel file.
 launched: dict[str, set[str]] = {}
+#: Where emulated_function takes the sources from (None: nnfast's kernel directory), and
+#: whether it builds one library per instantiation (fast for a few, as for modified copies).
+_source_override: dict[str, Any] = {"dir": None, "per_kernel": False}
 
 
 def emulated_function(file: str, kernel: str) -> "Kernel":
     """The emulated kernel ``kernel`` of ``kernels/<file>``, built with every instantiation of the file."""
     from nnfast.backends import cuda_launch
 
-    module = load_module(cuda_launch.kernel_dir() / file, cuda_launch.name_expressions(file))
-    fn = module.get_function(kernel)
+    directory = _source_override["dir"] or cuda_launch.kernel_dir()
+    names = [kernel] if _source_override["per_kernel"] else cuda_launch.name_expressions(file)
+    fn = load_module(Path(directory) / file, names).get_function(kernel)
     launched.setdefault(file, set()).add(kernel)
     return fn
 
@@ -796,16 +815,21 @@ class emulated_cupy_backend:
     configuration from ``cuda_launch``, argument packing, the bad-label flag) is
     the backend's own code. ``sm_count`` is the multiprocessor count the
     launcher sees: a small one picks the large GEMM tiles for small shapes.
+    ``kernel_dir``: take the ``.cu`` sources from this directory (a modified copy of
+    ``kernels/``) and build each instantiation on its own when first launched.
     """
 
-    def __init__(self, sm_count: int = 132):
+    def __init__(self, sm_count: int = 132, kernel_dir: str | os.PathLike | None = None):
         self.sm_count = sm_count
+        self.kernel_dir = kernel_dir
 
     def __enter__(self) -> Any:
         from nnfast.backends import cupy_backend
 
         self._module = cupy_backend
-        self._saved = (cupy_backend._function, cupy_backend._checked_class)
+        self._saved = (cupy_backend._function, cupy_backend._checked_class, dict(_source_override))
+        if self.kernel_dir is not None:  # a modified copy of kernels/: build only what runs
+            _source_override.update(dir=Path(self.kernel_dir), per_kernel=True)
         fake = make_emulated_cupy(self.sm_count)
         previous = sys.modules.get("cupy")
         sys.modules["cupy"] = fake
@@ -822,4 +846,6 @@ class emulated_cupy_backend:
         return backend
 
     def __exit__(self, *exc: Any) -> None:
-        self._module._function, self._module._checked_class = self._saved
+        self._module._function, self._module._checked_class, saved = self._saved
+        _source_override.clear()
+        _source_override.update(saved)

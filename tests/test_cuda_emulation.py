@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import re
+import shutil
 
 import hypothesis
 import numpy as np
@@ -708,6 +710,101 @@ def test_no_read_before_the_start_of_any_array(kernel_modules, monkeypatch, op):
             expected = op.run(REFERENCE, copy.deepcopy(sample))
             for g, e in zip(op.run(gpu, copy.deepcopy(sample)), expected):
                 _assert_close(g, e, op.reduction_length(sample), np.float32, f"{op.name} {sample}")
+
+
+# --------------------------------------------------------------------- mutants of the real kernels
+# Each mutant is a copy of kernels/ with one bug put in on purpose: a barrier removed, a bound
+# off by one, a shuffle mask that leaves lanes out. The emulation must catch every one.
+def _function_body(text: str, function: str) -> tuple[int, int]:
+    """(start, end) of the body of the first definition of ``function`` in ``text``."""
+    for m in re.finditer(r"\b" + re.escape(function) + r"\s*\(", text):
+        depth, i = 0, m.end() - 1
+        while i < len(text):  # skip the parameter list
+            depth += text[i] == "("
+            depth -= text[i] == ")"
+            i += 1
+            if depth == 0:
+                break
+        rest = re.match(r"[^;{]*\{", text[i:])
+        if rest is None:
+            continue  # a call or a declaration, not the definition
+        start = i + rest.end() - 1
+        depth, j = 0, start
+        while j < len(text):
+            depth += text[j] == "{"
+            depth -= text[j] == "}"
+            j += 1
+            if depth == 0:
+                return start, j
+    raise LookupError(function)
+
+
+def _mutant(tmp_path, file, function, old, new, occurrence=0):
+    directory = tmp_path / "kernels"
+    shutil.copytree(cuda_launch.kernel_dir(), directory, ignore=shutil.ignore_patterns("testing"))
+    path = directory / file
+    text = path.read_text()
+    try:
+        start, end = _function_body(text, function)
+    except LookupError:
+        pytest.skip(f"mutation site gone: no {function}() in kernels/{file} any more")
+    body = text[start:end]
+    at = -1
+    for _ in range(occurrence + 1):
+        at = body.find(old, at + 1)
+        if at < 0:
+            pytest.skip(f"mutation site gone: {old!r} #{occurrence} not in {function}() of kernels/{file}")
+    path.write_text(text[:start] + body[:at] + new + body[at + len(old):] + text[end:])
+    return directory
+
+
+def _linear_forward(b, rng, shape, activation="identity"):
+    m, k, n = shape
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    W = rng.standard_normal((k, n)).astype(np.float32)
+    return [b.to_numpy(b.linear_forward(b.asarray(x), b.asarray(W), None, activation)[0])]
+
+
+def _linear_backward(b, rng, shape, activation="relu"):
+    m, k, n = shape
+    x, W = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    bias, dy = rng.standard_normal(n).astype(np.float32), rng.standard_normal((m, n)).astype(np.float32)
+    return _linear_case(b, x, W, bias, activation, dy)
+
+
+def _softmax(b, rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32)
+    return [b.to_numpy(b.softmax(b.asarray(x)))]
+
+
+MUTANTS = [
+    # id, file, function, text, replacement, occurrence, run, shape
+    ("gemm-no-barrier-after-first-tile", "linear.cu", "gemm", "__syncthreads();", "", 0, _linear_forward, (37, 20, 45)),
+    ("gemm-no-barrier-per-step", "linear.cu", "gemm", "__syncthreads();", "", 1, _linear_forward, (37, 20, 45)),
+    ("bias-grad-no-barrier", "linear.cu", "bias_act_backward", "__syncthreads();", "", 0, _linear_backward,
+     (40, 8, 12)),
+    ("block-reduce-no-barrier", "common.cuh", "block_max_sum", "__syncthreads();", "", 1, _softmax, (3, 1029)),
+    ("tile-load-off-by-one", "linear.cu", "load", "gx < xmax", "gx <= xmax", 0, _linear_forward, (37, 8, 12)),
+    ("row-tail-off-by-one", "rows.cuh", "row_map", "if (t < n)", "if (t <= n)", 0, _softmax, (4, 8)),
+    ("warp-sum-half-mask", "common.cuh", "warp_sum", "FULL_MASK", "0x0000ffffu", 0, _softmax, (9, 33)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_a_bug_put_into_the_real_kernels_is_caught(tmp_path, mutant):
+    name, file, function, old, new, occurrence, run, shape = mutant
+    directory = _mutant(tmp_path, file, function, old, new, occurrence)
+    expected = run(REFERENCE, np.random.default_rng(17), shape)
+    with emu.emulated_cupy_backend(kernel_dir=directory) as gpu:
+        try:
+            got = run(gpu, np.random.default_rng(17), shape)
+        except emu.EmulationError as err:  # a fault, a divergent collective, ...
+            return print(f"{name}: {err}")
+    wrong = [not np.allclose(g, e, rtol=1e-4, atol=1e-5) for g, e in zip(got, expected)]
+    assert any(wrong), f"{name}: the mutant ran and matched the reference"
+    bad = [np.mean(~np.isclose(g, e, rtol=1e-4, atol=1e-5)) for g, e in zip(got, expected)]
+    print(f"{name}: wrong result ({max(bad):.0%} of an output's elements differ)")
 
 
 # --------------------------------------------------------------------- coverage
