@@ -17,7 +17,7 @@ from numba import njit, prange
 
 from ._math import (ELU, GELU, GELU_TANH, IDENTITY, LEAKY_RELU, RELU, SIGMOID, SILU, SOFTPLUS,
                     TANH, act_grad, elu_fwd, gelu_fwd, gelu_grad, gelu_tanh_fwd, gelu_tanh_grad,
-                    like, sigmoid, softplus_fwd, softplus_grad)
+                    ftanh, like, sigmoid, softplus_fwd, softplus_grad)
 
 #: Elements per parallel work item (a multiple of every vector width).
 CHUNK = 1 << 15
@@ -50,7 +50,7 @@ def forward_range(x, y, lo, hi, code, alpha):
             y[i] = sigmoid(x[i])
     elif code == TANH:
         for i in range(lo, hi):
-            y[i] = np.tanh(x[i])
+            y[i] = ftanh(x[i])
     elif code == GELU:
         for i in range(lo, hi):
             y[i] = gelu_fwd(x[i])

@@ -51,7 +51,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._math import IDENTITY, RELU, act_fwd
+from ._math import IDENTITY, RELU
+from .activations import forward_range
 from ._simd import prefetch, vadd, vbroadcast, vfma, vload, vrelu, vstore, vzero
 
 #: Rows of the register tile.
@@ -274,24 +275,27 @@ def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, code, alpha, 
         if not first:
             for j in range(nr):
                 t[j] += crow[j]
-        if last:
-            if has_bias:
-                b = bias[cj:cj + nr]
-                for j in range(nr):
-                    t[j] += b[j]
-            if save_z:
-                zrow = Z[ci + i, cj:cj + nr]
-                for j in range(nr):
-                    zrow[j] = t[j]
-            if code == IDENTITY:
-                for j in range(nr):
-                    crow[j] = t[j]
-            else:
-                for j in range(nr):
-                    crow[j] = act_fwd(code, t[j], alpha)
-        else:
+        if last and has_bias:
+            b = bias[cj:cj + nr]
             for j in range(nr):
-                crow[j] = t[j]
+                t[j] += b[j]
+        if last and save_z:
+            zrow = Z[ci + i, cj:cj + nr]
+            for j in range(nr):
+                zrow[j] = t[j]
+    src = 0
+    if last and code != IDENTITY:
+        # The whole tile at once (padding included, then dropped) with the
+        # vectorised loops of activations.forward_range, into the second half
+        # of the scratch (in place, LLVM's overlap check would fall back to
+        # scalar code).
+        src = MR * NR
+        forward_range(T[:src], T[src:2 * src], 0, src, code, alpha)
+    for i in range(mr):
+        crow = C[ci + i, cj:cj + nr]
+        t = T[src + i * NR:src + i * NR + nr]
+        for j in range(nr):
+            crow[j] = t[j]
 
 
 @njit(cache=True, error_model="numpy")
@@ -371,7 +375,7 @@ def _workspace(dtype: np.dtype, threads: int):
         # 64 spare elements: vector loads of a padded panel never leave the buffer.
         ws = (np.zeros((threads, MC * KC + 64), dtype),
               np.zeros((threads, KC * NC + 64), dtype),
-              np.zeros((threads, MR * nr + 64), dtype))
+              np.zeros((threads, 2 * MR * nr + 64), dtype))
         cache[key] = ws
     return ws
 
