@@ -224,6 +224,26 @@ def _compiler_version() -> str:
     return _compiler_id
 
 
+_INCLUDE_RE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.MULTILINE)
+
+
+def _local_includes(source: Path) -> list[Path]:
+    """``source`` and the files its ``#include "..."`` lines reach, transitively."""
+    seen: list[Path] = []
+    todo = [source.resolve()]
+    while todo:
+        f = todo.pop()
+        if f in seen or not f.is_file():
+            continue
+        seen.append(f)
+        for name in _INCLUDE_RE.findall(f.read_text(errors="replace")):
+            for d in (f.parent, source.parent, KERNEL_DIR):
+                if (d / name).is_file():
+                    todo.append((d / name).resolve())
+                    break
+    return seen
+
+
 def _inputs_digest(source: Path, names: Sequence[str], defines: Sequence[str]) -> str:
     """Hash of the header, the source, every header beside it, the request and the toolchain."""
     h = hashlib.sha256()
@@ -231,13 +251,9 @@ def _inputs_digest(source: Path, names: Sequence[str], defines: Sequence[str]) -
     h.update(_compiler_version().encode())
     h.update(" ".join(CXXFLAGS).encode())
     h.update(HEADER.read_bytes())
-    dirs = {source.parent.resolve(), KERNEL_DIR.resolve()}
-    for d in sorted(dirs):
-        for f in sorted(d.glob("*")):
-            if f.suffix in (".cu", ".cuh", ".h", ".hpp") and f.is_file():
-                h.update(f.name.encode())
-                h.update(f.read_bytes())
-    h.update(source.name.encode())  # content, not location: copies of kernels/ share builds
+    for f in _local_includes(source):  # the source and every "header" it pulls in
+        h.update(f.name.encode())
+        h.update(f.read_bytes())  # content, not location: copies of kernels/ share builds
     h.update("\0".join(names).encode())
     h.update("\0".join(defines).encode())
     return h.hexdigest()[:24]

@@ -628,9 +628,10 @@ def test_property_suite_on_the_emulated_gpu(kernel_modules, monkeypatch, test_na
     if test is None or not hasattr(props, "backend_for"):
         pytest.skip(f"tests/test_properties.py has no {test_name} (or no backend_for) any more")
     inner = getattr(test, "_hypothesis_internal_use_settings", None)
-    if inner is not None:  # the same examples on every run: CI stays deterministic
+    if inner is not None:  # the same examples on every run (CI stays deterministic), no shrinking
+        phases = [hypothesis.Phase.explicit, hypothesis.Phase.generate]
         monkeypatch.setattr(test, "_hypothesis_internal_use_settings",
-                            hypothesis.settings(inner, derandomize=True, database=None))
+                            hypothesis.settings(inner, derandomize=True, database=None, phases=phases))
     with emu.emulated_cupy_backend() as gpu:
         monkeypatch.setattr(props, "backend_for", lambda name: gpu if name == "cupy-emulated" else backend_for(name))
         test("cupy-emulated", *args)
