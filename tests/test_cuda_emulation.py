@@ -38,7 +38,7 @@ CHECK_KERNELS = [
     "shuffle_table", "vote", "reverse_dynamic<float>", "reverse_dynamic<double>", "copy_off_by_one",
     "copy_checked", "early_return_then_sync", "reads_unwritten_shared", "dynamic_shared_overrun",
     "divergent_shuffle", "read_before_start", "partial_warp_sum", "traps", "spins", "count_barrier",
-    "echo_scalars", "index_map", "writes_input",
+    "echo_scalars", "index_map", "writes_input", "atomics",
 ]
 
 
@@ -176,6 +176,15 @@ def test_scalar_arguments_are_packed_like_cupy(checks):
         k((1,), (32,), [out, np.float32(1), 2.0, 1, np.int32(1), np.uint32(1), np.bool_(True)])
     with pytest.raises(emu.EmulationError, match="host numpy array"):
         k((1,), (32,), [np.zeros(6), np.float32(1), 2.0, 1, 1, np.uint32(1), np.bool_(True)])
+
+
+def test_atomics(checks):
+    i, u, ull = emu.zeros(5, np.int32), emu.zeros(2, np.uint32), emu.zeros(1, np.uint64)
+    f, d = emu.zeros(1, np.float32), emu.zeros(1, np.float64)
+    checks.get_function("atomics")((2,), (100,), [i, u, ull, f, d])
+    assert i.get()[[0, 1, 2, 4]].tolist() == [200, 99, -99, 7] and 1 <= i.get()[3] <= 100
+    assert u.get().tolist() == [400, 0xFFFFFFFF] and ull.get()[0] == 600
+    assert f.get()[0] == 100.0 and d.get()[0] == 50.0
 
 
 # --------------------------------------------------------------------- what it must catch

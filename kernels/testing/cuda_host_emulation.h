@@ -60,6 +60,7 @@
 #include <pthread.h>
 #include <sys/mman.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -82,6 +83,8 @@
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
+#define __grid_constant__
+#define __inline__ inline
 // Block-scope `thread_local` has static storage, so one copy per block (blocks run
 // one after another on one OS thread); `extern thread_local` stays a declaration,
 // which the build aliases to the dynamic shared memory buffer.
@@ -1013,6 +1016,10 @@ namespace cuemu {
 
 // ---------------------------------------------------------------- atomics
 namespace cuemu {
+// A non-deduced parameter: atomicAdd(float*, 1.0) converts the value, as CUDA's overloads do.
+template <class T>
+using same = std::type_identity_t<T>;
+
 template <class T, class F>
 inline T atomic_update(T* addr, F f) {
   static_assert(sizeof(T) == 4 || sizeof(T) == 8, "atomics on 4 or 8 bytes");
@@ -1030,15 +1037,15 @@ inline T atomic_update(T* addr, F f) {
 }
 }  // namespace cuemu
 
-template <class T> inline T atomicAdd(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o + v); }); }
-template <class T> inline T atomicSub(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o - v); }); }
-template <class T> inline T atomicExch(T* a, T v) { return ::cuemu::atomic_update(a, [v](T) { return v; }); }
-template <class T> inline T atomicMin(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
-template <class T> inline T atomicMax(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return v > o ? v : o; }); }
-template <class T> inline T atomicAnd(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o & v); }); }
-template <class T> inline T atomicOr(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o | v); }); }
-template <class T> inline T atomicXor(T* a, T v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o ^ v); }); }
-template <class T> inline T atomicCAS(T* a, T compare, T v) {
+template <class T> inline T atomicAdd(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o + v); }); }
+template <class T> inline T atomicSub(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o - v); }); }
+template <class T> inline T atomicExch(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T) { return v; }); }
+template <class T> inline T atomicMin(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
+template <class T> inline T atomicMax(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return v > o ? v : o; }); }
+template <class T> inline T atomicAnd(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o & v); }); }
+template <class T> inline T atomicOr(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o | v); }); }
+template <class T> inline T atomicXor(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o ^ v); }); }
+template <class T> inline T atomicCAS(T* a, cuemu::same<T> compare, cuemu::same<T> v) {
   return ::cuemu::atomic_update(a, [compare, v](T o) { return o == compare ? v : o; });
 }
 inline unsigned atomicInc(unsigned* a, unsigned v) {
@@ -1136,6 +1143,27 @@ inline unsigned __umul24(unsigned a, unsigned b) { return a * b; }
 inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<long long>(a) * b) >> 32); }
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
+
+inline long long __mul64hi(long long a, long long b) { return static_cast<long long>((static_cast<__int128>(a) * b) >> 64); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+inline unsigned __funnelshift_l(unsigned lo, unsigned hi, unsigned shift) {
+  const unsigned long long v = (static_cast<unsigned long long>(hi) << 32) | lo;
+  return static_cast<unsigned>((v << (shift & 31)) >> 32);
+}
+inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
+  const unsigned long long v = (static_cast<unsigned long long>(hi) << 32) | lo;
+  return static_cast<unsigned>(v >> (shift & 31));
+}
+// Time does not pass between barriers here: a kernel that waits on a clock or sleeps in a
+// loop for another thread spins until the launch times out.
+inline void __nanosleep(unsigned) {}
+inline long long clock64() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<long long>(ts.tv_sec) * 1000000000ll + ts.tv_nsec;
 }
 
 template <class T> inline T __ldg(const T* p) { return *p; }

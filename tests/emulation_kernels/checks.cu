@@ -243,3 +243,19 @@ __global__ void writes_input(float* __restrict__ out, const float* __restrict__ 
   const_cast<float*>(x)[threadIdx.x] = 0.0f;
   out[threadIdx.x] = 1.0f;
 }
+
+// Atomics of every width; the value converts to the pointer's type as with CUDA's overloads.
+__global__ void atomics(int* __restrict__ i, unsigned* __restrict__ u, unsigned long long* __restrict__ ull,
+                        float* __restrict__ f, double* __restrict__ d) {
+  const int t = threadIdx.x;
+  atomicAdd(&i[0], 1);
+  atomicMax(&i[1], t);
+  atomicMin(&i[2], -t);
+  atomicAdd(&u[0], 2u);
+  atomicOr(&u[1], 1u << (t % 32));
+  atomicAdd(&ull[0], 3ull);
+  atomicAdd(&f[0], 0.5);  // a double literal: converted to float
+  atomicAdd(&d[0], 0.25);
+  atomicCAS(&i[3], 0, t + 1);  // only the first thread to arrive swaps
+  atomicExch(&i[4], 7);
+}
