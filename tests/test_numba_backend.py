@@ -120,10 +120,16 @@ def test_linear_hypothesis(M, K, N, act, dtype, bias, seed):
 def test_gemm_microkernel_uses_avx2_fma():
     """The micro-kernel compiles to packed FMAs on 256-bit registers."""
     from nnfast.backends.numba_kernels import gemm
+    from nnfast.backends.numba_kernels._simd import addr
 
     micro = numba.njit(error_model="numpy")(gemm._micro.py_func)
-    buf = np.zeros(4096, np.float32)
-    micro(4, buf, 0, buf, 0, buf, buf, 0, 16, False, False, buf, -1, False)
+
+    @numba.njit
+    def drive(buf):
+        p = addr(buf)
+        micro(4, p, 0, p, 0, p, p, 0, 16, False, False, p, -1, False)
+
+    drive(np.zeros(4096, np.float32))
     asm = "\n".join(micro.inspect_asm().values())
     assert re.search(r"vfmadd\w*ps\s+[^\n]*ymm", asm), "no packed ymm FMA in the micro-kernel"
 

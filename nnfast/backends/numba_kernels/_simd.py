@@ -10,8 +10,9 @@ the intrinsics below lower to one instruction each (``vmovups``,
 in SSA registers, so a 6x16 tile of twelve ``ymm`` accumulators stays in
 registers for the whole K loop.
 
-Only the data pointer of C-contiguous 1-D arrays is used; callers guarantee
-``0 <= i`` and ``i + lanes <= len(arr)`` (these intrinsics do not check).
+The memory intrinsics take a C-contiguous 1-D array or a data pointer
+(:func:`addr`); callers guarantee ``0 <= i`` and ``i + lanes <= len(arr)``
+(these intrinsics do not check).
 """
 
 from __future__ import annotations
@@ -45,8 +46,35 @@ def _simd_of(dtype):
 
 
 def _element_ptr(context, builder, aryty, ary, idx):
+    if isinstance(aryty, types.CPointer):
+        return builder.gep(ary, [idx])
     arr = context.make_array(aryty)(context, builder, ary)
     return builder.gep(arr.data, [idx])
+
+
+@intrinsic
+def addr(typingctx, arr):
+    """The data pointer of ``arr`` (no reference count: the caller keeps ``arr`` alive).
+
+    Hot helpers take pointers rather than arrays so that calling them costs
+    no atomic reference-count updates (and no register spills around them).
+    """
+
+    def codegen(context, builder, sig, args):
+        return context.make_array(sig.args[0])(context, builder, args[0]).data
+
+    return types.CPointer(arr.dtype)(arr), codegen
+
+
+@intrinsic
+def vlanes(typingctx, arr):
+    """Lanes of a SIMD vector of ``arr``'s dtype, as a compile-time constant."""
+    lanes = SIMD_BITS // arr.dtype.bitwidth
+
+    def codegen(context, builder, sig, args):
+        return ir.Constant(ir.IntType(64), lanes)
+
+    return types.int64(arr), codegen
 
 
 @intrinsic
@@ -202,5 +230,5 @@ def f64_from_bits(typingctx, i):
     return types.float64(i), codegen
 
 
-__all__ = ["SimdType", "vload", "vstore", "vbroadcast", "vzero", "vfma", "vadd", "vrelu", "vmax", "vlane", "prefetch",
+__all__ = ["SimdType", "addr", "vlanes", "vload", "vstore", "vbroadcast", "vzero", "vfma", "vadd", "vrelu", "vmax", "vlane", "prefetch",
            "f32_from_bits", "f64_from_bits", "cgutils"]

@@ -53,7 +53,7 @@ from numba import njit, prange
 
 from ._math import IDENTITY, RELU
 from .activations import forward_range
-from ._simd import prefetch, vadd, vbroadcast, vfma, vload, vrelu, vstore, vzero
+from ._simd import addr, prefetch, vadd, vbroadcast, vfma, vlanes, vload, vrelu, vstore, vzero
 
 #: Rows of the register tile.
 MR = 6
@@ -83,8 +83,11 @@ def _micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, re
     ``coff``): ``+= C`` when ``acc_c`` (a later K block), ``+ bias[jb:]`` when
     ``jb >= 0``, ReLU when ``relu``; or it is stored to the scratch tile ``T``
     for :func:`_store_tile` (edge tiles and the other activations).
+
+    Every buffer is a data pointer (:func:`._simd.addr`), not an array: no
+    reference counting around the call.
     """
-    h = _nr(T) // 2  # lanes per vector
+    h = vlanes(T)
     c00 = vzero(T)
     c01 = vzero(T)
     c10 = vzero(T)
@@ -307,8 +310,12 @@ def _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, Ap, Bp, T,
     of the task; an A block is packed per (M block, K step).
     """
     M, N = C.shape
-    Cf = C.reshape(M * N)
     NR = _nr(T)
+    pA = addr(Ap)
+    pB = addr(Bp)
+    pT = addr(T)
+    pC = addr(C)
+    pbias = addr(bias)
     m0 = (t // nnb) * mg
     m1 = min(M, m0 + mg)
     jc = (t % nnb) * ncb
@@ -333,11 +340,11 @@ def _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, Ap, Bp, T,
                     mr = min(MR, mc - ip * MR)
                     i = ic + ip * MR
                     if fast_epilogue and mr == MR and nr == NR:
-                        _micro(kc, Ap, ip * MR * kc, Bp, jp * NR * kc, T, Cf, i * N + j, N,
-                               True, not first, bias, jb, last and code == RELU)
+                        _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * N + j, N,
+                               True, not first, pbias, jb, last and code == RELU)
                     else:
-                        _micro(kc, Ap, ip * MR * kc, Bp, jp * NR * kc, T, Cf, 0, N,
-                               False, False, bias, -1, False)
+                        _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, 0, N,
+                               False, False, pbias, -1, False)
                         _store_tile(T, C, i, j, mr, nr, first, last,
                                     bias, has_bias, code, alpha, Z, save_z)
 
