@@ -14,13 +14,18 @@
 // walks K in steps of BK. Each step stages a BK x BM slice of op(A) and a
 // BK x BN slice of op(B) in shared memory, both k-major ([k][m], [k][n]), so
 // the inner product reads a TM-vector of A and a TN-vector of B per k and
-// accumulates a TM x TN register tile (register blocking). Global loads are
-// 128-bit vectors when VEC (every leading dimension a multiple of the vector
-// width, every pointer 16-byte aligned: decided by the launcher), scalar
-// otherwise; out-of-range elements load as zero and out-of-range outputs are
-// never stored, so any M, N, K works. The epilogue adds the bias, writes the
-// pre-activation z when the backward pass needs it (Z != nullptr), applies the
-// activation and stores once.
+// accumulates a TM x TN register tile (register blocking). The slices are
+// double-buffered: the global loads of step t + 1 are issued into registers
+// before the arithmetic of step t and written to the other shared buffer after
+// it, one __syncthreads per step. A thread's TN columns are TN / W vectors
+// spaced BN / (TN / W) apart (W = elements per 128-bit vector), so a quarter
+// warp reads consecutive shared-memory words (no bank conflicts) and a warp's
+// stores are contiguous. Global loads are 128-bit vectors when VEC (every
+// leading dimension a multiple of W and every pointer 16-byte aligned: decided
+// by the launcher), scalar otherwise; out-of-range elements load as zero and
+// out-of-range outputs are never stored, so any M, N, K works. The epilogue
+// adds the bias, writes the pre-activation z when the backward pass needs it
+// (Z != nullptr), applies the activation and stores once.
 //
 // bias_act_backward<T, ACT> fuses dz = dy * act'(saved) with the column sums
 // of dz (the bias gradient), in row splits whose partial sums column_sum<T>
@@ -29,76 +34,101 @@
 
 namespace {
 
-// Stage one BK x BX slice of an operand into shared memory as dst[k][x],
-// row pitch BX + Vec<T>::width. The operand element (x, k) lives at
-// src[x * ld + k] when K_CONTIG and at src[k * ld + x] otherwise; elements
-// with x >= xmax or k >= kmax read as zero.
+// One BK x BX slice of an operand, moved global -> registers -> shared memory
+// (dst[k][x], row pitch BX + W). The operand element (x, k) lives at
+// src[x * ld + k] when K_CONTIG and at src[k * ld + x] otherwise; elements with
+// x >= xmax or k >= kmax read as zero. Each thread moves ITEMS groups of V
+// consecutive elements (V = W when VEC, else 1) along the contiguous axis.
 template <typename T, int BX, int BK, int NT, bool K_CONTIG, bool VEC>
-__device__ __forceinline__ void stage_tile(T* __restrict__ dst, const T* __restrict__ src, long long ld,
-                                           int x0, int xmax, int k0, int kmax) {
-    constexpr int W = nnf::Vec<T>::width;
-    constexpr int V = VEC ? W : 1;
-    constexpr int PITCH = BX + W;
-    const int tid = threadIdx.x;
-    if (K_CONTIG) {
-        constexpr int PER_ROW = BK / V;
-        for (int i = tid; i < BX * PER_ROW; i += NT) {
-            const int x = i / PER_ROW;
-            const int k = (i % PER_ROW) * V;
-            const int gx = x0 + x, gk = k0 + k;
-            const bool in = gx < xmax && gk < kmax;
-            if (VEC) {
-                typename nnf::Vec<T>::type v;
-                if (in) {
-                    v = nnf::load_vec(src + (long long)gx * ld + gk);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < W; ++j) nnf::lane<T>(v, j) = T(0);
-                }
-#pragma unroll
-                for (int j = 0; j < W; ++j) dst[(k + j) * PITCH + x] = nnf::lane<T>(v, j);
-            } else {
-                dst[k * PITCH + x] = in ? src[(long long)gx * ld + gk] : T(0);
-            }
+struct TileStage {
+    static constexpr int W = nnf::Vec<T>::width;
+    static constexpr int V = VEC ? W : 1;
+    static constexpr int PITCH = BX + W;
+    static constexpr int PER_ROW = (K_CONTIG ? BK : BX) / V;  // groups per contiguous source row
+    static constexpr int COUNT = BX * BK / V;                  // groups in the slice
+    static constexpr int ITEMS = (COUNT + NT - 1) / NT;        // groups per thread
+    T r[ITEMS * V];
+
+    static __device__ __forceinline__ void coords(int g, int& x, int& k) {
+        if (K_CONTIG) {
+            x = g / PER_ROW;
+            k = (g % PER_ROW) * V;
+        } else {
+            k = g / PER_ROW;
+            x = (g % PER_ROW) * V;
         }
-    } else {
-        constexpr int PER_ROW = BX / V;
-        for (int i = tid; i < BK * PER_ROW; i += NT) {
-            const int k = i / PER_ROW;
-            const int x = (i % PER_ROW) * V;
-            const int gx = x0 + x, gk = k0 + k;
-            const bool in = gx < xmax && gk < kmax;
-            if (VEC) {
-                typename nnf::Vec<T>::type v;
-                if (in) {
-                    v = nnf::load_vec(src + (long long)gk * ld + gx);
-                } else {
+    }
+
+    __device__ __forceinline__ void load(const T* __restrict__ src, long long ld, int x0, int xmax, int k0,
+                                         int kmax) {
 #pragma unroll
-                    for (int j = 0; j < W; ++j) nnf::lane<T>(v, j) = T(0);
+        for (int it = 0; it < ITEMS; ++it) {
+            const int g = (int)threadIdx.x + it * NT;
+            if (COUNT % NT != 0 && g >= COUNT) break;
+            int x, k;
+            coords(g, x, k);
+            const int gx = x0 + x, gk = k0 + k;
+            // With VEC, xmax (or kmax) along the contiguous axis is a multiple
+            // of V: a group is entirely in range or entirely out.
+            if (gx < xmax && gk < kmax) {
+                const T* p = K_CONTIG ? src + (long long)gx * ld + gk : src + (long long)gk * ld + gx;
+                if (VEC) {
+                    const typename nnf::Vec<T>::type v = nnf::load_vec(p);
+#pragma unroll
+                    for (int j = 0; j < V; ++j) r[it * V + j] = reinterpret_cast<const T*>(&v)[j];
+                } else {
+                    r[it * V] = *p;
                 }
-                nnf::store_vec(dst + k * PITCH + x, v);
             } else {
-                dst[k * PITCH + x] = in ? src[(long long)gk * ld + gx] : T(0);
+#pragma unroll
+                for (int j = 0; j < V; ++j) r[it * V + j] = T(0);
             }
         }
     }
-}
+
+    __device__ __forceinline__ void store(T* __restrict__ dst) const {
+#pragma unroll
+        for (int it = 0; it < ITEMS; ++it) {
+            const int g = (int)threadIdx.x + it * NT;
+            if (COUNT % NT != 0 && g >= COUNT) break;
+            int x, k;
+            coords(g, x, k);
+            if (K_CONTIG) {
+#pragma unroll
+                for (int j = 0; j < V; ++j) dst[(k + j) * PITCH + x] = r[it * V + j];
+            } else if (VEC) {
+                typename nnf::Vec<T>::type v;
+#pragma unroll
+                for (int j = 0; j < V; ++j) nnf::lane<T>(v, j) = r[it * V + j];
+                nnf::store_vec(dst + k * PITCH + x, v);
+            } else {
+                dst[k * PITCH + x] = r[it * V];
+            }
+        }
+    }
+};
 
 }  // namespace
 
+// Vector path: two blocks per SM (at most 128 registers, none spilled); the
+// scalar fallback keeps its address arithmetic in registers at one block.
 template <typename T, int BM, int BN, int BK, int TM, int TN, bool TA, bool TB, int ACT, bool VEC>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN))
+__global__ void __launch_bounds__((BM / TM) * (BN / TN), VEC ? 2 : 1)
 gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __restrict__ B,
      const T* __restrict__ bias, int M, int N, int K, T alpha) {
     constexpr int NT = (BM / TM) * (BN / TN);
     constexpr int W = nnf::Vec<T>::width;
     constexpr int PA = BM + W;  // shared row pitch of the A slice
     constexpr int PB = BN + W;
+    constexpr int NV = TN / W;        // column vectors per thread
+    constexpr int VSTEP = BN / NV;    // distance between them
     static_assert(TM % W == 0 && TN % W == 0, "thread tile must be whole vectors");
     static_assert(BK % W == 0 && BM % W == 0 && BN % W == 0, "block tile must be whole vectors");
+    static_assert((BN / TN) * W == VSTEP, "column vectors must tile the block");
 
-    T* As = nnf::dynamic_smem<T>();  // [BK][PA]
-    T* Bs = As + BK * PA;                    // [BK][PB]
+    // Two buffers per operand: [2][BK][PA] then [2][BK][PB].
+    T* As = nnf::dynamic_smem<T>();
+    T* Bs = As + 2 * BK * PA;
 
     const int m0 = blockIdx.y * BM;
     const int n0 = blockIdx.x * BN;
@@ -113,68 +143,92 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
-    for (int k0 = 0; k0 < K; k0 += BK) {
-        // A element (m, k) is at A[m * K + k] (not TA) or A[k * M + m] (TA).
-        stage_tile<T, BM, BK, NT, !TA, VEC>(As, A, lda, m0, M, k0, K);
-        // B element (n, k) is at B[k * N + n] (not TB) or B[n * K + k] (TB).
-        stage_tile<T, BN, BK, NT, TB, VEC>(Bs, B, ldb, n0, N, k0, K);
-        __syncthreads();
+    // A element (m, k) is at A[m * K + k] (not TA) or A[k * M + m] (TA);
+    // B element (n, k) is at B[k * N + n] (not TB) or B[n * K + k] (TB).
+    TileStage<T, BM, BK, NT, !TA, VEC> sa;
+    TileStage<T, BN, BK, NT, TB, VEC> sb;
+    sa.load(A, lda, m0, M, 0, K);
+    sb.load(B, ldb, n0, N, 0, K);
+    sa.store(As);
+    sb.store(Bs);
+    __syncthreads();
+
+    const int steps = (K + BK - 1) / BK;
+    for (int t = 0; t < steps; ++t) {
+        const int cur = t & 1;
+        const bool more = t + 1 < steps;
+        if (more) {  // next slices: global loads in flight during the arithmetic below
+            sa.load(A, lda, m0, M, (t + 1) * BK, K);
+            sb.load(B, ldb, n0, N, (t + 1) * BK, K);
+        }
+        const T* as = As + cur * BK * PA;
+        const T* bs = Bs + cur * BK * PB;
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             T a[TM], b[TN];
 #pragma unroll
             for (int i = 0; i < TM; i += W) {
-                const typename nnf::Vec<T>::type v = nnf::load_vec(As + k * PA + ty * TM + i);
+                const typename nnf::Vec<T>::type v = nnf::load_vec(as + k * PA + ty * TM + i);
 #pragma unroll
                 for (int j = 0; j < W; ++j) a[i + j] = reinterpret_cast<const T*>(&v)[j];
             }
 #pragma unroll
-            for (int i = 0; i < TN; i += W) {
-                const typename nnf::Vec<T>::type v = nnf::load_vec(Bs + k * PB + tx * TN + i);
+            for (int q = 0; q < NV; ++q) {
+                const typename nnf::Vec<T>::type v = nnf::load_vec(bs + k * PB + q * VSTEP + tx * W);
 #pragma unroll
-                for (int j = 0; j < W; ++j) b[i + j] = reinterpret_cast<const T*>(&v)[j];
+                for (int j = 0; j < W; ++j) b[q * W + j] = reinterpret_cast<const T*>(&v)[j];
             }
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
                 for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
         }
+        if (more) {  // the other buffer was last read before the previous barrier
+            sa.store(As + (cur ^ 1) * BK * PA);
+            sb.store(Bs + (cur ^ 1) * BK * PB);
+        }
         __syncthreads();
     }
 
     // Epilogue: bias, pre-activation (when saved), activation, one store.
-    const int col0 = n0 + tx * TN;
+    // Column of acc[i][q * W + l]: n0 + q * VSTEP + tx * W + l.
     T bv[TN];
 #pragma unroll
-    for (int j = 0; j < TN; ++j) bv[j] = (bias != nullptr && col0 + j < N) ? bias[col0 + j] : T(0);
+    for (int q = 0; q < NV; ++q)
+#pragma unroll
+        for (int l = 0; l < W; ++l) {
+            const int col = n0 + q * VSTEP + tx * W + l;
+            bv[q * W + l] = (bias != nullptr && col < N) ? bias[col] : T(0);
+        }
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int row = m0 + ty * TM + i;
         if (row >= M) break;
         T* crow = C + (long long)row * N;
         T* zrow = Z != nullptr ? Z + (long long)row * N : nullptr;
-        if (VEC) {
 #pragma unroll
-            for (int j = 0; j < TN; j += W) {
-                if (col0 + j < N) {  // N is a multiple of W: the whole vector is in range
+        for (int q = 0; q < NV; ++q) {
+            const int col = n0 + q * VSTEP + tx * W;
+            if (VEC) {
+                if (col < N) {  // N is a multiple of W: the whole vector is in range
                     typename nnf::Vec<T>::type zv, yv;
 #pragma unroll
                     for (int l = 0; l < W; ++l) {
-                        const T z = acc[i][j + l] + bv[j + l];
+                        const T z = acc[i][q * W + l] + bv[q * W + l];
                         nnf::lane<T>(zv, l) = z;
                         nnf::lane<T>(yv, l) = nnf::Act<T, ACT>::fwd(z, alpha);
                     }
-                    if (zrow != nullptr) nnf::store_vec(zrow + col0 + j, zv);
-                    nnf::store_vec(crow + col0 + j, yv);
+                    if (zrow != nullptr) nnf::store_vec(zrow + col, zv);
+                    nnf::store_vec(crow + col, yv);
                 }
-            }
-        } else {
+            } else {
 #pragma unroll
-            for (int j = 0; j < TN; ++j) {
-                if (col0 + j < N) {
-                    const T z = acc[i][j] + bv[j];
-                    if (zrow != nullptr) zrow[col0 + j] = z;
-                    crow[col0 + j] = nnf::Act<T, ACT>::fwd(z, alpha);
+                for (int l = 0; l < W; ++l) {
+                    if (col + l < N) {
+                        const T z = acc[i][q * W + l] + bv[q * W + l];
+                        if (zrow != nullptr) zrow[col + l] = z;
+                        crow[col + l] = nnf::Act<T, ACT>::fwd(z, alpha);
+                    }
                 }
             }
         }

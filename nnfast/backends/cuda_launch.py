@@ -241,7 +241,7 @@ def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, tr
     cfg = large if tiles >= sm_count else GEMM_CONFIGS[c]["small"]
     bm, bn, bk, tm, tn = cfg
     threads = (bm // tm) * (bn // tn)
-    smem = bk * ((bm + w) + (bn + w)) * _ITEMSIZE[c]
+    smem = 2 * bk * ((bm + w) + (bn + w)) * _ITEMSIZE[c]  # double-buffered A and B slices
     name = _gemm_name(c, cfg, trans_a, trans_b, _act_code(activation), vec)
     return Launch("linear.cu", name, (_cdiv(N, bn), _cdiv(M, bm), 1), (threads, 1, 1), smem)
 
