@@ -371,7 +371,7 @@ class _Options(ctypes.Structure):
     _fields_ = [
         ("schedule", ctypes.c_int), ("strict_exit", ctypes.c_int), ("seed", ctypes.c_uint64),
         ("timeout_s", ctypes.c_double), ("max_dynamic_smem", ctypes.c_uint64), ("stack_bytes", ctypes.c_uint64),
-        ("launch_bounds", ctypes.c_int),
+        ("launch_bounds", ctypes.c_int), ("dry_run", ctypes.c_int),
     ]
 
 
@@ -503,7 +503,12 @@ class Kernel:
     def __call__(self, grid: Sequence[int] | int, block: Sequence[int] | int, args: Sequence[Any],
                  shared_mem: int = 0, *, schedule: str | None = None, seed: int = 0,
                  timeout: float | None = None, strict_exit: bool = True,
-                 stack_bytes: int = 256 * 1024) -> LaunchStats:
+                 stack_bytes: int = 256 * 1024, dry_run: bool = False) -> LaunchStats:
+        """Launch over ``grid`` x ``block`` threads; raise :class:`EmulationError` on any failure.
+
+        ``dry_run``: only check the configuration (dimensions, shared memory,
+        ``__launch_bounds__``) and the arguments, as the driver would at launch.
+        """
         grid = _dims(grid)
         block = _dims(block)
         if len(args) != len(self.params):
@@ -523,7 +528,7 @@ class Kernel:
             schedule=SCHEDULES[schedule], strict_exit=int(strict_exit), seed=seed,
             timeout_s=float(timeout if timeout is not None else os.environ.get("NNFAST_EMU_TIMEOUT", 120)),
             max_dynamic_smem=int(self.max_dynamic_shared_size_bytes), stack_bytes=int(stack_bytes),
-            launch_bounds=int(self.launch_bounds or 0))
+            launch_bounds=int(self.launch_bounds or 0), dry_run=int(dry_run))
         argv = (ctypes.c_void_p * max(len(packed), 1))(*[ctypes.addressof(b) for b in packed])
         stats = LaunchStats()
         msg = ctypes.create_string_buffer(16384)

@@ -181,6 +181,7 @@ struct Options {  // filled by the Python harness; layout mirrored there
   uint64_t max_dynamic_smem;  // dynamic shared memory allowed (48 KiB unless raised)
   uint64_t stack_bytes;   // per-thread stack
   int launch_bounds;      // > 0: threads per block allowed by __launch_bounds__
+  int dry_run;            // 1: check the configuration only, run nothing
 };
 
 struct Stats {  // returned to the harness; layout mirrored there
@@ -1241,7 +1242,7 @@ __attribute__((visibility("default"), used)) int cuemu_launch(int index, const u
     set_error(kErrLaunchConfig, "invalid launch: %llu threads per block but __launch_bounds__(%d)",
               static_cast<unsigned long long>(nthreads), options->launch_bounds);
   }
-  if (rt.error != kOk) return finish(rt.error);
+  if (rt.error != kOk || options->dry_run) return finish(rt.error);
   if (!locate_shared_memory()) {
     set_error(kErrInternal, "cannot locate the module's thread-local (shared memory) block");
     return finish(kErrInternal);
