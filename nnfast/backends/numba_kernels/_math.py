@@ -8,7 +8,7 @@ LLVM inlines and vectorises to AVX2:
 
 * :func:`fexp` float32: Cody-Waite range reduction ``x = n ln2 + r``, the
   Cephes ``expf`` degree-6 polynomial for ``e^r``, and ``2^n`` built from its
-  bits (``(n + 127) << 23``). Max relative error ~2 ulp for ``-87 <= x <= 88``;
+  bits (``(n + 127) * 2^23`` as an int32). Max relative error ~2 ulp for ``-87 <= x <= 88``;
   inputs below -87 give 0 (the true value is < 2e-38), inputs above 88.3 are
   clamped (the kernels only take exp of arguments <= 0 or of ``min(x, 20)``).
 * :func:`ftanh` float32: the Cephes ``tanhf`` odd polynomial for
@@ -16,7 +16,6 @@ LLVM inlines and vectorises to AVX2:
 * :func:`ferf` float32: the odd/even rational approximation used by Eigen
   (``x P(x^2) / Q(x^2)`` on ``[-4, 4]``, +/-1 outside), absolute error < 2e-7
   and no exp at all.
-
 * :func:`gelu_grad` float32: ``Phi(x) + x phi(x)`` with Abramowitz & Stegun
   7.1.26 for ``Phi``, which reuses the ``exp(-x^2 / 2)`` of ``phi`` (one
   exp per element; absolute error < 2e-7).

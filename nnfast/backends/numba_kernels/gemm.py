@@ -7,27 +7,37 @@ into a transposed array.
 
 Structure (the GotoBLAS / BLIS loop nest)::
 
-    for each task (an MC x NC block of C)        <- prange over tasks
+    for each task (columns jc:jc+NC of C, x a row group)  <- prange over tasks
       for pc in K, step KC:
-        pack op(B)[pc:pc+KC, jc:jc+NC] -> Bp     (KC x NR micro-panels)
-        pack op(A)[ic:ic+MC, pc:pc+KC] -> Ap     (MR x KC micro-panels)
-        for each NR-wide B micro-panel:          <- stays in L1 (KC*NR*4 = 16 KB)
-          for each MR-tall A micro-panel:        <- the A block stays in L2
-            micro-kernel: MR x NR tile += Ap_panel @ Bp_panel
-            epilogue on the tile (last pc only): + bias, keep z, act, store
+        pack op(B)[pc:pc+KC, jc:jc+NC] -> Bp     (KC x NR micro-panels, once per task)
+        for ic in the task's rows, step MC:
+          pack op(A)[ic:ic+MC, pc:pc+KC] -> Ap   (MR x KC micro-panels)
+          for each NR-wide B micro-panel:        <- stays in L1 (KC*NR*4 = 16 KB)
+            for each MR-tall A micro-panel:      <- the A block stays in L2
+              micro-kernel: MR x NR tile = Ap_panel @ Bp_panel (+ C of earlier pc)
+              epilogue (last pc only): + bias, keep z, act, store
 
 * **Packing** copies each operand block once into a contiguous buffer laid out
   in exactly the order the micro-kernel reads it (``Ap[p*MR + r]``,
   ``Bp[p*NR + c]``), so the K loop streams two unit-stride arrays and every
   cache line fetched is fully used. Edge panels are zero-padded to MR / NR,
   so the micro-kernel never branches on the matrix edge; only the epilogue
-  stores a partial tile.
+  stores a partial tile. B is packed row by row with vector copies (each
+  row segment read once, sequentially).
+* **Epilogue**: a full tile with no activation or ReLU is finished in
+  registers (``+ C`` of earlier K blocks, ``+ bias``, ``max(., 0)``) and
+  stored straight into C, with the C lines prefetched (``prefetchw``) before
+  the K loop. Other activations (and edge tiles) go through a scratch tile
+  and the vectorised loops of :func:`.activations.forward_range`, a tile at
+  a time while it is in L1.
 * **Micro-kernel**: MR = 6 rows x NR = two SIMD vectors (16 float32 or 8
   float64). The 12 accumulators are explicit ``ymm`` values (see
   :mod:`._simd`); per K step it loads two B vectors, broadcasts six A values
   and issues 12 ``vfmadd231ps``. 12 accumulators + 2 B + 1 broadcast = 15
   of the 16 ``ymm`` registers, enough independent FMAs to cover the FMA
-  latency (4 cycles x 2 ports).
+  latency (4 cycles x 2 ports). It takes raw data pointers, not arrays, so
+  a call costs no atomic reference-count updates (which also spilled the
+  accumulators around the runtime calls).
 * **Blocking**: KC = 256 (a B micro-panel, 16 KB, sits in the 32 KB L1),
   MC = 120 (the A block, 120 KB, sits in the L2), NC = 512 (the B block,
   512 KB, in L2/L3). Block sizes are shrunk to split M, N, K evenly.
