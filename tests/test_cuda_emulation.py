@@ -759,6 +759,37 @@ def test_barrier_kernels_under_other_schedules(kernel_modules, monkeypatch, sche
                 _assert_close(gpu.to_numpy(grad), grad_r, cols, dtype, f"ce grad under {schedule}")
 
 
+def _schedule_sweep(gpu, rng):
+    """Outputs of a set of launches that use shared memory, barriers and shuffles."""
+    out = []
+    for dtype in (np.float32, np.float64):
+        for (m, k, n) in [(37, 20, 45), (66, 132, 36), (8, 16, 12)]:
+            x, W = rng.standard_normal((m, k)).astype(dtype), rng.standard_normal((k, n)).astype(dtype)
+            b, dy = rng.standard_normal(n).astype(dtype), rng.standard_normal((m, n)).astype(dtype)
+            out += _linear_case(gpu, x, W, b, "tanh", dy)
+        for rows, cols in [(9, 33), (3, 1029), (2, 4101), (1, 16389), (600, 3)]:
+            z = (rng.standard_normal((rows, cols)) * 3).astype(dtype)
+            labels = rng.integers(0, cols, size=rows)
+            labels[::4] = -100
+            out.append(gpu.to_numpy(gpu.log_softmax(gpu.asarray(z))))
+            out += [gpu.to_numpy(a) for a in gpu.softmax_cross_entropy(gpu.asarray(z), gpu.asarray(labels),
+                                                                        label_smoothing=0.1)]
+    return out
+
+
+def test_results_do_not_depend_on_the_thread_schedule(kernel_modules, monkeypatch):
+    """nnfast's kernels use no atomics: any bit that changes with the order in which the threads of
+    a block run between barriers is a data race, even when it stays within the tolerances."""
+    runs = {}
+    for schedule in ("forward", "reverse", "random"):
+        monkeypatch.setenv("NNFAST_EMU_SCHEDULE", schedule)
+        with emu.emulated_cupy_backend(sm_count=1) as gpu:
+            runs[schedule] = _schedule_sweep(gpu, np.random.default_rng(18))
+    for schedule in ("reverse", "random"):
+        for i, (a, b) in enumerate(zip(runs["forward"], runs[schedule])):
+            assert a.tobytes() == b.tobytes(), f"output {i} differs between the forward and {schedule} schedules"
+
+
 @pytest.mark.parametrize("op", [op for op in OPS if op.name in ("linear_silu", "softmax_cross_entropy",
                                                                 "log_softmax", "adam_update", "activation_elu")],
                          ids=lambda op: op.name)
