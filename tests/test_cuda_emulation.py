@@ -274,7 +274,7 @@ def test_trap_and_assert_fail_the_launch(checks):
 
 def test_spin_wait_times_out_instead_of_hanging(checks):
     with pytest.raises(emu.EmulationError) as err:
-        checks.get_function("spins")((1,), (32,), [emu.zeros(1, np.int32)], timeout=0.5)
+        checks.get_function("spins")((1,), (32,), [emu.zeros(1, np.int32)], timeout=0.5, schedule="forward")
     assert err.value.kind == "timeout"
 
 
