@@ -548,7 +548,7 @@ class Kernel:
             if stats.fault_addr:
                 for i, a in arrays:
                     if a.contains(stats.fault_addr):
-                        ro = " (read-only: a pointer to const)" if a in frozen else ""
+                        ro = " (a pointer to const, mapped read-only)" if a in frozen else ""
                         text += f"; the address is argument {i}{ro}: {a.describe_offset(stats.fault_addr)}"
             raise EmulationError(ERROR_KINDS.get(code, "internal"), f"{self.name} grid {grid} block {block} "
                                  f"shared_mem {shared_mem}: {text}")

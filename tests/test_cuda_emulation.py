@@ -279,7 +279,7 @@ def test_spin_wait_times_out_instead_of_hanging(checks):
 
 
 def test_write_through_a_pointer_to_const_faults(checks):
-    with pytest.raises(emu.EmulationError, match="read-only"):
+    with pytest.raises(emu.EmulationError, match="mapped read-only"):
         checks.get_function("writes_input")((1,), (32,), [emu.empty(32, np.float32),
                                                          emu.to_device(np.ones(32, np.float32))])
 
@@ -318,6 +318,18 @@ def test_misaligned_vector_access_is_caught(kernel_modules, dtype):
             kernel(launch.grid, launch.block, (y, x, np.int64(64), np.dtype(dtype).type(0), np.int32(1)))
         assert err.value.kind in ("trap", "fault")
         kernel(launch.grid, launch.block, (y, x, np.int64(64), np.dtype(dtype).type(0), np.int32(0)))  # scalar path
+
+
+def test_portable_context_switch(checks):
+    """The ucontext fallback (used off x86-64) runs the barrier and shuffle kernels the same way."""
+    portable = emu.load_module(CHECKS, ["block_sum<double>", "block_sum_missing_sync<float>", "warp_sum<float>",
+                                        "divergent_shuffle"], defines=["CUEMU_USE_UCONTEXT"])
+    x = np.random.default_rng(19).random(3000)
+    assert np.isclose(_sum_with(portable, "block_sum<double>", x), x.sum(), rtol=1e-12)
+    assert np.isclose(_sum_with(portable, "warp_sum<float>", x.astype(np.float32), block=128), x.sum(), rtol=1e-4)
+    assert np.isnan(_sum_with(portable, "block_sum_missing_sync<float>", x.astype(np.float32)))
+    with pytest.raises(emu.EmulationError, match="deadlock"):
+        portable.get_function("divergent_shuffle")((1,), (64,), [emu.empty(64, np.float32)])
 
 
 def test_builds_are_cached(checks):

@@ -62,9 +62,7 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
-#if !defined(__x86_64__)
 #include <ucontext.h>
-#endif
 
 // ---------------------------------------------------------------- compiler macros
 #define __CUDACC_RTC__ 1
@@ -224,7 +222,8 @@ inline Runtime rt;
 alignas(16) inline unsigned char g_altstack[1 << 16];
 
 // ------------------------------------------------------------ context switching
-#if defined(__x86_64__)
+// CUEMU_USE_UCONTEXT forces the portable fallback (tested on x86-64 too).
+#if defined(__x86_64__) && !defined(CUEMU_USE_UCONTEXT)
 extern "C" void cuemu_switch_context(void** save_sp, void* next_sp) __attribute__((visibility("hidden")));
 extern "C" void cuemu_fiber_trampoline() __attribute__((visibility("hidden")));
 // Saves the callee-saved registers, MXCSR and the x87 control word on the current
