@@ -82,7 +82,7 @@ ce_prepare(int* __restrict__ info, double* __restrict__ scale, const long long* 
 }
 
 template <typename T, int RT>
-__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, nnf::RowLayout<RT>::min_blocks)
+__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, sizeof(T) == 4 ? nnf::RowLayout<RT>::min_blocks : 1)
 ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ logits,
         const long long* __restrict__ labels, const double* __restrict__ scale, int rows, int classes,
         T smoothing, T inv_classes, long long ignore_index) {

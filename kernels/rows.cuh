@@ -17,9 +17,10 @@
 namespace nnf {
 
 // Rows per block for RT threads per row.
-// min_blocks is the __launch_bounds__ occupancy hint: with it ptxas budgets up
-// to 65536 / (2 * threads) registers instead of squeezing the short row loops
-// into 32 registers with a spill.
+// min_blocks is the float __launch_bounds__ occupancy hint: with it ptxas
+// budgets up to 65536 / (2 * threads) registers instead of squeezing the short
+// row loops into 32 registers with a spill (double kernels, which need more
+// registers, use 1).
 template <int RT>
 struct RowLayout {
     static constexpr int rows_per_block = RT == WARP ? 8 : 1;
@@ -44,6 +45,7 @@ __device__ __forceinline__ void row_visit(const T* __restrict__ p, int n, int la
     if (lane_id < h) f.one(p[lane_id]);
     const int nv = (n - h) / W;
     const T* body = p + h;
+#pragma unroll 4  // several 128-bit loads in flight per thread
     for (int v = lane_id; v < nv; v += RT) f.vec(load_vec(body + v * W));
     const int t = h + nv * W + lane_id;
     if (t < n) f.one(p[t]);
@@ -57,6 +59,7 @@ __device__ __forceinline__ void row_map(T* __restrict__ out, const T* __restrict
     const int h = row_head(in, n);
     if (lane_id < h) out[lane_id] = f(in[lane_id], lane_id);
     const int nv = (n - h) / W;
+#pragma unroll 4
     for (int v = lane_id; v < nv; v += RT) {
         const int j = h + v * W;
         typename Vec<T>::type x = load_vec(in + j);

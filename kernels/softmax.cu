@@ -30,7 +30,7 @@ struct SoftmaxOut<T, true> {
 }  // namespace
 
 template <typename T, int RT, bool LOG>
-__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, nnf::RowLayout<RT>::min_blocks)
+__global__ void __launch_bounds__(nnf::RowLayout<RT>::threads, sizeof(T) == 4 ? nnf::RowLayout<RT>::min_blocks : 1)
 softmax_rows(T* __restrict__ y, const T* __restrict__ x, int rows, int cols) {
     T* scratch = nnf::dynamic_smem<T>();
     constexpr int RPB = nnf::RowLayout<RT>::rows_per_block;
