@@ -103,6 +103,17 @@ def test_linear_large(dtype, shape, act):
     check_linear(np.random.default_rng(1), dtype, *shape, act)
 
 
+def test_linear_backward_identity_ignores_saved():
+    rng = np.random.default_rng(10)
+    x, W, dy = rand(rng, (5, 4), np.float32), rand(rng, (4, 3), np.float32), rand(rng, (5, 3), np.float32)
+    for saved in (None, np.zeros((2, 2), np.float64)):
+        dx, dW, db = NB.linear_backward(dy, x, W, saved, "identity")
+        dxr, dWr, dbr = REF.linear_backward(dy, x, W, None, "identity")
+        assert_close(dx, dxr, np.float32, 3)
+        assert_close(dW, dWr, np.float32, 5)
+        assert_close(db, dbr, np.float32, 5)
+
+
 @pytest.mark.parametrize("layout", ["t", "s"])
 def test_linear_non_contiguous(layout):
     rng = np.random.default_rng(2)

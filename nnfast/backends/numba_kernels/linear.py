@@ -83,7 +83,8 @@ def dz_db(dy, saved, code, alpha, want_db):
     blocks = -(-batch // rows)
     partial = np.empty((blocks, n), dy.dtype)
     kernel = _dz_db_parallel if dy.size >= PARALLEL_MIN else _dz_db_serial
-    kernel(dy, dy if saved is None else saved, dz, partial, rows, code, float(alpha), write_dz, want_db)
+    # The identity never reads ``saved`` (it may be anything): pass dy in its place.
+    kernel(dy, saved if write_dz else dy, dz, partial, rows, code, float(alpha), write_dz, want_db)
     db = None
     if want_db:
         db = np.empty(n, dy.dtype)
