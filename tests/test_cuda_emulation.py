@@ -343,7 +343,7 @@ def test_builds_are_cached(checks):
 from nnfast.backends import backend_for, cuda_launch  # noqa: E402
 from nnfast.backends.base import ACTIVATIONS, saves_input  # noqa: E402
 
-from op_table import OPS, OpInfo, Sample  # noqa: E402
+from op_table import OPS, OpInfo  # noqa: E402
 
 REFERENCE = backend_for("numpy")
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]

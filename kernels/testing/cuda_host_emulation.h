@@ -1037,14 +1037,38 @@ inline T atomic_update(T* addr, F f) {
 }
 }  // namespace cuemu
 
-template <class T> inline T atomicAdd(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o + v); }); }
-template <class T> inline T atomicSub(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o - v); }); }
-template <class T> inline T atomicExch(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T) { return v; }); }
-template <class T> inline T atomicMin(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return v < o ? v : o; }); }
-template <class T> inline T atomicMax(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return v > o ? v : o; }); }
-template <class T> inline T atomicAnd(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o & v); }); }
-template <class T> inline T atomicOr(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o | v); }); }
-template <class T> inline T atomicXor(T* a, cuemu::same<T> v) { return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o ^ v); }); }
+template <class T>
+inline T atomicAdd(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o + v); });
+}
+template <class T>
+inline T atomicSub(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o - v); });
+}
+template <class T>
+inline T atomicExch(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T) { return v; });
+}
+template <class T>
+inline T atomicMin(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return v < o ? v : o; });
+}
+template <class T>
+inline T atomicMax(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return v > o ? v : o; });
+}
+template <class T>
+inline T atomicAnd(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o & v); });
+}
+template <class T>
+inline T atomicOr(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o | v); });
+}
+template <class T>
+inline T atomicXor(T* a, cuemu::same<T> v) {
+  return ::cuemu::atomic_update(a, [v](T o) { return static_cast<T>(o ^ v); });
+}
 template <class T> inline T atomicCAS(T* a, cuemu::same<T> compare, cuemu::same<T> v) {
   return ::cuemu::atomic_update(a, [compare, v](T o) { return o == compare ? v : o; });
 }
@@ -1145,7 +1169,9 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
 }
 
-inline long long __mul64hi(long long a, long long b) { return static_cast<long long>((static_cast<__int128>(a) * b) >> 64); }
+inline long long __mul64hi(long long a, long long b) {
+  return static_cast<long long>((static_cast<__int128>(a) * b) >> 64);
+}
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
   return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
 }
