@@ -130,8 +130,9 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
     T* As = nnf::dynamic_smem<T>();
     T* Bs = As + 2 * BK * PA;
 
-    const int m0 = blockIdx.y * BM;
-    const int n0 = blockIdx.x * BN;
+    // Row tiles along x (up to 2^31 - 1 blocks: any batch), column tiles along y.
+    const int m0 = blockIdx.x * BM;
+    const int n0 = blockIdx.y * BN;
     const int ty = threadIdx.x / (BN / TN);
     const int tx = threadIdx.x % (BN / TN);
     const long long lda = TA ? M : K;

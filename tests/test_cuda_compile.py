@@ -142,7 +142,8 @@ def test_launch_configurations_are_valid(dtype):
         assert all(g >= 1 for g in launch.grid) and launch.grid[1] < 65536, launch
         assert 0 <= launch.shared_mem <= 48 * 1024, launch
 
-    for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000)]:
+    for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000),
+                  (5_000_000, 7, 3)]:
         M, N, K = shape
         for act in base.ACTIVATIONS:
             for aligned in (False, True):

@@ -243,7 +243,9 @@ def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, tr
     threads = (bm // tm) * (bn // tn)
     smem = 2 * bk * ((bm + w) + (bn + w)) * _ITEMSIZE[c]  # double-buffered A and B slices
     name = _gemm_name(c, cfg, trans_a, trans_b, _act_code(activation), vec)
-    return Launch("linear.cu", name, (_cdiv(N, bn), _cdiv(M, bm), 1), (threads, 1, 1), smem)
+    if _cdiv(N, bn) > 65535:
+        raise ValueError(f"gemm: {N} output columns exceed the {65535 * bn} one launch covers")
+    return Launch("linear.cu", name, (_cdiv(M, bm), _cdiv(N, bn), 1), (threads, 1, 1), smem)
 
 
 @dataclass(frozen=True)
