@@ -745,6 +745,27 @@ def test_rows_random_shapes(kernel_modules, rows, cols, dtype, smoothing, seed):
         _assert_close(g, e, cols, dtype, f"rows {(rows, cols)} output {j}")
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_step_over_mixed_dtypes(gpu, kind):
+    # One launch per dtype, each with its own pointer table.
+    rng = np.random.default_rng(20)
+    dtypes = [np.float32, np.float64, np.float32, np.float64]
+    shapes = [(5000,), (3, 3), (1,), (4097,)]
+    state = {k: [rng.standard_normal(s).astype(d) for s, d in zip(shapes, dtypes)] for k in "pgmv"}
+    state["v"] = [np.abs(v) for v in state["v"]]
+    results = []
+    for backend in (REFERENCE, gpu):
+        t = {k: [backend.asarray(a.copy()) for a in v] for k, v in state.items()}
+        for step in (1, 2):
+            if kind == "sgd":
+                backend.sgd_update(t["p"], t["g"], t["m"], lr=0.1, momentum=0.9, weight_decay=0.01)
+            else:
+                backend.adam_update(t["p"], t["g"], t["m"], t["v"], step=step, lr=0.01, beta2=0.99)
+        results.append([backend.to_numpy(a) for a in t["p"] + t["m"]])
+    for j, (g, e) in enumerate(zip(*results[::-1])):
+        _assert_close(g, e, 1, e.dtype, f"{kind} mixed dtypes tensor {j}")
+
+
 # --------------------------------------------------------------------- schedules, placement
 @pytest.mark.parametrize("schedule", ["reverse", "random"])
 def test_barrier_kernels_under_other_schedules(kernel_modules, monkeypatch, schedule):
