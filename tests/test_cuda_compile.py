@@ -30,6 +30,9 @@ from nnfast.backends import base, cuda_launch
 
 ARCHS = ("compute_80", "compute_90")
 
+#: Options cupy.RawModule adds to ours when it compiles at run time (CuPy 13/14).
+CUPY_RUNTIME_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+
 #: Kernel families whose float32 instantiations must not spill.
 HOT_KERNELS = ("gemm", "act_forward", "act_backward", "bias_act_backward", "softmax_rows", "ce_rows",
                "sgd_multi", "adam_multi")
@@ -70,7 +73,7 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.COMPILE_OPTIONS])
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.COMPILE_OPTIONS, *CUPY_RUNTIME_OPTIONS])
             ok = True
         except nvrtc.NVRTCError:
             ok = False
@@ -235,7 +238,7 @@ def ptxas_report(file: str) -> list[dict]:
         src = Path(tmp) / f"instantiate_{Path(file).stem}.cu"
         src.write_text(_wrapper(file))
         proc = subprocess.run(
-            ["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v",
+            ["nvcc", "-std=c++17", "-arch=sm_90", "-cubin", "-ftz=true", "-Xptxas", "-v",
              "-I", str(cuda_launch.kernel_dir()), "-o", str(src.with_suffix(".cubin")), str(src)],
             capture_output=True, text=True, check=False,
         )
