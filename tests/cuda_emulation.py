@@ -91,7 +91,7 @@ def compiler() -> str | None:
 
 def unavailable_reason() -> str | None:
     """Why the emulation cannot run on this machine, or None when it can."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or _libc is None:
         return f"the CUDA emulation needs Linux (glibc), this is {sys.platform}"
     if compiler() is None:
         return f"no C++ compiler: {os.environ.get('CXX', 'g++')!r} is not on PATH"
@@ -101,11 +101,15 @@ def unavailable_reason() -> str | None:
 
 
 # --------------------------------------------------------------------- memory
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+try:  # importing this module never fails: unavailable_reason() says why it cannot run
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.mmap.restype = ctypes.c_void_p
+    _libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                           ctypes.c_long)
+    _libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+except (OSError, AttributeError, TypeError):  # pragma: no cover - not a POSIX libc
+    _libc = None
 _PAGE = mmap.PAGESIZE
 _PROT_NONE = 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
