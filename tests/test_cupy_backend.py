@@ -287,7 +287,7 @@ def test_cross_entropy_edge_cases(gb, ref, dtype):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("read", ["float", "to_numpy", "synchronize", "get", "next_call"])
+@pytest.mark.parametrize("read", ["float", "to_numpy", "nf_to_numpy", "synchronize", "get", "next_call"])
 def test_bad_label_raises_and_the_context_stays_usable(gb, ref, read):
     import cupy
 
@@ -300,6 +300,10 @@ def test_bad_label_raises_and_the_context_stays_usable(gb, ref, read):
             float(loss)
         elif read == "to_numpy":
             gb.to_numpy(loss)
+        elif read == "nf_to_numpy":
+            import nnfast
+
+            nnfast.to_numpy(loss)
         elif read == "synchronize":
             gb.synchronize()
         elif read == "get":
@@ -308,11 +312,22 @@ def test_bad_label_raises_and_the_context_stays_usable(gb, ref, read):
             cupy.cuda.get_current_stream().synchronize()  # the first call has finished
             gb.softmax_cross_entropy(gb.asarray(logits), gb.asarray(np.zeros(6, np.int64)))
     # The error is raised once; the device and the backend keep working.
+    import nnfast
+
     good = np.array([0, 1, 2, 3, 4, 0])
     loss, grad = gb.softmax_cross_entropy(gb.asarray(logits), gb.asarray(good))
-    _close(gb.to_numpy(loss), ref.softmax_cross_entropy(logits, good)[0], np.float32, 5)
+    expected = ref.softmax_cross_entropy(logits, good)[0]
+    _close(gb.to_numpy(loss), expected, np.float32, 5)
+    _close(nnfast.to_numpy(loss), expected, np.float32, 5)
+    _close(np.float32(float(loss)), expected, np.float32, 5)
     assert float(cupy.asarray([1.0, 2.0]).sum()) == 3.0
     gb.synchronize()
+
+
+@gpu
+@needs_gpu
+def test_auto_picks_cupy_when_a_gpu_answers():
+    assert backend_for("auto").name == "cupy"
 
 
 @gpu

@@ -210,6 +210,9 @@ def _checked_array_class(cupy: Any) -> Any:
             self._nnfast_check()
             return super().__format__(spec)
 
+    # nnfast recognises CuPy arrays by the module of their type (base._is_cupy_array,
+    # nnfast.to_numpy): this one is a CuPy array.
+    CheckedArray.__module__ = cupy.ndarray.__module__
     _checked_class = CheckedArray
     return CheckedArray
 
