@@ -191,6 +191,8 @@ class Linear(Module):
             raise RuntimeError("Linear.backward: call forward first")
         x, saved, y, activation, alpha = self._cache
         dy = self._grad_input(dy, "dy", y)
+        for p in self.parameters():  # before anything is accumulated: all or nothing
+            _check_grad_slot(p, self.backend)
         dx, dW, db = self.backend.linear_backward(
             dy, x, self.W.data, saved, activation, alpha,
             has_bias=self.b is not None, need_dx=need_input_grad)
@@ -198,6 +200,19 @@ class Linear(Module):
         if self.b is not None:
             _accumulate(self.b, db)
         return dx
+
+
+def _check_grad_slot(p: Parameter, backend: Any) -> None:
+    """Refuse a ``grad`` (set from outside) that a gradient cannot be added to in place."""
+    g = p.grad
+    if g is None:
+        return
+    if not backend.is_native(g) or g.dtype != p.data.dtype or tuple(g.shape) != p.shape \
+            or not g.flags.writeable:
+        what = (f"a {type(g).__name__}" if not backend.is_native(g)
+                else f"shape {tuple(g.shape)} {g.dtype}{'' if g.flags.writeable else ', read-only'}")
+        raise ValueError(f"{p.name}.grad: expected None or a writeable array of shape {p.shape} and dtype "
+                         f"{p.data.dtype} to accumulate into, got {what}")
 
 
 def _accumulate(p: Parameter, grad: Any) -> None:
