@@ -693,3 +693,16 @@ def test_bad_dtype_inventory_is_complete():
     """Every dtype family the issue names is in the generated inputs."""
     kinds = {np.dtype(d).kind for d in BAD_DTYPES}
     assert {"i", "u", "b", "c", "O", "U", "S", "M", "m"} <= kinds
+
+
+@pytest.mark.parametrize("which", ["W", "b"])
+@pytest.mark.parametrize("bad", [np.ones((7,)), np.ones((3, 2), np.float64), [[0.0, 0.0]] * 3, "grad",
+                                 np.ones((2, 3), np.float32)])
+def test_backward_into_a_broken_grad_changes_nothing(backend, which, bad):
+    """A gradient slot set from outside to something that cannot take the sum: refused before accumulating."""
+    lin = _trained(nf.Linear(3, 2, seed=0))
+    if isinstance(bad, np.ndarray) and bad.shape == (2, 3):
+        bad = np.broadcast_to(np.float32(1.0), (3, 2) if which == "W" else (2,))  # read-only view
+    getattr(lin, which).grad = bad
+    expect_error(lambda: lin.backward(np.ones((4, 2))), f"{which}.grad", types=(ValueError,),
+                 states=(_state(lin),))
