@@ -36,6 +36,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype)
 
 
+def _gelu_tanh_inner(x: np.ndarray) -> np.ndarray:
+    """u = sqrt(2 / pi) * (x + 0.044715 x^3), the argument of tanh in the tanh GELU."""
+    with np.errstate(over="ignore"):  # x^3 overflows to +-inf for huge |x|: sigmoid(+-inf) is exact
+        return _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x**3)
+
+
 def activation_forward(x: np.ndarray, activation: str, alpha: float) -> np.ndarray:
     """Reference forward of every activation (PyTorch's definitions)."""
     if activation == "identity":
@@ -50,9 +56,8 @@ def activation_forward(x: np.ndarray, activation: str, alpha: float) -> np.ndarr
         return np.tanh(x)
     if activation == "gelu":  # x * Phi(x), Phi the standard normal CDF
         return (0.5 * x * (1.0 + erf(x / _SQRT_2))).astype(x.dtype)
-    if activation == "gelu_tanh":
-        inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x**3)
-        return (0.5 * x * (1.0 + np.tanh(inner))).astype(x.dtype)
+    if activation == "gelu_tanh":  # 0.5 x (1 + tanh(u)) = x sigmoid(2u), without cancellation
+        return (x * sigmoid(2.0 * _gelu_tanh_inner(x))).astype(x.dtype)
     if activation == "silu":
         return x * sigmoid(x)
     if activation == "softplus":  # log(1 + e^x), linear above the threshold like PyTorch
@@ -81,14 +86,14 @@ def activation_derivative(saved: np.ndarray, activation: str, alpha: float) -> n
         pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
         return (cdf + x * pdf).astype(x.dtype)
     if activation == "gelu_tanh":  # saved = x
-        # Beyond |x| = 10, tanh(inner) is exactly +-1 in both dtypes and the
-        # derivative exactly 1 or 0; clipping there keeps x * x * (1 - t * t)
-        # from becoming inf * 0 = NaN for huge |x|.
+        # With s = sigmoid(2u) = (1 + tanh u) / 2 and sech^2 u = 4 s (1 - s):
+        # d/dx = s + x * 2 s (1 - s) * du/dx, free of the cancellation in 1 + tanh u.
+        # Beyond |x| = 10 the derivative is exactly 1 or 0 in both dtypes; clipping
+        # keeps x * x from overflowing into inf * 0 = NaN.
         x = np.clip(saved, -10.0, 10.0)
-        inner = _SQRT_2_OVER_PI * (x + _GELU_TANH_C * x**3)
-        t = np.tanh(inner)
+        s = sigmoid(2.0 * _gelu_tanh_inner(x))
         d_inner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * x * x)
-        return (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner).astype(x.dtype)
+        return (s + 2.0 * x * s * (1.0 - s) * d_inner).astype(x.dtype)
     if activation == "silu":  # saved = x: s(x) * (1 + x * (1 - s(x)))
         s = sigmoid(saved)
         return s * (one + saved * (one - s))
