@@ -59,7 +59,8 @@ class OpInfo:
 
 
 def _to_backend(backend: Backend, sample: Sample) -> dict[str, Any]:
-    return {k: backend.asarray(v) for k, v in sample.arrays.items()}
+    # Copies: in-place ops (the optimizers) must not change the sample that the next backend reads.
+    return {k: backend.asarray(v.copy()) for k, v in sample.arrays.items()}
 
 
 def _np(backend: Backend, a: Any) -> np.ndarray | None:
