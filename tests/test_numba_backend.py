@@ -170,6 +170,23 @@ def test_activation(dtype, act, n):
                  dtype, what=f"backward {act}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_activation_specials(dtype, act):
+    """NaN stays NaN where the reference gives NaN; +-inf and huge inputs match it."""
+    x = np.array([np.nan, np.inf, -np.inf, 3e37, -3e37, 1e19, -1e19, 0.0, 1.0], dtype)
+    with np.errstate(all="ignore"):
+        yr = REF.activation_forward(x, act)
+        saved = x if saves_input(act) else yr
+        gr = REF.activation_backward(np.ones_like(x), saved, act)
+    y = NB.activation_forward(x, act)
+    g = NB.activation_backward(np.ones_like(x), saved, act)
+    for got, want in ((y, yr), (g, gr)):
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        ok = ~np.isnan(want)
+        np.testing.assert_allclose(got[ok], want[ok], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("act, alpha", [("leaky_relu", 0.2), ("leaky_relu", 0.0), ("elu", 0.5), ("elu", 2.0)])
 def test_activation_alpha(act, alpha):
     rng = np.random.default_rng(3)
@@ -232,6 +249,19 @@ def test_softmax_ce_extreme_logits():
         lossr, gradr = REF.softmax_cross_entropy(logits, np.array([0, 1, 2]))
         assert_close(loss, lossr, dtype, 15)
         assert_close(grad, gradr, dtype, 5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_ce_huge_logits(smoothing):
+    """Logits near the float32 maximum: no overflow of sum(x), no cancellation in the loss."""
+    for logits in ([[3e38]], [[3e38, 3e38]], [[3e38, -3e38, 0.0]], [[-3e38, -3e38]]):
+        logits = np.array(logits, np.float32)
+        labels = np.zeros(1, np.int64)
+        with np.errstate(all="ignore"):
+            lossr, gradr = REF.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+        loss, grad = NB.softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+        np.testing.assert_allclose(loss, lossr, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(grad, gradr, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -95,7 +95,8 @@ def _exp32(x):
     # 2^n from its bit pattern; (n + 127) * 2^23 stays in int32 end to end
     # (an int64 shift would halve the vector width).
     y = y * f32_from_bits(np.int32((n + _BIAS32) * _MANT32))
-    return y if x > _EXP_LO else _ZERO32
+    # Underflow to 0 below -87; a NaN input stays NaN (x <= LO is false for NaN).
+    return y if x > _EXP_LO else (_ZERO32 if x <= _EXP_LO else x)
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
@@ -256,6 +257,9 @@ def gelu_tanh_fwd(x):
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def gelu_tanh_grad(x):
+    # As the reference: beyond |x| = 10 the derivative is exactly 0 or 1;
+    # clipping keeps x * (1 - t * t) from becoming inf * 0 = NaN.
+    x = min(max(x, like(x, -10.0)), like(x, 10.0))
     one = like(x, 1.0)
     inner = like(x, _SQRT_2_OVER_PI) * (x + like(x, _GELU_TANH_C) * x * x * x)
     th = ftanh(inner)

@@ -15,7 +15,8 @@ Each row is handled by one worker (``prange`` over rows) in two sweeps:
 
 So the logits are read twice and the gradient written once; no temporary
 of the logits' size exists besides the gradient. The loss of the row is
-``lse - (1 - eps) x[y] - eps mean(x)`` with ``lse = m + log s``.
+``(1 - eps) (log s + M - x[y]) + eps (log s - mean(x - M))``, the reference's
+``(1 - eps) nll + eps smooth`` written without differences of huge numbers.
 
 Labels are scanned first (serially; it is ``batch`` integers): a label
 outside ``[0, C)`` that is not ``ignore_index`` stops the kernel before any
@@ -78,18 +79,18 @@ def _block_max(x, lo, hi):
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
 def _block_exp(x, e, lo, hi, m):
-    """e[lo:hi] = exp(x[lo:hi] - m); returns (sum of those, sum(x[lo:hi]))."""
+    """e[lo:hi] = exp(x[lo:hi] - m); returns (sum of those, sum(x[lo:hi] - m))."""
     s = like(m, 0.0)
-    sx = like(m, 0.0)
+    sd = like(m, 0.0)
     xs = x[lo:hi]
     es = e[lo:hi]
     for k in range(xs.size):
-        v = xs[k]
-        ev = fexp(v - m)
+        d = xs[k] - m
+        ev = fexp(d)
         es[k] = ev
         s += ev
-        sx += v
-    return s, sx
+        sd += d
+    return s, sd
 
 
 @njit(cache=True, error_model="numpy")
@@ -98,26 +99,29 @@ def row_exp(x, e, mb):
 
     Writes ``e = exp(x - m_b)`` where ``m_b`` is the running maximum when
     block ``b`` was reached (kept in ``mb[b]``), and returns the row maximum
-    ``M``, ``s = sum(exp(x - M))`` and ``sum(x)``. ``e * exp(mb[b] - M)`` is
-    then ``exp(x - M)``: the second sweep needs no exp per element.
+    ``M``, ``s = sum(exp(x - M))`` and ``sum(x - M)`` (float64; it is summed
+    relative to the maximum, so huge logits cannot overflow it or cancel in
+    the loss). ``e * exp(mb[b] - M)`` is then ``exp(x - M)``: the second
+    sweep needs no exp per element.
     """
     n = x.size
     m = x[0]
     s = like(m, 0.0)
-    sx = like(m, 0.0)
+    sd = 0.0
     b = 0
     for lo in range(0, n, BLOCK):
         hi = min(n, lo + BLOCK)
         bm = _block_max(x, lo, hi)
         if bm > m:
             s *= fexp(m - bm)
+            sd += lo * (np.float64(m) - np.float64(bm))
             m = bm
-        bs, bx = _block_exp(x, e, lo, hi, m)
+        bs, bd = _block_exp(x, e, lo, hi, m)
         s += bs
-        sx += bx
+        sd += np.float64(bd)
         mb[b] = m
         b += 1
-    return m, s, sx
+    return m, s, sd
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
@@ -165,9 +169,13 @@ def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss,
                 g[j] = np.nan
             loss[i] = np.nan
             continue
-        m, s, sx = row_exp(x, g, mb)
-        lse = np.float64(m) + math.log(np.float64(s))
-        loss[i] = lse - (1.0 - eps) * np.float64(x[y]) - eps * np.float64(sx) / classes
+        m, s, sd = row_exp(x, g, mb)
+        # -log p[y] = log s + (M - x[y]) and -mean(log p) = log s - mean(x - M):
+        # no term is the difference of two huge numbers.
+        log_s = math.log(np.float64(s))
+        loss[i] = (1.0 - eps) * (log_s + (np.float64(m) - np.float64(x[y])))
+        if eps != 0.0:  # left out, not multiplied by 0: the mean may be -inf (0 * inf = NaN)
+            loss[i] += eps * (log_s - sd / classes)
         _rescale(g, mb, m, like(m, 1.0) / s * like(m, scale), like(m, eps / classes * scale))
         g[y] -= like(m, (1.0 - eps) * scale)
 
