@@ -41,15 +41,22 @@ sgd_multi(const long long* __restrict__ ptrs, const long long* __restrict__ size
 }
 
 // torch.optim.Adam (decoupled == 0: g += wd * p) and AdamW (decoupled != 0:
-// p *= 1 - lr * wd), with the bias corrections folded into
+// p *= decay with decay = 1 - lr * wd), with the bias corrections folded into
 //   step_size = lr / (1 - beta1^step),  sqrt_bias2 = sqrt(1 - beta2^step):
 //   m = beta1 * m + (1 - beta1) * g;  v = beta2 * v + (1 - beta2) * g * g
 //   p -= step_size * m / (sqrt(v) / sqrt_bias2 + eps)
+// 1 - beta1, 1 - beta2 and decay come from the host, formed in double: 1 - beta2
+// taken on the device from a float beta2 = 0.999 would cancel to a relative
+// error of 1e-5. The betas themselves are 1 - (1 - beta), which is exact to
+// the last bit (no cancellation the other way round).
 template <typename T>
 __global__ void __launch_bounds__(256)
 adam_multi(const long long* __restrict__ ptrs, const long long* __restrict__ sizes,
-           const long long* __restrict__ chunks, int num_chunks, int chunk_size, T lr, T beta1,
-           T beta2, T eps, T weight_decay, int decoupled, T step_size, T sqrt_bias2) {
+           const long long* __restrict__ chunks, int num_chunks, int chunk_size, T decay,
+           T one_minus_beta1, T one_minus_beta2, T eps, T weight_decay, int decoupled, T step_size,
+           T sqrt_bias2) {
+    const T beta1 = T(1) - one_minus_beta1;
+    const T beta2 = T(1) - one_minus_beta2;
     for (int c = blockIdx.x; c < num_chunks; c += gridDim.x) {
         const long long t = chunks[2 * c];
         const long long start = chunks[2 * c + 1];
@@ -64,13 +71,13 @@ adam_multi(const long long* __restrict__ ptrs, const long long* __restrict__ siz
             T gi = g[i];
             if (weight_decay != T(0)) {
                 if (decoupled) {
-                    pi *= T(1) - lr * weight_decay;
+                    pi *= decay;
                 } else {
                     gi += weight_decay * pi;
                 }
             }
-            const T mi = beta1 * m[i] + (T(1) - beta1) * gi;
-            const T vi = beta2 * v[i] + (T(1) - beta2) * gi * gi;
+            const T mi = beta1 * m[i] + one_minus_beta1 * gi;
+            const T vi = beta2 * v[i] + one_minus_beta2 * gi * gi;
             m[i] = mi;
             v[i] = vi;
             p[i] = pi - step_size * mi / (nnf::m_sqrt(vi) / sqrt_bias2 + eps);

@@ -443,9 +443,10 @@ class CupyBackend(Backend):
                 continue
             t = np.dtype(dtype).type
             launch = cuda_launch.optimizer_launch("adam", count, dtype, sm_count=self._sm_count)
+            # 1 - beta and 1 - lr * wd in double here: on the device, from float betas, they cancel.
             _launch(launch, ptrs, sizes, chunks, np.int32(count), np.int32(cuda_launch.OPTIM_CHUNK),
-                    t(lr), t(beta1), t(beta2), t(eps), t(weight_decay), np.int32(bool(decoupled)),
-                    t(step_size), t(sqrt_bias2))
+                    t(1.0 - lr * weight_decay), t(1.0 - beta1), t(1.0 - beta2), t(eps), t(weight_decay),
+                    np.int32(bool(decoupled)), t(step_size), t(sqrt_bias2))
 
 
 __all__ = ["CupyBackend", "cupy_unavailable_reason"]
