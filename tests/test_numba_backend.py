@@ -356,5 +356,19 @@ def test_num_threads_env():
     out = _run(code, NNFAST_NUM_THREADS="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1", str(float(1 << 17))]
+    in_thread = (
+        "import threading, numba, numpy as np\n"
+        "from nnfast.backends.numba_backend import NumbaBackend\n"
+        "b = NumbaBackend()\n"
+        "seen = []\n"
+        "def work():\n"
+        "    b.activation_forward(np.ones(8, np.float32), 'relu')\n"
+        "    seen.append(numba.get_num_threads())\n"
+        "t = threading.Thread(target=work); t.start(); t.join()\n"
+        "print(seen[0])\n"
+    )
+    other = _run(in_thread, NNFAST_NUM_THREADS="1")
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split() == ["1"]
     bad = _run(code, NNFAST_NUM_THREADS="zero")
     assert bad.returncode != 0 and "NNFAST_NUM_THREADS" in bad.stderr

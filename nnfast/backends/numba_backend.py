@@ -8,9 +8,13 @@ and made them C-contiguous when these run. Kernels are compiled on first use
 and cached on disk (``cache=True``), so a second process starts warm.
 
 ``NNFAST_NUM_THREADS`` caps the kernel threads (``numba.set_num_threads``).
+Numba keeps that setting per calling thread, so each op re-applies the cap
+when it runs on a thread that has not seen it yet (one cheap query per op).
 """
 
 from __future__ import annotations
+
+import os
 
 import numba
 import numpy as np
@@ -29,33 +33,48 @@ class NumbaBackend(Backend):
     def __init__(self) -> None:
         #: Threads the parallel kernels use.
         self.num_threads = apply_num_threads(numba.set_num_threads, numba.config.NUMBA_NUM_THREADS)
+        # Only an explicit NNFAST_NUM_THREADS is enforced on other threads.
+        self._cap = self.num_threads if os.environ.get("NNFAST_NUM_THREADS", "").strip() else None
+
+    def _threads(self) -> None:
+        if self._cap is not None and numba.get_num_threads() != self._cap:
+            numba.set_num_threads(self._cap)
 
     def _linear_forward(self, x, W, b, activation, alpha):
+        self._threads()
         return linear.linear_forward(x, W, b, ACTIVATION_CODES[activation], alpha, saves_input(activation))
 
     def _linear_backward(self, dy, x, W, saved, activation, alpha, has_bias, need_dx):
+        self._threads()
         return linear.linear_backward(dy, x, W, saved, ACTIVATION_CODES[activation], alpha, has_bias, need_dx)
 
     def _activation_forward(self, x, activation, alpha):
+        self._threads()
         return activations.forward(x, ACTIVATION_CODES[activation], alpha)
 
     def _activation_backward(self, dy, saved, activation, alpha):
+        self._threads()
         return activations.backward(dy, saved, ACTIVATION_CODES[activation], alpha)
 
     def _softmax(self, x):
+        self._threads()
         return softmax_ce.softmax(x)
 
     def _log_softmax(self, x):
+        self._threads()
         return softmax_ce.softmax(x, log=True)
 
     def _softmax_cross_entropy(self, logits, labels, label_smoothing, ignore_index, reduction):
+        self._threads()
         return softmax_ce.softmax_cross_entropy(logits, labels, label_smoothing, ignore_index, reduction,
                                                 bad_label_error)
 
     def _sgd_update(self, params, grads, velocities, lr, momentum, nesterov, weight_decay):
+        self._threads()
         optim.sgd_update(params, grads, velocities, lr, momentum, nesterov, weight_decay)
 
     def _adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                      weight_decay, decoupled):
+        self._threads()
         optim.adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                           weight_decay, decoupled)

@@ -220,9 +220,11 @@ def _softmax_rows(x, r0, r1, out, log):
         o = out[i]
         m, s, _ = row_exp(row, o, mb)
         if log:
-            shift = m + like(m, math.log(np.float64(s)))
+            # (x - M) - log s, as the reference: M + log s would absorb log s
+            # when M is huge.
+            log_s = like(m, math.log(np.float64(s)))
             for j in range(row.size):
-                o[j] = row[j] - shift
+                o[j] = (row[j] - m) - log_s
         else:
             _rescale(o, mb, m, like(m, 1.0) / s, like(m, 0.0))
 
