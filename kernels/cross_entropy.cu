@@ -10,7 +10,7 @@
 //     layer raises ValueError when it reads info (no later than the loss).
 //  2. ce_rows<T, RT>: RT threads per row (one warp for short rows, one block
 //     for long ones). Pass 1 reads the row once, keeping a running max, sum of
-//     exp and sum of logits (online softmax), reduced by warp shuffles (and
+//     exp and mean logit (online softmax), reduced by warp shuffles (and
 //     shared memory across warps). Pass 2 reads it again and writes the
 //     gradient scale * (softmax - s / C - (1 - s) * onehot(label)). The row
 //     loss (1 - s) * (lse - x[label]) + s * (lse - mean(x)) goes to
@@ -102,14 +102,14 @@ ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ lo
     }
     const int label = (int)y;
 
-    nnf::OnlineMaxSum<T> acc;
+    nnf::OnlineMaxSum<T> acc(inv_classes);  // acc.sx: the mean logit
     nnf::row_visit<T, RT>(xr, classes, lane_id, acc);
     nnf::row_reduce<T, RT>(acc, scratch);
     const T log_s = nnf::m_log(acc.s);  // lse = acc.m + log_s
 
     if (lane_id == 0) {
         const T nll = (acc.m - xr[label]) + log_s;
-        const T smooth = (acc.m - acc.sx * inv_classes) + log_s;
+        const T smooth = (acc.m - acc.sx) + log_s;
         // Without smoothing the smooth term is left out, not multiplied by 0:
         // a logit spread beyond the float range makes it inf, and 0 * inf is NaN.
         row_loss[row] = smoothing != T(0) ? (T(1) - smoothing) * nll + smoothing * smooth : nll;

@@ -77,19 +77,23 @@ __device__ __forceinline__ void row_fill(T* __restrict__ out, int n, int lane_id
     for (int j = lane_id; j < n; j += RT) out[j] = value;
 }
 
-// Running (max, sum of exp(x - max), sum of x) of a row. A vector updates the
-// max once (rescaling the sum only when it grows), then adds its exps.
+// Running (max, sum of exp(x - max), sum of x * mean_scale) of a row. A vector
+// updates the max once (rescaling the sum only when it grows), then adds its
+// exps. With mean_scale = 1 / n, sx is the row mean, accumulated from scaled
+// terms so that it cannot overflow where the plain sum would (x near the
+// float maximum).
 template <typename T>
 struct OnlineMaxSum {
-    T m, s, sx;
-    __device__ __forceinline__ OnlineMaxSum() : m(Constants<T>::lowest()), s(T(0)), sx(T(0)) {}
+    T m, s, sx, mean_scale;
+    __device__ __forceinline__ explicit OnlineMaxSum(T scale)
+        : m(Constants<T>::lowest()), s(T(0)), sx(T(0)), mean_scale(scale) {}
     __device__ __forceinline__ void one(T x) {
         if (x > m) {
             s *= m_exp(m - x);
             m = x;
         }
         s += m_exp(x - m);
-        sx += x;
+        sx += x * mean_scale;
     }
     __device__ __forceinline__ void vec(const typename Vec<T>::type& v) {
         constexpr int W = Vec<T>::width;
@@ -104,7 +108,7 @@ struct OnlineMaxSum {
 #pragma unroll
         for (int k = 0; k < W; ++k) {
             s += m_exp(x[k] - m);
-            sx += x[k];
+            sx += x[k] * mean_scale;
         }
     }
 };
