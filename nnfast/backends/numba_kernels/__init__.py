@@ -20,3 +20,44 @@ compiled with ``cache=True`` and ``error_model="numpy"`` (a float division
 by zero gives inf/NaN instead of raising, which lets LLVM vectorise loops
 that divide).
 """
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..base import ACTIVATIONS
+
+
+def _drop_stale_cache() -> None:
+    """Delete cached machine code compiled from other versions of these sources.
+
+    Numba re-validates a cached kernel against the file that defines it, not
+    against the files of the kernels it calls and inlines (``_math.py``,
+    ``_simd.py``, ...), so after an edit of a callee a caller would keep running
+    stale code. A digest of every kernel source (and of the activation codes)
+    is kept next to the cache; when it changes, the cache is dropped and the
+    kernels recompile on first use. A cache moved elsewhere with
+    ``NUMBA_CACHE_DIR`` is not managed here.
+    """
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256(repr(ACTIVATIONS).encode())
+    for source in sorted(here.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    cache = here / "__pycache__"
+    stamp = cache / "numba-kernels.sha256"
+    try:
+        if stamp.read_text() == digest.hexdigest():
+            return
+    except OSError:
+        pass
+    try:
+        cache.mkdir(exist_ok=True)
+        for stale in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
+            stale.unlink(missing_ok=True)
+        stamp.write_text(digest.hexdigest())
+    except OSError:  # a read-only install: Numba keeps its cache elsewhere
+        pass
+
+
+_drop_stale_cache()
