@@ -598,15 +598,6 @@ def test_optimizers_many_chunks(gpu, dtype, kind):
             _assert_close(g, e, 1, dtype, f"{kind} {opts} tensor {j}")
 
 
-# Defects these tests found in the kernels, reported to their owner. Expected failures, not
-# strict: a test passes again by itself once the kernel is fixed, and its entry goes.
-ADAM_ONE_MINUS_BETA = (
-    "kernels/optim.cu adam_multi computes (T(1) - beta2) on the device from the float32-rounded beta2: "
-    "catastrophic cancellation gives exp_avg_sq a relative error of 1.3e-5 for beta2 = 0.999 (1.7e-4 for "
-    "0.9999) against 4e-8 for the reference and torch, which form 1 - beta2 in double on the host")
-
-
-@pytest.mark.xfail(reason=ADAM_ONE_MINUS_BETA, strict=False)
 def test_adam_second_moment_is_as_precise_as_the_reference(gpu):
     g = np.array([64.0, -30.0, 100.0, 0.5], np.float32)
     exact = (1.0 - 0.9999) * g.astype(np.float64) ** 2
@@ -668,22 +659,15 @@ def test_launch_configurations_are_valid_for_large_batches(kernel_modules, kind,
 # --------------------------------------------------------------------- the project's property tests
 # tests/test_properties.py's cross-backend properties (extreme values, NaN propagation,
 # comparison with the reference) run on the CuPy backend on the emulation.
-GELU_TANH_REFERENCE = (
-    "reference, not kernel: numpy_backend's float32 gelu_tanh derivative forms 0.5 * (1 + tanh(u)) and "
-    "cancels for x < -4 (absolute error ~1e-6, above the test's atol); the kernel's value is the closer one "
-    "to the float64 sigmoid(2u) + 0.5 x sech^2(u) u' there")
 PROPERTY_CASES = (
-    [pytest.param("test_activation_matches_reference", (a,),
-                  marks=[pytest.mark.xfail(reason=GELU_TANH_REFERENCE, strict=False)] if a == "gelu_tanh" else [])
-     for a in ACTIVATIONS]
+    [("test_activation_matches_reference", (a,)) for a in ACTIVATIONS]
     + [("test_activation_finite_in_finite_out", (a,)) for a in ACTIVATIONS]
     + [("test_activation_propagates_nan", (a,)) for a in ACTIVATIONS]
     + [("test_linear_matches_reference", (a,)) for a in ACTIVATIONS]
     + [("test_softmax_matches_reference", ("softmax",)), ("test_softmax_matches_reference", ("log_softmax",)),
        ("test_softmax_rows_are_distributions", ()), ("test_cross_entropy_matches_reference", ()),
        ("test_cross_entropy_is_never_nan", ()), ("test_optimizer_update_matches_reference", ("sgd",)),
-       pytest.param("test_optimizer_update_matches_reference", ("adam",),
-                    marks=pytest.mark.xfail(reason=ADAM_ONE_MINUS_BETA, strict=False))]
+       ("test_optimizer_update_matches_reference", ("adam",))]
 )
 
 
