@@ -21,7 +21,7 @@ numba = pytest.importorskip("numba")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from nnfast.backends import BackendError, backend_for  # noqa: E402
+from nnfast.backends import backend_for  # noqa: E402
 from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, saves_input  # noqa: E402
 from nnfast.backends.numba_backend import NumbaBackend  # noqa: E402
 from nnfast.backends.numpy_backend import NumpyBackend  # noqa: E402

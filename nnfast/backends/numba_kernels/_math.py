@@ -74,7 +74,8 @@ _T3, _T4 = _f(1.33314422036e-1), _f(-3.33332819422e-1)
 _MANT32 = _f(8388608.0)
 
 _ERF_CLAMP = _f(4.0)
-_A1, _A3, _A5, _A7 = _f(-1.60960333262415e-02), _f(-2.95459980854025e-03), _f(-7.34990630326855e-04), _f(-5.69250639462346e-05)
+_A1, _A3 = _f(-1.60960333262415e-02), _f(-2.95459980854025e-03)
+_A5, _A7 = _f(-7.34990630326855e-04), _f(-5.69250639462346e-05)
 _A9, _A11, _A13 = _f(-2.10102402082508e-06), _f(2.77068142495902e-08), _f(-2.72614225801306e-10)
 _B0, _B2, _B4 = _f(-1.42647390514189e-02), _f(-7.37332916720468e-03), _f(-1.68282697438203e-03)
 _B6, _B8 = _f(-2.13374055278905e-04), _f(-1.45660718464996e-05)
@@ -282,57 +283,3 @@ def softplus_grad(x):
 def elu_fwd(x, alpha):
     t = like(x, 0.0)
     return x if x > t else alpha * math.expm1(min(x, t))
-
-
-@njit(cache=True, error_model="numpy")
-def act_fwd(code, x, alpha):
-    """``act(x)`` for an activation code (scalar; used by the GEMM epilogue)."""
-    t = like(x, 0.0)
-    alpha = like(x, alpha)
-    if code == RELU:
-        return t if x < t else x
-    if code == LEAKY_RELU:
-        return x if x > t else alpha * x
-    if code == SIGMOID:
-        return sigmoid(x)
-    if code == TANH:
-        return ftanh(x)
-    if code == GELU:
-        return gelu_fwd(x)
-    if code == GELU_TANH:
-        return gelu_tanh_fwd(x)
-    if code == SILU:
-        return x * sigmoid(x)
-    if code == SOFTPLUS:
-        return softplus_fwd(x)
-    if code == ELU:
-        return elu_fwd(x, alpha)
-    return x
-
-
-@njit(cache=True, error_model="numpy")
-def act_grad(code, s, alpha):
-    """``act'(.)`` from ``saved`` (input or output, see ``base.saves_input``)."""
-    t = like(s, 0.0)
-    one = like(s, 1.0)
-    alpha = like(s, alpha)
-    if code == RELU:
-        return one if s > t else t
-    if code == LEAKY_RELU:
-        return one if s > t else alpha
-    if code == SIGMOID:
-        return s * (one - s)
-    if code == TANH:
-        return one - s * s
-    if code == GELU:
-        return gelu_grad(s)
-    if code == GELU_TANH:
-        return gelu_tanh_grad(s)
-    if code == SILU:
-        sg = sigmoid(s)
-        return sg * (one + s * (one - sg))
-    if code == SOFTPLUS:
-        return softplus_grad(s)
-    if code == ELU:
-        return one if s > t else s + alpha
-    return one

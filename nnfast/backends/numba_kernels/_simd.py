@@ -219,16 +219,5 @@ def f32_from_bits(typingctx, i):
     return types.float32(i), codegen
 
 
-@intrinsic
-def f64_from_bits(typingctx, i):
-    """Reinterpret a 64-bit integer as a float64."""
-
-    def codegen(context, builder, sig, args):
-        v = builder.sext(args[0], ir.IntType(64)) if args[0].type.width < 64 else args[0]
-        return builder.bitcast(v, ir.DoubleType())
-
-    return types.float64(i), codegen
-
-
-__all__ = ["SimdType", "addr", "vlanes", "vload", "vstore", "vbroadcast", "vzero", "vfma", "vadd", "vrelu", "vmax", "vlane", "prefetch",
-           "f32_from_bits", "f64_from_bits", "cgutils"]
+__all__ = ["SimdType", "addr", "f32_from_bits", "prefetch", "vadd", "vbroadcast", "vfma", "vlane",
+           "vlanes", "vload", "vmax", "vrelu", "vstore", "vzero"]

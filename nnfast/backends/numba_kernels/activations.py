@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ._math import (ELU, GELU, GELU_TANH, IDENTITY, LEAKY_RELU, RELU, SIGMOID, SILU, SOFTPLUS,
-                    TANH, act_grad, elu_fwd, gelu_fwd, gelu_grad, gelu_tanh_fwd, gelu_tanh_grad,
+from ._math import (ELU, GELU, GELU_TANH, LEAKY_RELU, RELU, SIGMOID, SILU, SOFTPLUS,
+                    TANH, elu_fwd, gelu_fwd, gelu_grad, gelu_tanh_fwd, gelu_tanh_grad,
                     ftanh, like, sigmoid, softplus_fwd, softplus_grad)
 
 #: Elements per parallel work item (a multiple of every vector width).
@@ -120,7 +120,7 @@ def backward_range(dy, s, dx, lo, hi, code, alpha):
             dx[i] = d if v > z else d * (v + a)
     else:
         for i in range(lo, hi):
-            dx[i] = dy[i] * act_grad(code, s[i], alpha)
+            dx[i] = dy[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
