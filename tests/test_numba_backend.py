@@ -251,10 +251,10 @@ def test_softmax_ce_extreme_logits():
         assert_close(grad, gradr, dtype, 5)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.9])
 def test_softmax_ce_huge_logits(smoothing):
     """Logits near the float32 maximum: no overflow of sum(x), no cancellation in the loss."""
-    for logits in ([[3e38]], [[3e38, 3e38]], [[3e38, -3e38, 0.0]], [[-3e38, -3e38]]):
+    for logits in ([[3e38]], [[3e38, 3e38]], [[3e38, -3e38, 0.0]], [[-3e38, -3e38]], [[3e38, -1.3e-4, 6.4e-4]]):
         logits = np.array(logits, np.float32)
         labels = np.zeros(1, np.int64)
         with np.errstate(all="ignore"):

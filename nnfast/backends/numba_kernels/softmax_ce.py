@@ -78,8 +78,12 @@ def _block_max(x, lo, hi):
 
 
 @njit(cache=True, error_model="numpy", fastmath=_FM)
-def _block_exp(x, e, lo, hi, m):
-    """e[lo:hi] = exp(x[lo:hi] - m); returns (sum of those, sum(x[lo:hi] - m))."""
+def _block_exp(x, e, lo, hi, m, inv_n):
+    """e[lo:hi] = exp(x[lo:hi] - m); returns (sum of those, sum((x[lo:hi] - m) * inv_n)).
+
+    The second sum adds pre-scaled terms, so a row mean near the float
+    maximum cannot overflow on the way (as the reference does).
+    """
     s = like(m, 0.0)
     sd = like(m, 0.0)
     xs = x[lo:hi]
@@ -89,20 +93,21 @@ def _block_exp(x, e, lo, hi, m):
         ev = fexp(d)
         es[k] = ev
         s += ev
-        sd += d
+        sd += d * inv_n
     return s, sd
 
 
 @njit(cache=True, error_model="numpy")
-def row_exp(x, e, mb):
+def row_exp(x, e, mb, inv_n):
     """Online softmax sweep over one row.
 
     Writes ``e = exp(x - m_b)`` where ``m_b`` is the running maximum when
     block ``b`` was reached (kept in ``mb[b]``), and returns the row maximum
-    ``M``, ``s = sum(exp(x - M))`` and ``sum(x - M)`` (float64; it is summed
-    relative to the maximum, so huge logits cannot overflow it or cancel in
-    the loss). ``e * exp(mb[b] - M)`` is then ``exp(x - M)``: the second
-    sweep needs no exp per element.
+    ``M``, ``s = sum(exp(x - M))`` and ``mean(x - M)`` (float64; summed
+    relative to the maximum from terms pre-scaled by ``inv_n = 1 / len(x)``,
+    so huge logits can neither overflow it nor cancel in the loss).
+    ``e * exp(mb[b] - M)`` is then ``exp(x - M)``: the second sweep needs no
+    exp per element.
     """
     n = x.size
     m = x[0]
@@ -114,9 +119,9 @@ def row_exp(x, e, mb):
         bm = _block_max(x, lo, hi)
         if bm > m:
             s *= fexp(m - bm)
-            sd += lo * (np.float64(m) - np.float64(bm))
+            sd += lo * (np.float64(m) - np.float64(bm)) * np.float64(inv_n)
             m = bm
-        bs, bd = _block_exp(x, e, lo, hi, m)
+        bs, bd = _block_exp(x, e, lo, hi, m, inv_n)
         s += bs
         sd += np.float64(bd)
         mb[b] = m
@@ -155,6 +160,7 @@ def scan_labels(labels, classes, ignore_index, use_ignore):
 def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss, grad):
     classes = logits.shape[1]
     mb = np.empty((classes + BLOCK - 1) // BLOCK, logits.dtype)
+    inv_n = like(logits[0, 0], 1.0 / classes)
     for i in range(r0, r1):
         x = logits[i]
         g = grad[i]
@@ -169,13 +175,13 @@ def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss,
                 g[j] = np.nan
             loss[i] = np.nan
             continue
-        m, s, sd = row_exp(x, g, mb)
+        m, s, mean_d = row_exp(x, g, mb, inv_n)
         # -log p[y] = log s + (M - x[y]) and -mean(log p) = log s - mean(x - M):
         # no term is the difference of two huge numbers.
         log_s = math.log(np.float64(s))
         loss[i] = (1.0 - eps) * (log_s + (np.float64(m) - np.float64(x[y])))
         if eps != 0.0:  # left out, not multiplied by 0: the mean may be -inf (0 * inf = NaN)
-            loss[i] += eps * (log_s - sd / classes)
+            loss[i] += eps * (log_s - mean_d)
         _rescale(g, mb, m, like(m, 1.0) / s * like(m, scale), like(m, eps / classes * scale))
         g[y] -= like(m, (1.0 - eps) * scale)
 
@@ -215,10 +221,11 @@ def softmax_cross_entropy(logits, labels, label_smoothing, ignore_index, reducti
 @njit(cache=True, error_model="numpy")
 def _softmax_rows(x, r0, r1, out, log):
     mb = np.empty((x.shape[1] + BLOCK - 1) // BLOCK, x.dtype)
+    inv_n = like(x[0, 0], 1.0 / x.shape[1])
     for i in range(r0, r1):
         row = x[i]
         o = out[i]
-        m, s, _ = row_exp(row, o, mb)
+        m, s, _ = row_exp(row, o, mb, inv_n)
         if log:
             # (x - M) - log s, as the reference: M + log s would absorb log s
             # when M is huge.
