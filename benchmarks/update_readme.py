@@ -81,7 +81,15 @@ def section(reports: list[dict[str, Any]], all_rows: bool) -> str:
         if len(reports) > 1:
             gpu = report["machine"].get("gpu")
             parts += [f"**{'GPU: ' + gpu['name'] if gpu else 'CPU: ' + report['machine']['cpu']}**", ""]
-        parts.append(bench.render_markdown(report, heading_level=4, rows=select_rows(report, all_rows)).rstrip())
+        text = bench.render_markdown(report, heading_level=3, rows=select_rows(report, all_rows)).rstrip()
+        first, _, rest = text.partition("\n\n")  # "Measured <date> on <machine>." comes first
+        threads = report["settings"].get("threads", "default")
+        if threads != "default":
+            first += (f"\n\nEvery library (BLAS, Numba, PyTorch) ran on {threads} thread{'s' if threads != 1 else ''} "
+                      f"(`--threads {threads}`): on a shared machine a busy core stalls multi-threaded kernels far "
+                      "more than it slows single-threaded ones, so this gives the steadier ratios.")
+        first += "\n\nPyTorch is a yardstick only, never a dependency of nnfast."
+        parts.append(first + "\n\n" + rest)
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
 
