@@ -89,6 +89,9 @@ def section(reports: list[dict[str, Any]], all_rows: bool) -> str:
                       f"(`--threads {threads}`): on a shared machine a busy core stalls multi-threaded kernels far "
                       "more than it slows single-threaded ones, so this gives the steadier ratios.")
         first += "\n\nPyTorch is a yardstick only, never a dependency of nnfast."
+        bench_args = report["command"].removeprefix("nnfast bench").strip()
+        rest += ("\n\nRegenerate this section: `python benchmarks/update_readme.py"
+                 + (f" -- {bench_args}" if bench_args else "") + "`")
         parts.append(first + "\n\n" + rest)
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
