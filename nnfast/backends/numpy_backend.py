@@ -164,10 +164,16 @@ class NumpyBackend(Backend):
 
         logp = log_softmax(logits)
         nll = -logp[np.arange(batch), target]
-        smooth = -logp.mean(axis=1)
-        # Without smoothing the smooth term is left out, not multiplied by 0: a
-        # logit spread beyond the float range makes it inf, and 0 * inf is NaN.
-        loss_rows = (1.0 - label_smoothing) * nll + label_smoothing * smooth if label_smoothing else nll
+        # The mean of the log-probabilities adds scaled terms: a plain sum of
+        # logits near the float maximum would overflow.
+        smooth = -(logp / classes).sum(axis=1)
+        # Without smoothing (or smoothing that rounds to 0 in this dtype) the
+        # smooth term is left out, not multiplied by 0: a logit spread beyond
+        # the float range makes it inf, and 0 * inf is NaN.
+        if logits.dtype.type(label_smoothing) == 0:
+            loss_rows = nll
+        else:
+            loss_rows = (1.0 - label_smoothing) * nll + label_smoothing * smooth
         loss_rows = np.where(kept, loss_rows, 0).astype(logits.dtype)
 
         # d loss_i / d logits_i = softmax_i - ((1 - s) * onehot(y_i) + s / classes)
