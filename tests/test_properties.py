@@ -434,8 +434,9 @@ def _ce_run(backend, logits, labels, options):
 
 
 CE_OVERFLOW_ISSUE = ("numba softmax_cross_entropy, float32 logits near the float maximum: a single logit 3e38 "
-                     "with smoothing 0.1 gives loss -1.9e22 (reference 0); a row [3e38, 3e38] with smoothing 0 "
-                     "gives NaN (numba_kernels/softmax_ce.py)")
+                     "with smoothing 0.1 gave loss -1.9e22 (reference 0); a row [3e38, 3e38] with smoothing 0 "
+                     "gave NaN; [3e38, -1.3e-4, 6.4e-4] with smoothing 2.9e-212 gives inf (true loss ~0) "
+                     "(numba_kernels/softmax_ce.py)")
 
 
 def _ce_backends(names, issue):
@@ -507,6 +508,29 @@ def _check_cross_entropy_health(name, data, huge):
         assert (loss == 0).all() and (grad == 0).all()
     kept_sums = grad[~ignored].astype(np.float64).sum(axis=1)
     np.testing.assert_allclose(kept_sums, 0.0, atol=(1e-5 if dtype == np.float32 else 1e-12) * logits.shape[1])
+
+
+EDGE_ROWS = [  # (logits row, label, smoothing): overflowing sums and spreads, smoothing that rounds to 0
+    ([3e38, -1.3e-4, 6.4e-4], 0, 2.9e-212), ([3e38, -3e38], 0, 1e-50), ([3e38, -3e38], 0, 0.0),
+    ([3e38, -3e38], 1, 0.0), ([3e38, 3e38], 0, 0.0), ([3e38, 3e38], 1, 0.1), ([3e38], 0, 0.1),
+    ([-3e38, -3e38, -3e38], 2, 1.0), ([1e-45, -1e-45], 1, 0.5), ([3.4e38, -3.4e38, 0.0], 2, 0.3),
+]
+
+
+@pytest.mark.parametrize("name", _ce_backends(AVAILABLE, CE_OVERFLOW_ISSUE))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_edge_rows_are_never_nan(name, reduction):
+    backend = backend_for(name)
+    for row, label, smoothing in EDGE_ROWS:
+        logits = np.asarray([row], dtype=np.float32)
+        with np.errstate(all="ignore"):
+            loss, grad = _ce_run(backend, logits, np.array([label]),
+                                 {"label_smoothing": smoothing, "reduction": reduction})
+        what = f"{name} row {row} label {label} smoothing {smoothing}: loss {loss}, dlogits {grad}"
+        assert not np.isnan(loss).any() and (loss >= 0).all(), what
+        assert np.isfinite(grad).all() and abs(float(grad.sum())) < 1e-5, what
+        if max(row) - min(row) < 3.4e38:  # the loss itself is representable: it must be finite
+            assert np.isfinite(loss).all(), what
 
 
 @given(data=st.data())
