@@ -583,14 +583,13 @@ def test_optimizer_update_matches_reference(name, kind, data):
                      atol=1e-6 if dtype == np.float32 else 1e-14, what=f"{name} {kind} output {i} {options}")
 
 
-@every_backend
+@pytest.mark.parametrize("name", [n for n in AVAILABLE if n != "cupy"])  # views of host memory
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 @given(data=st.data())
 def test_optimizer_updates_strided_parameters_in_place(name, kind, data):
     """Parameters and states that are strided views are updated in place, as contiguous ones."""
     dtype, n, arrays, options, steps = data.draw(optimizer_cases(kind))
     backend = backend_for(name)
-    assume(backend.xp is np)  # views of host memory
     expected = _optimizer_run(backend, kind, n, arrays, options, steps)
     views = {k: data.draw(layouts(v.copy())) for k, v in arrays.items()}
     got = _optimizer_run(backend, kind, n, arrays, options, steps, views=views)
