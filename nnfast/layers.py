@@ -215,6 +215,16 @@ def _check_grad_slot(p: Parameter, backend: Any) -> None:
                          f"{p.data.dtype} to accumulate into, got {what}")
 
 
+def first_repeat(items: Sequence[Any]) -> tuple[int, int] | None:
+    """``(i, j)`` for the first object that stands twice in ``items`` (at ``i < j``), else None."""
+    seen: dict[int, int] = {}
+    for j, item in enumerate(items):
+        if id(item) in seen:
+            return seen[id(item)], j
+        seen[id(item)] = j
+    return None
+
+
 def _accumulate(p: Parameter, grad: Any) -> None:
     if p.grad is None:
         p.grad = grad
@@ -356,16 +366,15 @@ class Sequential(Module):
 
     def __init__(self, *layers: Module) -> None:
         super().__init__()
-        seen: dict[int, int] = {}
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layers[{i}]: expected an nnfast Module, got {type(layer).__name__}")
-            if id(layer) in seen:
-                # Each layer keeps the cache of its last forward: a second use
-                # would overwrite the first one's and corrupt the backward.
-                raise ValueError(f"layers[{i}]: the same layer object as layers[{seen[id(layer)]}]; "
-                                 "use a new layer instance for each position")
-            seen[id(layer)] = i
+        repeat = first_repeat(layers)
+        if repeat is not None:
+            # Each layer keeps the cache of its last forward: a second use
+            # would overwrite the first one's and corrupt the backward.
+            raise ValueError(f"layers[{repeat[1]}]: the same layer object as layers[{repeat[0]}]; "
+                             "use a new layer instance for each position")
         self.layers = list(layers)
         self._plan = self._fuse(self.layers)
 

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .layers import Parameter
+from .layers import Parameter, first_repeat
 
 
 def _check_number(value: Any, arg: str, low: float = 0.0, high: float | None = None) -> float:
@@ -38,14 +38,13 @@ class Optimizer:
         params = list(params)
         if not params:
             raise ValueError("params: expected at least one Parameter, got an empty list")
-        seen: dict[int, int] = {}
         for i, p in enumerate(params):
             if not isinstance(p, Parameter):
                 raise TypeError(f"params[{i}]: expected an nnfast Parameter, got {type(p).__name__}")
-            if id(p) in seen:
-                raise ValueError(f"params[{i}]: the same Parameter as params[{seen[id(p)]}] "
-                                 "(it would be updated twice per step)")
-            seen[id(p)] = i
+        repeat = first_repeat(params)
+        if repeat is not None:
+            raise ValueError(f"params[{repeat[1]}]: the same Parameter as params[{repeat[0]}] "
+                             "(it would be updated twice per step)")
         self.params = params
         self.lr = _check_number(lr, "lr")
         self.step_count = 0
