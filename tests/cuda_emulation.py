@@ -19,8 +19,9 @@ exchanges for warp intrinsics). This module is the Python side:
   as they are), then checks them against the kernel's real parameter types.
 
 Environment knobs: ``NNFAST_EMU_CACHE`` (cache directory), ``CXX`` (compiler),
-``NNFAST_EMU_SCHEDULE`` (``forward`` | ``reverse`` | ``random``, default
-``forward``), ``NNFAST_EMU_TIMEOUT`` (seconds per launch, default 120),
+``NNFAST_EMU_SCHEDULE`` (``forward`` | ``reverse`` | ``random`` | ``warps`` |
+``warps-reverse``, default ``forward``; see :data:`SCHEDULES`),
+``NNFAST_EMU_TIMEOUT`` (seconds per launch, default 120),
 ``NNFAST_EMU_PLACEMENT`` (``end`` | ``start``: which side of the arrays of the
 emulated CuPy touches a guard page, default ``end``).
 """
@@ -54,7 +55,10 @@ CXXFLAGS = (
     # A misaligned vector access (float4, double2) is an error on a GPU: trap on it here.
     "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error",
 )
-SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+#: Thread orders (cuemu::Schedule): the block in step, one slice between collectives per sweep
+#: ("forward", "reverse", "random" thread order), or each warp alone up to its next barrier
+#: ("warps": warp 0 first, "warps-reverse": the last warp first).
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2, "warps": 3, "warps-reverse": 4}
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 _SMEM_TAIL = 1024
 _VERSION = "3"  # bump to invalidate cached builds when this file changes what it emits

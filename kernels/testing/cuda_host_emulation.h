@@ -7,7 +7,11 @@
 //     switch only at `__syncthreads()` and at warp collectives, so a thread runs
 //     alone from one barrier to the next. A missing `__syncthreads()` therefore
 //     makes a reader see stale or poisoned shared memory instead of what a
-//     racing writer was meant to publish;
+//     racing writer was meant to publish. The schedule (Options::schedule) says
+//     in which order: all threads in step, one slice between collectives per
+//     sweep (forward, reverse or random thread order), or each warp alone up to
+//     its next barrier (forward or reverse warp order), so that one warp runs
+//     ahead of the others through its shuffles as it may on a GPU;
 //   * `__shared__` variables are per-block (thread_local storage of the one OS
 //     thread that runs a block), and all shared memory is filled with 0xFF bytes
 //     (NaN / -1) before each block starts, as uninitialised memory on a GPU is;
@@ -171,8 +175,18 @@ struct Thread {
   uint64_t w_val, w_result;
 };
 
+// The order in which the runnable threads of a block run (tests/cuda_emulation.py SCHEDULES).
+// The first three sweep the block in step: every runnable thread runs one slice (up to its
+// next barrier or warp collective) per sweep, so no warp gets more than one collective ahead.
+// The warp schedules run each warp alone, lane after lane, until all its lanes wait at a
+// barrier or have returned; only then does the next warp start.
+enum Schedule : int {
+  kForward = 0, kReverse = 1, kRandom = 2,  // thread order; random is reshuffled at every barrier
+  kWarps = 3, kWarpsReverse = 4,            // warp 0 first, or the last warp first
+};
+
 struct Options {  // filled by the Python harness; layout mirrored there
-  int schedule;           // 0 forward, 1 reverse, 2 random (reshuffled at every barrier)
+  int schedule;           // a Schedule
   int strict_exit;        // 1: __syncthreads() after some threads returned is an error
   uint64_t seed;          // for the random schedule
   double timeout_s;       // wall-clock limit of one launch
@@ -390,10 +404,19 @@ inline uint64_t next_random() {  // splitmix64
   return z ^ (z >> 31);
 }
 
+// rt.order: the threads in the order of a sweep. For the warp schedules it lists whole warps
+// (lanes ascending), so that a warp is a contiguous group of it.
 inline void make_order() {
   unsigned n = rt.nthreads;
-  for (unsigned i = 0; i < n; ++i) rt.order[i] = (rt.opt.schedule == 1) ? n - 1 - i : i;
-  if (rt.opt.schedule == 2) {
+  if (rt.opt.schedule == kWarpsReverse) {
+    const unsigned ws = kWarpSize;
+    unsigned k = 0;
+    for (unsigned w = (n + ws - 1) / ws; w-- > 0;)
+      for (unsigned i = w * ws; i < std::min(n, (w + 1) * ws); ++i) rt.order[k++] = i;
+    return;
+  }
+  for (unsigned i = 0; i < n; ++i) rt.order[i] = (rt.opt.schedule == kReverse) ? n - 1 - i : i;
+  if (rt.opt.schedule == kRandom) {
     for (unsigned i = n; i > 1; --i) std::swap(rt.order[i - 1], rt.order[next_random() % i]);
   }
 }
@@ -587,7 +610,7 @@ inline bool release_block_barrier() {
     }
   }
   ++rt.stats.barriers;
-  if (rt.opt.schedule == 2) make_order();
+  if (rt.opt.schedule == kRandom) make_order();
   return true;
 }
 
@@ -650,22 +673,35 @@ inline bool run_block() {
   }
   rt.done = 0;
   make_order();
+  // A group of the order is swept until none of its threads can run: the whole block in
+  // step (one sweep), or one warp at a time (a warp collective only waits for lanes of its
+  // own warp, so a drained warp stays drained until the barrier is released).
+  const bool warp_alone = rt.opt.schedule == kWarps || rt.opt.schedule == kWarpsReverse;
   for (;;) {
     bool ran = false;
-    for (unsigned k = 0; k < n; ++k) {
-      Thread& t = rt.threads[rt.order[k]];
-      if (t.state != kRunnable) continue;
-      rt.cur = &t;
-      ++rt.stats.switches;
-      switch_context(&rt.sched_sp, t.sp);
-      rt.cur = nullptr;
-      ran = true;
-      if (rt.error != kOk) return false;
-      if (t.state == kDone) {
-        ++rt.done;
-        try_complete_warp(t.warp);  // the lane no longer takes part in collectives
-        if (rt.error != kOk) return false;
+    for (unsigned g0 = 0; g0 < n;) {
+      const unsigned first = rt.order[g0];  // lane 0 of its warp for the warp schedules
+      const unsigned g1 = warp_alone ? g0 + std::min<unsigned>(kWarpSize, n - first) : n;
+      for (bool again = true; again;) {
+        again = false;
+        for (unsigned k = g0; k < g1; ++k) {
+          Thread& t = rt.threads[rt.order[k]];
+          if (t.state != kRunnable) continue;
+          rt.cur = &t;
+          ++rt.stats.switches;
+          switch_context(&rt.sched_sp, t.sp);
+          rt.cur = nullptr;
+          ran = again = true;
+          if (rt.error != kOk) return false;
+          if (t.state == kDone) {
+            ++rt.done;
+            try_complete_warp(t.warp);  // the lane no longer takes part in collectives
+            if (rt.error != kOk) return false;
+          }
+        }
+        again = again && warp_alone;
       }
+      g0 = g1;
     }
     if (rt.done == n) return true;
     if (ran) continue;
