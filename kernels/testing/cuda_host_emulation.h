@@ -26,6 +26,9 @@
 //   * a fault (out-of-bounds access into a guard page, stack overflow, integer
 //     division by zero), `__trap()`, a failed `assert` or a timeout aborts the
 //     launch with a message naming the block and thread.
+//   * built with -DCUEMU_COUNT_ACCESSES (and the instrumentation flags the harness
+//     adds), every global-memory load and store is counted per array and width
+//     (see "global memory accounting").
 //
 // The Python side (tests/cuda_emulation.py) allocates global memory between guard
 // pages, builds one shared library per `.cu` (this header + the source + a table
@@ -1238,6 +1241,86 @@ template <class T> inline void __stcg(T* p, T v) { *p = v; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
 template <class T> inline void __stwb(T* p, T v) { *p = v; }
 template <class T> inline void __stwt(T* p, T v) { *p = v; }
+
+// ---------------------------------------------------------------- global memory accounting
+// A build with -DCUEMU_COUNT_ACCESSES also gets g++'s kernel-address instrumentation in call
+// mode (no shadow memory, no runtime library; flags in tests/cuda_emulation.py): every load
+// and store of the translation unit calls one of the __asan_{load,store}{1,2,4,8,16,N}_noabort
+// hooks below with its address. An access that falls in a region the harness registered (its
+// global-memory arrays) is counted for that region by direction and width, so a float4 or
+// double2 access is one 16-byte access and a scalar float one 4-byte access. Everything else
+// (stacks, shared memory, the runtime's own data) is ignored. The build compiles with -O0 so
+// that the accesses are those of the source: an optimiser would split a vector load whose
+// lanes are read one by one into scalar loads, or merge scalar ones.
+namespace cuemu {
+constexpr int kAccessWidths = 6;  // 1, 2, 4, 8, 16 bytes, any other size
+struct AccessRegion {             // layout mirrored in tests/cuda_emulation.py
+  uint64_t lo, hi;                // [lo, hi): the bytes of one array
+  uint64_t loads[kAccessWidths];
+  uint64_t stores[kAccessWidths];
+};
+inline AccessRegion* g_regions = nullptr;  // sorted by address, disjoint
+inline uint64_t g_num_regions = 0, g_regions_lo = 0, g_regions_hi = 0;
+
+__attribute__((no_sanitize_address)) inline void count_access(uintptr_t addr, uint64_t size, bool store) {
+  if (addr < g_regions_lo || addr >= g_regions_hi) return;
+  uint64_t lo = 0, hi = g_num_regions;  // the first region that ends after addr
+  while (lo < hi) {
+    const uint64_t mid = (lo + hi) / 2;
+    if (g_regions[mid].hi <= addr) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo == g_num_regions || addr < g_regions[lo].lo) return;
+  const int w = size == 1 ? 0 : size == 2 ? 1 : size == 4 ? 2 : size == 8 ? 3 : size == 16 ? 4 : 5;
+  ++(store ? g_regions[lo].stores : g_regions[lo].loads)[w];
+}
+}  // namespace cuemu
+
+extern "C" {
+#ifdef CUEMU_COUNT_ACCESSES
+#define CUEMU_ACCESS_HOOKS(N)                                                                             \
+  __attribute__((no_sanitize_address, visibility("hidden"))) void __asan_load##N##_noabort(uintptr_t a) { \
+    ::cuemu::count_access(a, N, false);                                                                   \
+  }                                                                                                       \
+  __attribute__((no_sanitize_address, visibility("hidden"))) void __asan_store##N##_noabort(uintptr_t a) { \
+    ::cuemu::count_access(a, N, true);                                                                    \
+  }
+CUEMU_ACCESS_HOOKS(1)
+CUEMU_ACCESS_HOOKS(2)
+CUEMU_ACCESS_HOOKS(4)
+CUEMU_ACCESS_HOOKS(8)
+CUEMU_ACCESS_HOOKS(16)
+#undef CUEMU_ACCESS_HOOKS
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_loadN_noabort(uintptr_t a, size_t n) {
+  ::cuemu::count_access(a, n, false);
+}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_storeN_noabort(uintptr_t a, size_t n) {
+  ::cuemu::count_access(a, n, true);
+}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_handle_no_return() {}
+// Hooks of the initialisation-order check: nothing to check.
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_before_dynamic_init(const char*) {}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_after_dynamic_init() {}
+#endif
+
+__attribute__((visibility("default"), used)) int cuemu_counts_accesses() {
+#ifdef CUEMU_COUNT_ACCESSES
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// The regions the next launches count into (the caller owns them and reads the counters back);
+// n == 0 stops counting.
+__attribute__((visibility("default"), used, no_sanitize_address)) void cuemu_count_accesses_in(
+    cuemu::AccessRegion* regions, uint64_t n) {
+  cuemu::g_regions = n ? regions : nullptr;
+  cuemu::g_num_regions = n;
+  cuemu::g_regions_lo = n ? regions[0].lo : 0;
+  cuemu::g_regions_hi = n ? regions[n - 1].hi : 0;
+}
+}  // extern "C"
 
 // ---------------------------------------------------------------- launch entry points
 // The build appends, after the kernel source, a table
