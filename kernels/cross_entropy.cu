@@ -102,14 +102,19 @@ ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ lo
     }
     const int label = (int)y;
 
-    nnf::OnlineMaxSum<T> acc(inv_classes);  // acc.sx: the mean logit
+    nnf::OnlineMaxSum<T> acc(inv_classes, xr[0]);  // acc.sx: the mean logit less xr[0]
     nnf::row_visit<T, RT>(xr, classes, lane_id, acc);
     nnf::row_reduce<T, RT>(acc, scratch);
     const T log_s = nnf::m_log(acc.s);  // lse = acc.m + log_s
 
     if (lane_id == 0) {
         const T nll = (acc.m - xr[label]) + log_s;
-        const T smooth = (acc.m - acc.sx) + log_s;
+        // max - mean = (max - pivot) - acc.sx, unless max - pivot overflows (logits
+        // on either side of zero near the float limits): then the mean is formed first.
+        const T above = acc.m - acc.pivot;
+        const T max_less_mean = nnf::m_abs(above) <= -nnf::Constants<T>::lowest() ? above - acc.sx
+                                                                                  : acc.m - (acc.pivot + acc.sx);
+        const T smooth = max_less_mean + log_s;
         // Without smoothing the smooth term is left out, not multiplied by 0:
         // a logit spread beyond the float range makes it inf, and 0 * inf is NaN.
         row_loss[row] = smoothing != T(0) ? (T(1) - smoothing) * nll + smoothing * smooth : nll;

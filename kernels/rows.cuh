@@ -77,23 +77,31 @@ __device__ __forceinline__ void row_fill(T* __restrict__ out, int n, int lane_id
     for (int j = lane_id; j < n; j += RT) out[j] = value;
 }
 
-// Running (max, sum of exp(x - max), sum of x * mean_scale) of a row. A vector
-// updates the max once (rescaling the sum only when it grows), then adds its
-// exps. With mean_scale = 1 / n, sx is the row mean, accumulated from scaled
-// terms so that it cannot overflow where the plain sum would (x near the
-// float maximum).
+// Running (max, sum of exp(x - max), sum of (x - pivot) * mean_scale) of a row.
+// A vector updates the max once (rescaling the sum only when it grows), then
+// adds its exps. With mean_scale = 1 / n, sx is the row mean less the pivot
+// (one of the row's values, the same for every thread): measured from a value
+// of the row, the mean keeps its precision when every logit sits near one
+// large offset (max - mean of logits around 1e5 would cancel to the float
+// ulp of 1e5), and the scaled terms cannot overflow where a plain sum would.
 template <typename T>
 struct OnlineMaxSum {
-    T m, s, sx, mean_scale;
-    __device__ __forceinline__ explicit OnlineMaxSum(T scale)
-        : m(Constants<T>::lowest()), s(T(0)), sx(T(0)), mean_scale(scale) {}
+    T m, s, sx, mean_scale, pivot;
+    __device__ __forceinline__ OnlineMaxSum(T scale, T row_pivot)
+        : m(Constants<T>::lowest()), s(T(0)), sx(T(0)), mean_scale(scale), pivot(row_pivot) {}
+    // (x - pivot) * mean_scale. The difference overflows only for values on
+    // either side of zero near the float limits: there the terms are scaled first.
+    __device__ __forceinline__ T centred(T x) const {
+        const T d = x - pivot;
+        return m_abs(d) <= -Constants<T>::lowest() ? d * mean_scale : x * mean_scale - pivot * mean_scale;
+    }
     __device__ __forceinline__ void one(T x) {
         if (x > m) {
             s *= m_exp(m - x);
             m = x;
         }
         s += m_exp(x - m);
-        sx += x * mean_scale;
+        sx += centred(x);
     }
     __device__ __forceinline__ void vec(const typename Vec<T>::type& v) {
         constexpr int W = Vec<T>::width;
@@ -108,7 +116,7 @@ struct OnlineMaxSum {
 #pragma unroll
         for (int k = 0; k < W; ++k) {
             s += m_exp(x[k] - m);
-            sx += x[k] * mean_scale;
+            sx += centred(x[k]);
         }
     }
 };

@@ -40,7 +40,7 @@ softmax_rows(T* __restrict__ y, const T* __restrict__ x, int rows, int cols) {
     const T* xr = x + (long long)row * cols;
     T* yr = y + (long long)row * cols;
 
-    nnf::OnlineMaxSum<T> acc(T(0));  // the mean is not needed
+    nnf::OnlineMaxSum<T> acc(T(0), T(0));  // the mean is not needed
     nnf::row_visit<T, RT>(xr, cols, lane_id, acc);
     nnf::row_reduce<T, RT>(acc, scratch);
 

@@ -24,3 +24,15 @@ def backend(request):
     """Each backend that can run here, made current for the test."""
     with nf.use_backend(request.param) as b:
         yield b
+
+
+@pytest.fixture(scope="module")
+def kernel_modules():
+    """Every ``kernels/*.cu`` built for the CPU emulation of CUDA (tests/cuda_emulation.py)."""
+    import importlib.util
+
+    import cuda_emulation
+
+    if importlib.util.find_spec("nnfast.backends.cupy_backend") is None:
+        pytest.skip("nnfast.backends.cupy_backend is not in this checkout")
+    return cuda_emulation.build_all_kernel_modules()

@@ -16,11 +16,15 @@ exchanges for warp intrinsics). This module is the Python side:
 * :class:`Kernel` is called like a ``cupy.RawKernel``
   (``kernel(grid, block, args, shared_mem=...)``) and packs its arguments the
   way CuPy does (Python ``int`` -> int64, ``float`` -> float64, NumPy scalars
-  as they are), then checks them against the kernel's real parameter types.
+  as they are), then checks them against the kernel's real parameter types;
+* :class:`count_accesses` counts, per launch and per array, the global-memory
+  loads and stores of the kernels by width (16-byte vectors, scalars), on
+  builds instrumented for it.
 
 Environment knobs: ``NNFAST_EMU_CACHE`` (cache directory), ``CXX`` (compiler),
-``NNFAST_EMU_SCHEDULE`` (``forward`` | ``reverse`` | ``random``, default
-``forward``), ``NNFAST_EMU_TIMEOUT`` (seconds per launch, default 120),
+``NNFAST_EMU_SCHEDULE`` (``forward`` | ``reverse`` | ``random`` | ``warps`` |
+``warps-reverse``, default ``forward``; see :data:`SCHEDULES`),
+``NNFAST_EMU_TIMEOUT`` (seconds per launch, default 120),
 ``NNFAST_EMU_PLACEMENT`` (``end`` | ``start``: which side of the arrays of the
 emulated CuPy touches a guard page, default ``end``).
 """
@@ -54,7 +58,17 @@ CXXFLAGS = (
     # A misaligned vector access (float4, double2) is an error on a GPU: trap on it here.
     "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error",
 )
-SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+#: Thread orders (cuemu::Schedule): the block in step, one slice between collectives per sweep
+#: ("forward", "reverse", "random" thread order), or each warp alone up to its next barrier
+#: ("warps": warp 0 first, "warps-reverse": the last warp first).
+#: Extra flags of a build that counts global-memory accesses (see the header's accounting
+#: section): -O0 keeps the accesses of the source (no vector load split into lanes, no scalar
+#: stores merged), the kernel-address instrumentation calls the header's hooks for each one.
+ACCESS_COUNTING_FLAGS = (
+    "-O0", "-DCUEMU_COUNT_ACCESSES", "-fsanitize=kernel-address", "--param=asan-instrumentation-with-call-threshold=0",
+    "--param=asan-stack=0", "--param=asan-globals=0",
+)
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2, "warps": 3, "warps-reverse": 4}
 DEFAULT_DYNAMIC_SMEM = 48 * 1024
 _SMEM_TAIL = 1024
 _VERSION = "3"  # bump to invalidate cached builds when this file changes what it emits
@@ -148,6 +162,7 @@ class DeviceArray:
         self._data_len = data_len
         self._protect(mmap.PROT_READ | mmap.PROT_WRITE)
         weakref.finalize(self, _libc.munmap, base, self._map_len)
+        _live_arrays.add(self)
         self.ptr = self._data + data_len - span if placement == "end" else self._data
         raw = (ctypes.c_ubyte * data_len).from_address(self._data)
         self._raw = np.frombuffer(raw, dtype=np.uint8)
@@ -188,6 +203,11 @@ class DeviceArray:
 
     def __repr__(self) -> str:
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, placement={self.placement!r})"
+
+
+#: Every DeviceArray alive: the regions a counting launch attributes accesses to (a kernel
+#: may reach arrays that are not its arguments, through a table of pointers).
+_live_arrays: "weakref.WeakSet[DeviceArray]" = weakref.WeakSet()
 
 
 def to_device(a: Any, dtype: Any = None, *, placement: str = "end") -> DeviceArray:
@@ -330,14 +350,19 @@ def _prune_cache() -> None:
 
 
 def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
-                 defines: Sequence[str] = ()) -> Path:
-    """Compile ``source`` with the instantiations ``name_expressions``; return the .so path (cached)."""
+                 defines: Sequence[str] = (), count_accesses: bool = False) -> Path:
+    """Compile ``source`` with the instantiations ``name_expressions``; return the .so path (cached).
+
+    ``count_accesses``: the instrumented build that counts global-memory accesses
+    (:class:`count_accesses`); slower, used only where the counts are tested.
+    """
     reason = unavailable_reason()
     if reason:
         raise EmulationUnavailable(reason)
     source = Path(source)
     names = list(name_expressions)
-    digest = _inputs_digest(source, names, defines)
+    extra = ACCESS_COUNTING_FLAGS if count_accesses else ()
+    digest = _inputs_digest(source, names, [*defines, *extra])
     target = _cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         os.utime(target)  # recently used: kept by _prune_cache
@@ -347,7 +372,7 @@ def build_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
         tmp = Path(tmp)
         wrap = tmp / "wrap.cpp"
         obj = tmp / "wrap.o"
-        cmd = [compiler(), *CXXFLAGS, *(f"-D{d}" for d in defines), f"-I{KERNEL_DIR}", f"-I{source.parent}",
+        cmd = [compiler(), *CXXFLAGS, *extra, *(f"-D{d}" for d in defines), f"-I{KERNEL_DIR}", f"-I{source.parent}",
                "-c", str(wrap), "-o", str(obj)]
         wrap.write_text(_wrapper_source(source, names))
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -456,12 +481,16 @@ def _pack(value: Any, param: Param, position: int, kernel: str) -> tuple[bytes, 
 class Module:
     """A built kernel library; like ``cupy.RawModule(code, name_expressions=...)``."""
 
-    def __init__(self, source: str | os.PathLike, name_expressions: Sequence[str], *, defines: Sequence[str] = ()):
+    def __init__(self, source: str | os.PathLike, name_expressions: Sequence[str], *, defines: Sequence[str] = (),
+                 count_accesses: bool = False):
         self.source = Path(source)
         self.name_expressions = tuple(name_expressions)
-        self.path = build_module(self.source, self.name_expressions, defines=defines)
+        self.path = build_module(self.source, self.name_expressions, defines=defines, count_accesses=count_accesses)
         self._lib = ctypes.CDLL(str(self.path), mode=getattr(os, "RTLD_LOCAL", 0) | os.RTLD_NOW)
         lib = self._lib
+        lib.cuemu_count_accesses_in.argtypes = (ctypes.c_void_p, ctypes.c_uint64)
+        #: True for the instrumented build: launches inside :class:`count_accesses` are counted
+        self.counts_accesses = bool(lib.cuemu_counts_accesses())
         lib.cuemu_kernel_name.restype = ctypes.c_char_p
         lib.cuemu_kernel_name.argtypes = (ctypes.c_int,)
         lib.cuemu_kernel_nparams.argtypes = (ctypes.c_int,)
@@ -538,6 +567,7 @@ class Kernel:
         msg = ctypes.create_string_buffer(16384)
         frozen = [a for _, a in arrays if id(a) in readonly and id(a) not in writable]
         with _launch_lock:
+            counting = _AccessCounting(self, grid, block, args) if self.module.counts_accesses else None
             for a in frozen:
                 a._protect(mmap.PROT_READ)
             try:
@@ -547,6 +577,8 @@ class Kernel:
             finally:
                 for a in frozen:
                     a._protect(mmap.PROT_READ | mmap.PROT_WRITE)
+                if counting is not None:
+                    counting.finish(code == 0)
         if code != 0:
             text = msg.value.decode(errors="replace")
             if stats.fault_addr:
@@ -569,6 +601,120 @@ def _dims(d: Sequence[int] | int) -> tuple[int, int, int]:
         d = (int(d),)
     d = tuple(int(v) for v in d) + (1, 1)
     return tuple(max(1, v) for v in d[:3])  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------- access accounting
+_ACCESS_WIDTHS = (1, 2, 4, 8, 16, 0)  # the header's counter slots; 0: any other size
+
+
+class _AccessRegion(ctypes.Structure):  # cuemu::AccessRegion
+    _fields_ = [("lo", ctypes.c_uint64), ("hi", ctypes.c_uint64),
+                ("loads", ctypes.c_uint64 * len(_ACCESS_WIDTHS)), ("stores", ctypes.c_uint64 * len(_ACCESS_WIDTHS))]
+
+
+@dataclass(frozen=True)
+class Accesses:
+    """The global-memory accesses of one launch into one array.
+
+    ``loads`` / ``stores``: ``{width in bytes: number of accesses}`` (only widths that
+    occur; 16 is a ``float4`` / ``double2``, 4 a scalar ``float``; 0 collects any other size).
+    Each emulated thread's access counts: 32 lanes reading one address are 32 loads.
+    """
+
+    loads: dict[int, int]
+    stores: dict[int, int]
+
+    @property
+    def bytes_loaded(self) -> int:
+        return sum(w * n for w, n in self.loads.items())
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(w * n for w, n in self.stores.items())
+
+
+NO_ACCESSES = Accesses({}, {})
+
+
+@dataclass(frozen=True)
+class LaunchAccesses:
+    """What one launch counted, per array it touched."""
+
+    kernel: str
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[Any, ...]
+    _by_address: dict[int, Accesses]
+
+    def of(self, array: Any) -> Accesses:
+        """The accesses into ``array`` (a DeviceArray or an emulated CuPy array); none if untouched."""
+        dev = array if isinstance(array, DeviceArray) else _device_of(array)
+        if dev is None:
+            raise ValueError(f"{type(array).__name__} is not in emulated device memory")
+        return self._by_address.get(dev.ptr, NO_ACCESSES)
+
+    def arg(self, position: int) -> Accesses:
+        """The accesses into the array passed as argument ``position``."""
+        return self.of(self.args[position])
+
+
+class count_accesses:
+    """Context manager: count the global-memory accesses of every emulated launch inside it.
+
+    Launches through :func:`emulated_function` (so the emulated CuPy backend's) use the
+    instrumented builds while it is active; a module loaded with ``count_accesses=True``
+    is counted too. ``launches`` lists one :class:`LaunchAccesses` per successful launch,
+    attributing accesses to every live :class:`DeviceArray` (so also to arrays a kernel
+    reaches through a table of pointers).
+    """
+
+    def __init__(self) -> None:
+        self.launches: list[LaunchAccesses] = []
+
+    def __enter__(self) -> "count_accesses":
+        global _access_log
+        if _access_log is not None:
+            raise RuntimeError("count_accesses() does not nest")
+        _access_log = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        global _access_log
+        _access_log = None
+
+    def of_kernel(self, prefix: str) -> list[LaunchAccesses]:
+        """The launches of kernels whose name starts with ``prefix`` (e.g. ``"ce_rows<"``)."""
+        return [r for r in self.launches if r.kernel.startswith(prefix)]
+
+
+_access_log: count_accesses | None = None
+
+
+class _AccessCounting:
+    """One counted launch: registers the live arrays with the module, then reads the counters."""
+
+    def __init__(self, kernel: "Kernel", grid: tuple, block: tuple, args: Sequence[Any]):
+        self.kernel, self.grid, self.block = kernel, grid, block
+        self.args = tuple(a if isinstance(a, (DeviceArray, EmulatedArray)) else None for a in args)
+        self.log = _access_log
+        arrays = sorted(_live_arrays, key=lambda a: a.ptr) if self.log is not None else []
+        self.table = (_AccessRegion * max(len(arrays), 1))()
+        for region, a in zip(self.table, arrays):
+            region.lo, region.hi = a.ptr, a.ptr + a.nbytes
+        kernel.module._lib.cuemu_count_accesses_in(ctypes.addressof(self.table), len(arrays))
+        self.count = len(arrays)
+
+    def finish(self, ok: bool) -> None:
+        self.kernel.module._lib.cuemu_count_accesses_in(None, 0)
+        if not ok or self.log is None:
+            return
+        by_address = {}
+        for region in self.table[:self.count]:
+            loads = {w: int(n) for w, n in zip(_ACCESS_WIDTHS, region.loads) if n}
+            stores = {w: int(n) for w, n in zip(_ACCESS_WIDTHS, region.stores) if n}
+            if loads or stores:
+                by_address[int(region.lo)] = Accesses(loads, stores)
+        self.log.launches.append(LaunchAccesses(self.kernel.name, self.grid, self.block, self.args, by_address))
 
 
 # --------------------------------------------------------------------- launch bounds
@@ -652,13 +798,13 @@ _modules_lock = threading.Lock()
 
 
 def load_module(source: str | os.PathLike, name_expressions: Sequence[str], *,
-                defines: Sequence[str] = ()) -> Module:
+                defines: Sequence[str] = (), count_accesses: bool = False) -> Module:
     """Build (or reuse) and load the module; once per process for the same request."""
-    key = (str(Path(source).resolve()), tuple(name_expressions), tuple(defines))
+    key = (str(Path(source).resolve()), tuple(name_expressions), tuple(defines), count_accesses)
     with _modules_lock:
         mod = _modules.get(key)
         if mod is None:
-            mod = _modules[key] = Module(source, name_expressions, defines=defines)
+            mod = _modules[key] = Module(source, name_expressions, defines=defines, count_accesses=count_accesses)
         return mod
 
 
@@ -814,7 +960,7 @@ def emulated_function(file: str, kernel: str) -> "Kernel":
 
     directory = _source_override["dir"] or cuda_launch.kernel_dir()
     names = [kernel] if _source_override["per_kernel"] else cuda_launch.name_expressions(file)
-    fn = load_module(Path(directory) / file, names).get_function(kernel)
+    fn = load_module(Path(directory) / file, names, count_accesses=_access_log is not None).get_function(kernel)
     launched.setdefault(file, set()).add(kernel)
     return fn
 

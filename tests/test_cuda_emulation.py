@@ -16,11 +16,7 @@ See kernels/testing/cuda_host_emulation.h and tests/cuda_emulation.py.
 from __future__ import annotations
 
 import copy
-import importlib.util
-import re
-import shutil
 
-import hypothesis
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -56,7 +52,7 @@ def _sum_with(checks, kernel, x, grid=3, block=256, **kw):
 
 # ===================================================================== the emulation itself
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
+@pytest.mark.parametrize("schedule", list(emu.SCHEDULES))
 def test_block_reduction_is_exact_under_every_schedule(checks, dtype, schedule):
     x = np.random.default_rng(0).random(1000).astype(dtype)
     kernel = f"block_sum<{'float' if dtype == np.float32 else 'double'}>"
@@ -65,7 +61,7 @@ def test_block_reduction_is_exact_under_every_schedule(checks, dtype, schedule):
 
 
 @pytest.mark.parametrize("kernel", ["block_sum_missing_sync<float>", "block_sum_missing_loop_sync<float>"])
-@pytest.mark.parametrize("schedule", ["forward", "random"])
+@pytest.mark.parametrize("schedule", ["forward", "random", "warps"])
 def test_reduction_with_a_missing_syncthreads_gives_a_wrong_result(checks, kernel, schedule):
     # The same reduction as block_sum with its barriers forgotten: a thread runs alone
     # until the next barrier, so it reads partial sums that are not written yet
@@ -340,23 +336,18 @@ def test_builds_are_cached(checks):
 # ===================================================================== nnfast's kernels
 # The real CuPy backend on the emulation: launch configurations, argument packing
 # and the bad-label flag are the backend's own code.
-from nnfast.backends import backend_for, cuda_launch  # noqa: E402
+from nnfast.backends import cuda_launch  # noqa: E402
 from nnfast.backends.base import ACTIVATIONS, saves_input  # noqa: E402
 
 from op_table import OPS, OpInfo  # noqa: E402
 
-REFERENCE = backend_for("numpy")
+from emulation_support import REFERENCE, run_property_test  # noqa: E402
+from emulation_support import assert_close as _assert_close  # noqa: E402
+from emulation_support import mutant as _mutant  # noqa: E402
 DTYPES = [pytest.param(np.float32, id="float32"), pytest.param(np.float64, id="float64")]
 #: 132 SMs (an H100) picks the small GEMM tiles for test-sized problems; 1 SM the large ones
 #: and few blocks, so grid-stride loops go round more than once.
 SM_COUNTS = [pytest.param(132, id="sm132"), pytest.param(1, id="sm1")]
-
-
-@pytest.fixture(scope="module")
-def kernel_modules():
-    if importlib.util.find_spec("nnfast.backends.cupy_backend") is None:
-        pytest.skip("nnfast.backends.cupy_backend is not in this checkout")
-    return emu.build_all_kernel_modules()
 
 
 @pytest.fixture
@@ -364,22 +355,6 @@ def gpu(kernel_modules, request):
     sm_count = getattr(request, "param", 132)
     with emu.emulated_cupy_backend(sm_count=sm_count) as backend:
         yield backend
-
-
-def _tolerances(length: int, dtype) -> tuple[float, float]:
-    # as tests/test_op_table.py
-    length = max(length, 1)
-    if np.dtype(dtype) == np.float64:
-        return 1e-9, 1e-12 * length
-    return 1e-4, 1e-5 * np.sqrt(length)
-
-
-def _assert_close(got, expected, length, dtype, what):
-    rtol, atol = _tolerances(length, dtype)
-    got, expected = np.asarray(got), np.asarray(expected)
-    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype}, reference {expected.dtype}"
-    scale = max(float(np.abs(expected).max()) if expected.size else 0.0, 1.0)
-    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol * scale, err_msg=what)
 
 
 @pytest.mark.parametrize("gpu", SM_COUNTS, indirect=True)
@@ -673,18 +648,7 @@ PROPERTY_CASES = (
 
 @pytest.mark.parametrize("test_name,args", PROPERTY_CASES)
 def test_property_suite_on_the_emulated_gpu(kernel_modules, monkeypatch, test_name, args):
-    props = pytest.importorskip("test_properties")
-    test = getattr(props, test_name, None)
-    if test is None or not hasattr(props, "backend_for"):
-        pytest.skip(f"tests/test_properties.py has no {test_name} (or no backend_for) any more")
-    inner = getattr(test, "_hypothesis_internal_use_settings", None)
-    if inner is not None:  # the same examples on every run (CI stays deterministic), no shrinking
-        phases = [hypothesis.Phase.explicit, hypothesis.Phase.generate]
-        monkeypatch.setattr(test, "_hypothesis_internal_use_settings",
-                            hypothesis.settings(inner, derandomize=True, database=None, phases=phases))
-    with emu.emulated_cupy_backend() as gpu:
-        monkeypatch.setattr(props, "backend_for", lambda name: gpu if name == "cupy-emulated" else backend_for(name))
-        test("cupy-emulated", *args)
+    run_property_test(monkeypatch, test_name, args)
 
 
 # --------------------------------------------------------------------- random shapes
@@ -745,7 +709,7 @@ def test_optimizer_step_over_mixed_dtypes(gpu, kind):
 
 
 # --------------------------------------------------------------------- schedules, placement
-@pytest.mark.parametrize("schedule", ["reverse", "random"])
+@pytest.mark.parametrize("schedule", [s for s in emu.SCHEDULES if s != "forward"])
 def test_barrier_kernels_under_other_schedules(kernel_modules, monkeypatch, schedule):
     # Threads between two barriers run in another order: a race that only shows when the
     # writer runs late (or early) is caught here if the forward order missed it.
@@ -792,11 +756,11 @@ def test_results_do_not_depend_on_the_thread_schedule(kernel_modules, monkeypatc
     """nnfast's kernels use no atomics: any bit that changes with the order in which the threads of
     a block run between barriers is a data race, even when it stays within the tolerances."""
     runs = {}
-    for schedule in ("forward", "reverse", "random"):
+    for schedule in emu.SCHEDULES:
         monkeypatch.setenv("NNFAST_EMU_SCHEDULE", schedule)
         with emu.emulated_cupy_backend(sm_count=1) as gpu:
             runs[schedule] = _schedule_sweep(gpu, np.random.default_rng(18))
-    for schedule in ("reverse", "random"):
+    for schedule in set(emu.SCHEDULES) - {"forward"}:
         for i, (a, b) in enumerate(zip(runs["forward"], runs[schedule])):
             assert a.tobytes() == b.tobytes(), f"output {i} differs between the forward and {schedule} schedules"
 
@@ -818,49 +782,6 @@ def test_no_read_before_the_start_of_any_array(kernel_modules, monkeypatch, op):
 # --------------------------------------------------------------------- mutants of the real kernels
 # Each mutant is a copy of kernels/ with one bug put in on purpose: a barrier removed, a bound
 # off by one, a shuffle mask that leaves lanes out. The emulation must catch every one.
-def _function_body(text: str, function: str) -> tuple[int, int]:
-    """(start, end) of the body of the first definition of ``function`` in ``text``."""
-    for m in re.finditer(r"\b" + re.escape(function) + r"\s*\(", text):
-        depth, i = 0, m.end() - 1
-        while i < len(text):  # skip the parameter list
-            depth += text[i] == "("
-            depth -= text[i] == ")"
-            i += 1
-            if depth == 0:
-                break
-        rest = re.match(r"[^;{]*\{", text[i:])
-        if rest is None:
-            continue  # a call or a declaration, not the definition
-        start = i + rest.end() - 1
-        depth, j = 0, start
-        while j < len(text):
-            depth += text[j] == "{"
-            depth -= text[j] == "}"
-            j += 1
-            if depth == 0:
-                return start, j
-    raise LookupError(function)
-
-
-def _mutant(tmp_path, file, function, old, new, occurrence=0):
-    directory = tmp_path / "kernels"
-    shutil.copytree(cuda_launch.kernel_dir(), directory, ignore=shutil.ignore_patterns("testing"))
-    path = directory / file
-    text = path.read_text()
-    try:
-        start, end = _function_body(text, function)
-    except LookupError:
-        pytest.skip(f"mutation site gone: no {function}() in kernels/{file} any more")
-    body = text[start:end]
-    at = -1
-    for _ in range(occurrence + 1):
-        at = body.find(old, at + 1)
-        if at < 0:
-            pytest.skip(f"mutation site gone: {old!r} #{occurrence} not in {function}() of kernels/{file}")
-    path.write_text(text[:start] + body[:at] + new + body[at + len(old):] + text[end:])
-    return directory
-
-
 def _linear_forward(b, rng, shape, activation="identity"):
     m, k, n = shape
     x = rng.standard_normal((m, k)).astype(np.float32)

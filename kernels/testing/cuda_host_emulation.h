@@ -7,7 +7,11 @@
 //     switch only at `__syncthreads()` and at warp collectives, so a thread runs
 //     alone from one barrier to the next. A missing `__syncthreads()` therefore
 //     makes a reader see stale or poisoned shared memory instead of what a
-//     racing writer was meant to publish;
+//     racing writer was meant to publish. The schedule (Options::schedule) says
+//     in which order: all threads in step, one slice between collectives per
+//     sweep (forward, reverse or random thread order), or each warp alone up to
+//     its next barrier (forward or reverse warp order), so that one warp runs
+//     ahead of the others through its shuffles as it may on a GPU;
 //   * `__shared__` variables are per-block (thread_local storage of the one OS
 //     thread that runs a block), and all shared memory is filled with 0xFF bytes
 //     (NaN / -1) before each block starts, as uninitialised memory on a GPU is;
@@ -22,6 +26,9 @@
 //   * a fault (out-of-bounds access into a guard page, stack overflow, integer
 //     division by zero), `__trap()`, a failed `assert` or a timeout aborts the
 //     launch with a message naming the block and thread.
+//   * built with -DCUEMU_COUNT_ACCESSES (and the instrumentation flags the harness
+//     adds), every global-memory load and store is counted per array and width
+//     (see "global memory accounting").
 //
 // The Python side (tests/cuda_emulation.py) allocates global memory between guard
 // pages, builds one shared library per `.cu` (this header + the source + a table
@@ -171,8 +178,18 @@ struct Thread {
   uint64_t w_val, w_result;
 };
 
+// The order in which the runnable threads of a block run (tests/cuda_emulation.py SCHEDULES).
+// The first three sweep the block in step: every runnable thread runs one slice (up to its
+// next barrier or warp collective) per sweep, so no warp gets more than one collective ahead.
+// The warp schedules run each warp alone, lane after lane, until all its lanes wait at a
+// barrier or have returned; only then does the next warp start.
+enum Schedule : int {
+  kForward = 0, kReverse = 1, kRandom = 2,  // thread order; random is reshuffled at every barrier
+  kWarps = 3, kWarpsReverse = 4,            // warp 0 first, or the last warp first
+};
+
 struct Options {  // filled by the Python harness; layout mirrored there
-  int schedule;           // 0 forward, 1 reverse, 2 random (reshuffled at every barrier)
+  int schedule;           // a Schedule
   int strict_exit;        // 1: __syncthreads() after some threads returned is an error
   uint64_t seed;          // for the random schedule
   double timeout_s;       // wall-clock limit of one launch
@@ -390,10 +407,19 @@ inline uint64_t next_random() {  // splitmix64
   return z ^ (z >> 31);
 }
 
+// rt.order: the threads in the order of a sweep. For the warp schedules it lists whole warps
+// (lanes ascending), so that a warp is a contiguous group of it.
 inline void make_order() {
   unsigned n = rt.nthreads;
-  for (unsigned i = 0; i < n; ++i) rt.order[i] = (rt.opt.schedule == 1) ? n - 1 - i : i;
-  if (rt.opt.schedule == 2) {
+  if (rt.opt.schedule == kWarpsReverse) {
+    const unsigned ws = kWarpSize;
+    unsigned k = 0;
+    for (unsigned w = (n + ws - 1) / ws; w-- > 0;)
+      for (unsigned i = w * ws; i < std::min(n, (w + 1) * ws); ++i) rt.order[k++] = i;
+    return;
+  }
+  for (unsigned i = 0; i < n; ++i) rt.order[i] = (rt.opt.schedule == kReverse) ? n - 1 - i : i;
+  if (rt.opt.schedule == kRandom) {
     for (unsigned i = n; i > 1; --i) std::swap(rt.order[i - 1], rt.order[next_random() % i]);
   }
 }
@@ -587,7 +613,7 @@ inline bool release_block_barrier() {
     }
   }
   ++rt.stats.barriers;
-  if (rt.opt.schedule == 2) make_order();
+  if (rt.opt.schedule == kRandom) make_order();
   return true;
 }
 
@@ -650,22 +676,35 @@ inline bool run_block() {
   }
   rt.done = 0;
   make_order();
+  // A group of the order is swept until none of its threads can run: the whole block in
+  // step (one sweep), or one warp at a time (a warp collective only waits for lanes of its
+  // own warp, so a drained warp stays drained until the barrier is released).
+  const bool warp_alone = rt.opt.schedule == kWarps || rt.opt.schedule == kWarpsReverse;
   for (;;) {
     bool ran = false;
-    for (unsigned k = 0; k < n; ++k) {
-      Thread& t = rt.threads[rt.order[k]];
-      if (t.state != kRunnable) continue;
-      rt.cur = &t;
-      ++rt.stats.switches;
-      switch_context(&rt.sched_sp, t.sp);
-      rt.cur = nullptr;
-      ran = true;
-      if (rt.error != kOk) return false;
-      if (t.state == kDone) {
-        ++rt.done;
-        try_complete_warp(t.warp);  // the lane no longer takes part in collectives
-        if (rt.error != kOk) return false;
+    for (unsigned g0 = 0; g0 < n;) {
+      const unsigned first = rt.order[g0];  // lane 0 of its warp for the warp schedules
+      const unsigned g1 = warp_alone ? g0 + std::min<unsigned>(kWarpSize, n - first) : n;
+      for (bool again = true; again;) {
+        again = false;
+        for (unsigned k = g0; k < g1; ++k) {
+          Thread& t = rt.threads[rt.order[k]];
+          if (t.state != kRunnable) continue;
+          rt.cur = &t;
+          ++rt.stats.switches;
+          switch_context(&rt.sched_sp, t.sp);
+          rt.cur = nullptr;
+          ran = again = true;
+          if (rt.error != kOk) return false;
+          if (t.state == kDone) {
+            ++rt.done;
+            try_complete_warp(t.warp);  // the lane no longer takes part in collectives
+            if (rt.error != kOk) return false;
+          }
+        }
+        again = again && warp_alone;
       }
+      g0 = g1;
     }
     if (rt.done == n) return true;
     if (ran) continue;
@@ -1202,6 +1241,86 @@ template <class T> inline void __stcg(T* p, T v) { *p = v; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
 template <class T> inline void __stwb(T* p, T v) { *p = v; }
 template <class T> inline void __stwt(T* p, T v) { *p = v; }
+
+// ---------------------------------------------------------------- global memory accounting
+// A build with -DCUEMU_COUNT_ACCESSES also gets g++'s kernel-address instrumentation in call
+// mode (no shadow memory, no runtime library; flags in tests/cuda_emulation.py): every load
+// and store of the translation unit calls one of the __asan_{load,store}{1,2,4,8,16,N}_noabort
+// hooks below with its address. An access that falls in a region the harness registered (its
+// global-memory arrays) is counted for that region by direction and width, so a float4 or
+// double2 access is one 16-byte access and a scalar float one 4-byte access. Everything else
+// (stacks, shared memory, the runtime's own data) is ignored. The build compiles with -O0 so
+// that the accesses are those of the source: an optimiser would split a vector load whose
+// lanes are read one by one into scalar loads, or merge scalar ones.
+namespace cuemu {
+constexpr int kAccessWidths = 6;  // 1, 2, 4, 8, 16 bytes, any other size
+struct AccessRegion {             // layout mirrored in tests/cuda_emulation.py
+  uint64_t lo, hi;                // [lo, hi): the bytes of one array
+  uint64_t loads[kAccessWidths];
+  uint64_t stores[kAccessWidths];
+};
+inline AccessRegion* g_regions = nullptr;  // sorted by address, disjoint
+inline uint64_t g_num_regions = 0, g_regions_lo = 0, g_regions_hi = 0;
+
+__attribute__((no_sanitize_address)) inline void count_access(uintptr_t addr, uint64_t size, bool store) {
+  if (addr < g_regions_lo || addr >= g_regions_hi) return;
+  uint64_t lo = 0, hi = g_num_regions;  // the first region that ends after addr
+  while (lo < hi) {
+    const uint64_t mid = (lo + hi) / 2;
+    if (g_regions[mid].hi <= addr) lo = mid + 1;
+    else hi = mid;
+  }
+  if (lo == g_num_regions || addr < g_regions[lo].lo) return;
+  const int w = size == 1 ? 0 : size == 2 ? 1 : size == 4 ? 2 : size == 8 ? 3 : size == 16 ? 4 : 5;
+  ++(store ? g_regions[lo].stores : g_regions[lo].loads)[w];
+}
+}  // namespace cuemu
+
+extern "C" {
+#ifdef CUEMU_COUNT_ACCESSES
+#define CUEMU_ACCESS_HOOKS(N)                                                                             \
+  __attribute__((no_sanitize_address, visibility("hidden"))) void __asan_load##N##_noabort(uintptr_t a) { \
+    ::cuemu::count_access(a, N, false);                                                                   \
+  }                                                                                                       \
+  __attribute__((no_sanitize_address, visibility("hidden"))) void __asan_store##N##_noabort(uintptr_t a) { \
+    ::cuemu::count_access(a, N, true);                                                                    \
+  }
+CUEMU_ACCESS_HOOKS(1)
+CUEMU_ACCESS_HOOKS(2)
+CUEMU_ACCESS_HOOKS(4)
+CUEMU_ACCESS_HOOKS(8)
+CUEMU_ACCESS_HOOKS(16)
+#undef CUEMU_ACCESS_HOOKS
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_loadN_noabort(uintptr_t a, size_t n) {
+  ::cuemu::count_access(a, n, false);
+}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_storeN_noabort(uintptr_t a, size_t n) {
+  ::cuemu::count_access(a, n, true);
+}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_handle_no_return() {}
+// Hooks of the initialisation-order check: nothing to check.
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_before_dynamic_init(const char*) {}
+__attribute__((no_sanitize_address, visibility("hidden"))) void __asan_after_dynamic_init() {}
+#endif
+
+__attribute__((visibility("default"), used)) int cuemu_counts_accesses() {
+#ifdef CUEMU_COUNT_ACCESSES
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// The regions the next launches count into (the caller owns them and reads the counters back);
+// n == 0 stops counting.
+__attribute__((visibility("default"), used, no_sanitize_address)) void cuemu_count_accesses_in(
+    cuemu::AccessRegion* regions, uint64_t n) {
+  cuemu::g_regions = n ? regions : nullptr;
+  cuemu::g_num_regions = n;
+  cuemu::g_regions_lo = n ? regions[0].lo : 0;
+  cuemu::g_regions_hi = n ? regions[n - 1].hi : 0;
+}
+}  // extern "C"
 
 // ---------------------------------------------------------------- launch entry points
 // The build appends, after the kernel source, a table
