@@ -122,13 +122,18 @@ def test_reduction_codes_match_the_kernel():
     assert re.search(r"RED_MEAN = (\d+)", text).group(1) == str(cuda_launch.REDUCTION_CODES["mean"])
 
 
+#: The one header allowed inline PTX (cp.async, with an emulation branch and a pre-sm_80 fallback).
+INLINE_PTX_FILES = ("async_copy.cuh",)
+
+
 def test_sources_are_self_contained():
-    """No CUDA system header, no inline PTX, no static shared memory (portability rules)."""
+    """No CUDA system header, inline PTX only in async_copy.cuh, no static shared memory (portability rules)."""
     for path in sorted(cuda_launch.kernel_dir().glob("*.cu*")):
         text = path.read_text()
         for include in re.findall(r'#\s*include\s*([<"][^>"]+[>"])', text):
             assert include.startswith('"') and include.endswith('.cuh"'), f"{path.name}: {include}"
-        assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
+        if path.name not in INLINE_PTX_FILES:
+            assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
         for line in text.splitlines():
             if "__shared__" in line and not line.lstrip().startswith("//"):
                 assert "extern __shared__ float4" in line, f"{path.name}: static shared memory: {line}"
