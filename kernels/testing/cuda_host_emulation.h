@@ -16,6 +16,9 @@
 //   * warp intrinsics (`__shfl_*_sync`, `__ballot_sync`, `__any_sync`, ...) are
 //     real exchanges between the 32 lanes of a warp with the PTX lane rules; a
 //     value read from a lane that does not take part is poisoned;
+//   * asynchronous copies (cp.async, __pipeline_memcpy_async) land in shared memory
+//     when the issuing thread waits for their group and read as poison until then
+//     (section "asynchronous copies");
 //   * `__syncthreads()` reached by only part of a block (others returned, or wait
 //     at another barrier), warp collectives that never complete, and every other
 //     deadlock are reported instead of hanging;
