@@ -1,7 +1,8 @@
 """The machine code (SASS) of ``kernels/*.cu`` on sm_90, read without a GPU.
 
 Every instantiation that :func:`nnfast.backends.cuda_launch.name_expressions`
-lists is compiled by NVRTC (CuPy's bindings, the ``nvidia-cuda-nvrtc`` wheel)
+lists is compiled by NVRTC (CuPy's bindings, the ``nvidia-cuda-nvrtc`` wheel;
+``test_cuda_compile.compile_file``, with the options CuPy uses at run time)
 with ``-arch=sm_90`` to a cubin, which ``cuobjdump`` (the
 ``nvidia-cuda-cuobjdump`` wheel; it runs ``nvdisasm`` from the
 ``nvidia-cuda-nvdisasm`` wheel) disassembles. This module parses the listing
@@ -31,10 +32,6 @@ from pathlib import Path
 from nnfast.backends import cuda_launch
 
 ARCH = "sm_90"
-
-#: Options cupy.RawModule adds to ours when it compiles at run time (as in test_cuda_compile.py).
-CUPY_RUNTIME_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
-
 
 def tool(name: str) -> str | None:
     """Path of ``cuobjdump`` / ``nvdisasm``: the pip wheel's copy first, then PATH."""
@@ -80,25 +77,14 @@ def _complete_elf(image: bytes) -> bytes:
     return image + bytes(max(0, end - len(image)))
 
 
-@functools.lru_cache(maxsize=None)
 def compile_cubin(file: str) -> tuple[bytes, dict[str, str]]:
     """``(cubin, {mangled name: name expression})`` of every instantiation of ``kernels/<file>``."""
-    from cupy_backends.cuda.libs import nvrtc
+    from test_cuda_compile import compile_file  # cached there
 
-    names = cuda_launch.name_expressions(file)
-    prog = nvrtc.createProgram(cuda_launch.load_source(file), file, [], [])
-    try:
-        for name in names:
-            nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, [f"-arch={ARCH}", *cuda_launch.COMPILE_OPTIONS, *CUPY_RUNTIME_OPTIONS])
-        except nvrtc.NVRTCError as err:
-            raise RuntimeError(f"NVRTC failed on {file} for {ARCH}:\n{nvrtc.getProgramLog(prog)}") from err
-        cubin = _complete_elf(bytes(nvrtc.getCUBIN(prog)))
-        lowered = {nvrtc.getLoweredName(prog, name): name for name in names}
-    finally:
-        nvrtc.destroyProgram(prog)
-    return cubin, lowered
+    ok, log, cubin, lowered = compile_file(file, ARCH)
+    if not ok:
+        raise RuntimeError(f"NVRTC failed on {file} for {ARCH}:\n{log}")
+    return _complete_elf(bytes(cubin)), lowered
 
 
 def _cuobjdump(cubin: bytes, *flags: str) -> str:

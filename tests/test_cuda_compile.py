@@ -62,8 +62,9 @@ def _require_nvrtc():
 def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]]:
     """Compile every instantiation of ``file`` for ``arch``.
 
-    Returns ``(ok, log, ptx, lowered)``; ``lowered`` maps each mangled name to
-    its name expression.
+    Returns ``(ok, log, image, lowered)``: ``image`` is the PTX for a virtual
+    architecture (``compute_90``), the cubin for a real one (``sm_90``);
+    ``lowered`` maps each mangled name to its name expression.
     """
     nvrtc, reason = _nvrtc()
     assert nvrtc is not None, reason
@@ -80,11 +81,11 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
         log = nvrtc.getProgramLog(prog)
         if not ok:
             return False, log, b"", {}
-        ptx = nvrtc.getPTX(prog)
-        if isinstance(ptx, str):
-            ptx = ptx.encode()
+        image = nvrtc.getCUBIN(prog) if arch.startswith("sm_") else nvrtc.getPTX(prog)
+        if isinstance(image, str):
+            image = image.encode()
         lowered = {nvrtc.getLoweredName(prog, name): name for name in names}
-        return True, log, ptx, lowered
+        return True, log, image, lowered
     finally:
         nvrtc.destroyProgram(prog)
 
