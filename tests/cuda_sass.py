@@ -124,19 +124,20 @@ _FUNCTION = re.compile(r"^\s*Function : (\S+)\s*$", re.MULTILINE)
 _INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
 
+def disassemble(cubin: bytes, names: dict[str, str] | None = None) -> dict[str, list[Instruction]]:
+    """``{kernel: instructions}`` of a cubin, kernels named through ``names`` (mangled -> name) when given."""
+    parts = _FUNCTION.split(_cuobjdump(cubin, "--dump-sass"))
+    names = names or {}
+    return {names.get(mangled, mangled): [
+        Instruction(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip())
+        for m in _INSTRUCTION.finditer(body)] for mangled, body in zip(parts[1::2], parts[2::2])}
+
+
 @functools.lru_cache(maxsize=None)
 def sass(file: str) -> dict[str, list[Instruction]]:
     """``{name expression: instructions}`` for every instantiation of ``kernels/<file>``."""
     cubin, lowered = compile_cubin(file)
-    text = _cuobjdump(cubin, "--dump-sass")
-    parts = _FUNCTION.split(text)
-    kernels = {}
-    for mangled, body in zip(parts[1::2], parts[2::2]):
-        kernels[lowered.get(mangled, mangled)] = [
-            Instruction(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip())
-            for m in _INSTRUCTION.finditer(body)
-        ]
-    return kernels
+    return disassemble(cubin, lowered)
 
 
 @functools.lru_cache(maxsize=None)

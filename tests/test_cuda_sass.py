@@ -22,6 +22,7 @@ import pytest
 import cuda_sass
 from cuda_sass import Instruction, gemm_names, main_loop, sass
 from nnfast.backends import cuda_launch
+from test_cuda_compile import CUPY_RUNTIME_OPTIONS
 
 REASON = cuda_sass.unavailable_reason()
 needs_tools = pytest.mark.skipif(REASON is not None, reason=f"cannot produce SASS here: {REASON}")
@@ -137,3 +138,49 @@ def test_the_reader_counts_cp_async_not_its_commit():
     loop = main_loop(_listing(hoisted))
     assert loop.fmas_before_load == 0 and loop.first_load.base == "LDGSTS" and loop.loads == 1
     assert main_loop(_listing(SUNK.replace("@P0 BRA 0x20", "@P0 BRA 0xc0"))) is None  # no backward branch
+
+
+# --------------------------------------------------------------------- the async-copy wrappers
+ASYNC_COPY_PROBE = r"""
+#include "async_copy.cuh"
+#include "common.cuh"
+extern "C" __global__ void probe(float* out, const float* x, const double* y, int n) {
+    float* s = nnf::dynamic_smem<float>();
+    const int t = threadIdx.x;
+    nnf::cp_async<16>(s + 4 * t, x + 4 * t, 4 * t < n);
+    nnf::cp_async_commit();
+    nnf::cp_async<4>(s + 512 + t, x + t, t < n);
+    nnf::cp_async<8>(reinterpret_cast<double*>(s + 1024) + t, y + t, t < n);
+    nnf::cp_async_commit();
+    nnf::cp_async_wait<1>();
+    __syncthreads();
+    out[t] = s[4 * t];
+    nnf::cp_async_wait<0>();
+    __syncthreads();
+    out[t] += s[512 + t] + float(reinterpret_cast<double*>(s + 1024)[t]);
+}
+"""
+
+
+@needs_tools
+@pytest.mark.parametrize("arch,copies", [("sm_75", False), ("sm_80", True), ("sm_90", True)])
+def test_async_copy_wrappers_compile_for_every_architecture(arch, copies):
+    """cp.async from sm_80 on (LDGSTS of 16, 4 and 8 bytes, commit, wait); plain loads and stores before."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(ASYNC_COPY_PROBE, "probe.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, [f"-arch={arch}", f"-I{cuda_launch.kernel_dir()}",
+                                    *cuda_launch.COMPILE_OPTIONS, *CUPY_RUNTIME_OPTIONS])
+        log, cubin = nvrtc.getProgramLog(prog), cuda_sass._complete_elf(bytes(nvrtc.getCUBIN(prog)))
+    finally:
+        nvrtc.destroyProgram(prog)
+    assert "warning" not in log.lower(), log
+    code = cuda_sass.disassemble(cubin)["probe"]
+    ops = {ins.opcode for ins in code}
+    if copies:
+        assert {"LDGSTS.E.BYPASS.128", "LDGSTS.E", "LDGSTS.E.64", "LDGDEPBAR"} <= ops, sorted(ops)
+        assert any(ins.base == "DEPBAR" for ins in code), sorted(ops)
+    else:
+        assert not any(ins.base in ("LDGSTS", "LDGDEPBAR") for ins in code), sorted(ops)
+        assert any(op.startswith("LDG.E.128") for op in ops) and any(op.startswith("STS.128") for op in ops)
