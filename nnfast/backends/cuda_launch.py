@@ -111,8 +111,7 @@ def _row_scratch(rt: int, c: str) -> int:
 
 
 # ------------------------------------------------------------------ the instantiations
-def _gemm_name(c: str, tile: GemmTile, ta: bool, tb: bool, act: int, vec: bool) -> str:
-    t = tile
+def _gemm_name(c: str, t: GemmTile, ta: bool, tb: bool, act: int, vec: bool) -> str:
     return (f"gemm<{c}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {_bool(ta)}, {_bool(tb)}, {act}, "
             f"{_bool(vec)}>")
 
