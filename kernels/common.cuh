@@ -6,10 +6,12 @@
 // functors (forward and derivative), and warp / block reductions.
 //
 // Portability rules for every kernel file: no CUDA system headers (NVRTC
-// provides the math builtins), no inline PTX, all shared memory dynamic
+// provides the math builtins), no inline PTX outside async_copy.cuh (cp.async,
+// with its emulation branch), all shared memory dynamic
 // (nnf::dynamic_smem<T>(), sized by the launch configuration in
 // nnfast/backends/cuda_launch.py), only __syncthreads, __shfl_xor_sync,
-// __shfl_down_sync, __ballot_sync and atomicAdd as CUDA intrinsics.
+// __shfl_down_sync, __ballot_sync and atomicAdd as CUDA intrinsics (and
+// __cvta_generic_to_shared in async_copy.cuh).
 #ifndef NNFAST_COMMON_CUH
 #define NNFAST_COMMON_CUH
 

@@ -1,6 +1,6 @@
 // nnfast CUDA kernels: the linear layer, act(x @ W + b), forward and backward.
 //
-// gemm<T, BM, BN, BK, TM, TN, TA, TB, ACT, VEC> computes
+// gemm<T, BM, BN, BK, WM, WN, STAGES, TA, TB, ACT, VEC> computes
 //     C[M, N] = act(op(A)[M, K] @ op(B)[K, N] + bias)
 // with every matrix row-major and contiguous. op(A) = A (stored M x K) when
 // TA is false and A^T (A stored K x M) when true; likewise op(B) = B (stored
@@ -10,133 +10,150 @@
 //              dx = dz @ W^T        : gemm<..., false, true,  IDENTITY, ...>
 // so no transpose is ever materialised.
 //
-// Tiling: a block of (BM/TM) * (BN/TN) threads owns a BM x BN tile of C and
-// walks K in steps of BK. Each step stages a BK x BM slice of op(A) and a
-// BK x BN slice of op(B) in shared memory, both k-major ([k][m], [k][n]), so
-// the inner product reads a TM-vector of A and a TN-vector of B per k and
-// accumulates a TM x TN register tile (register blocking). The slices are
-// double-buffered: the global loads of step t + 1 are issued into registers
-// before the arithmetic of step t and written to the other shared buffer after
-// it, one __syncthreads per step. A thread's TN columns are TN / W vectors
-// spaced BN / (TN / W) apart (W = elements per 128-bit vector), so a quarter
-// warp reads consecutive shared-memory words (no bank conflicts) and a warp's
-// stores are contiguous. Global loads are 128-bit vectors when VEC (every
-// leading dimension a multiple of W and every pointer 16-byte aligned: decided
-// by the launcher), scalar otherwise; out-of-range elements load as zero and
-// out-of-range outputs are never stored, so any M, N, K works. The epilogue
-// adds the bias, writes the pre-activation z when the backward pass needs it
-// (Z != nullptr), applies the activation and stores once.
+// Tiling. A block of (BM / WM) x (BN / WN) warps owns a BM x BN tile of C, each
+// warp a WM x WN part of it. The 32 lanes of a warp form a 4 x 8 grid; a lane
+// owns WM / 4 rows and WN / 8 columns of the warp's part, in runs of W (the
+// elements of a 128-bit vector) spaced 4 W rows and 8 W columns apart. Per k a
+// lane then reads its A and B values as 128-bit vectors from shared memory,
+// the eight lanes of a quarter warp read one A vector (a broadcast) and eight
+// consecutive B vectors (one 128-byte line: no bank conflict), and each value
+// is used WN / 8 (or WM / 4) times from a register.
+//
+// Pipeline. K is walked in BK-deep slices through a ring of STAGES shared-memory
+// stages, both operands stored k-major ([k][m] and [k][n]). The slices are
+// moved with cp.async (async_copy.cuh), and the copies of slice t + STAGES - 1
+// are issued before the arithmetic on slice t: STAGES - 1 slices are in flight
+// behind the math, one barrier per slice. No register holds a loaded value, so
+// the compiler cannot sink the loads below the math (it did with plain loads
+// into registers: a double buffer that no longer overlapped anything). An
+// operand stored with m (or n) contiguous is copied in 16-byte pieces when VEC
+// (every leading dimension a multiple of W, every pointer 16-byte aligned:
+// decided by the launcher), element by element otherwise; an operand stored
+// with k contiguous is transposed on the way in, element by element, its rows
+// padded by W so that the eight k of a warp's writes land in distinct banks.
+// Elements outside the matrix are zero-filled by the copy and outputs outside
+// it are never stored, so any M, N, K works.
+//
+// Split K. With gridDim.z = S > 1, block z takes only its share of the slices
+// (cdiv(cdiv(K, BK), S) of them) and stores its raw partial product at
+// C + z * M * N, a workspace of S x M x N; the launcher uses this with the
+// identity epilogue and no bias, and gemm_splitk_reduce adds the S partial
+// products in a fixed order and applies the epilogue (deterministic: no
+// atomics).
+//
+// Epilogue: the bias is added, the pre-activation z is written when the
+// backward pass needs it (Z != nullptr), the activation applied and the
+// result stored once, as 128-bit vectors when VEC.
 //
 // bias_act_backward<T, ACT> fuses dz = dy * act'(saved) with the column sums
 // of dz (the bias gradient), in row splits whose partial sums column_sum<T>
 // adds in a fixed order (deterministic, no atomics).
+#include "async_copy.cuh"
 #include "common.cuh"
 
 namespace {
 
-// One BK x BX slice of an operand, moved global -> registers -> shared memory
-// (dst[k][x], row pitch BX + W). The operand element (x, k) lives at
+// The copies of one operand's BK x BX slices, global -> shared memory, stored
+// k-major: stage[k * PITCH + x]. The operand element (x, k) lives at
 // src[x * ld + k] when K_CONTIG and at src[k * ld + x] otherwise; elements with
-// x >= xmax or k >= kmax read as zero. Each thread moves ITEMS groups of V
-// consecutive elements (V = W when VEC, else 1) along the contiguous axis.
+// x >= xmax or k >= kmax are zero-filled. The copies of a slice, V consecutive
+// elements each, are numbered along the contiguous axis of the source (a warp
+// reads whole 32-byte sectors) and thread t moves copies t, t + NT, ...: its
+// copies sit at the same x (k-contiguous: the same k) a fixed distance apart,
+// so everything but one pointer per slice is worked out once, here.
 template <typename T, int BX, int BK, int NT, bool K_CONTIG, bool VEC>
-struct TileStage {
+struct OperandCopier {
     static constexpr int W = nnf::Vec<T>::width;
-    static constexpr int V = VEC ? W : 1;
-    static constexpr int PITCH = BX + W;
-    static constexpr int PER_ROW = (K_CONTIG ? BK : BX) / V;  // groups per contiguous source row
-    static constexpr int COUNT = BX * BK / V;                  // groups in the slice
-    static constexpr int ITEMS = (COUNT + NT - 1) / NT;        // groups per thread
-    T r[ITEMS * V];
+    static constexpr int V = (VEC && !K_CONTIG) ? W : 1;     // elements per copy
+    static constexpr int PITCH = BX + (K_CONTIG ? W : 0);    // transposed rows are padded
+    static constexpr int SIZE = BK * PITCH;                  // elements of one stage
+    static constexpr int PER_ROW = (K_CONTIG ? BK : BX) / V;  // copies per contiguous source row
+    static constexpr int ITEMS = BX * BK / V / NT;             // copies per thread and slice
+    static constexpr int ROWS = NT / PER_ROW;                  // source rows between a thread's copies
+    static_assert(BX % V == 0 && (BX * BK / V) % NT == 0 && NT % PER_ROW == 0, "copies must tile the slice");
+    static_assert(ITEMS <= 32, "one bit of x_in per copy");
 
-    static __device__ __forceinline__ void coords(int g, int& x, int& k) {
-        if (K_CONTIG) {
-            x = g / PER_ROW;
-            k = (g % PER_ROW) * V;
-        } else {
-            k = g / PER_ROW;
-            x = (g % PER_ROW) * V;
+    const T* next;  // the thread's first copy of the next slice
+    int ld;
+    unsigned x_in;  // bit i: copy i has x < xmax
+
+    // The thread's first copy: its x and k in the slice.
+    static __device__ __forceinline__ int first_x() {
+        return K_CONTIG ? (int)threadIdx.x / PER_ROW : ((int)threadIdx.x % PER_ROW) * V;
+    }
+    static __device__ __forceinline__ int first_k() {
+        return K_CONTIG ? (int)threadIdx.x % PER_ROW : (int)threadIdx.x / PER_ROW;
+    }
+
+    __device__ __forceinline__ OperandCopier(const T* src, int ld_, int x0, int xmax, int k0) : ld(ld_), x_in(0) {
+        const int x = x0 + first_x(), k = k0 + first_k();
+        next = K_CONTIG ? src + (long long)x * ld + k : src + (long long)k * ld + x;
+#pragma unroll
+        for (int i = 0; i < ITEMS; ++i) {
+            // With VEC, xmax is a multiple of V: a copy is entirely in range or entirely out.
+            if (x + (K_CONTIG ? i * ROWS : 0) < xmax) x_in |= 1u << i;
         }
     }
 
-    __device__ __forceinline__ void load(const T* __restrict__ src, long long ld, int x0, int xmax, int k0,
-                                         int kmax) {
+    // Issue the copies of the slice that starts at k0 (the slice after the previous call's) into
+    // `stage`; `src` is the operand's first element, the address given to zero fills (which read
+    // nothing, but get a valid address all the same). The few registers kept between slices are
+    // what lets the large tile hold its 64 accumulators without spilling.
+    __device__ __forceinline__ void copy(T* __restrict__ stage, const T* src, int k0, int kmax) {
+        const T* p = next;
+        const int k = k0 + first_k();
+        T* dst = stage + first_k() * PITCH + first_x();
 #pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const int g = (int)threadIdx.x + it * NT;
-            if (COUNT % NT != 0 && g >= COUNT) break;
-            int x, k;
-            coords(g, x, k);
-            const int gx = x0 + x, gk = k0 + k;
-            // With VEC, xmax (or kmax) along the contiguous axis is a multiple
-            // of V: a group is entirely in range or entirely out.
-            if (gx < xmax && gk < kmax) {
-                const T* p = K_CONTIG ? src + (long long)gx * ld + gk : src + (long long)gk * ld + gx;
-                if (VEC) {
-                    const typename nnf::Vec<T>::type v = nnf::load_vec(p);
-#pragma unroll
-                    for (int j = 0; j < V; ++j) r[it * V + j] = reinterpret_cast<const T*>(&v)[j];
-                } else {
-                    r[it * V] = *p;
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < V; ++j) r[it * V + j] = T(0);
-            }
+        for (int i = 0; i < ITEMS; ++i) {
+            const bool in = (x_in >> i & 1u) && k + (K_CONTIG ? 0 : i * ROWS) < kmax;
+            nnf::cp_async<V * (int)sizeof(T)>(dst + i * (K_CONTIG ? ROWS : ROWS * PITCH), in ? p : src, in);
+            p += (long long)ROWS * ld;
         }
-    }
-
-    __device__ __forceinline__ void store(T* __restrict__ dst) const {
-#pragma unroll
-        for (int it = 0; it < ITEMS; ++it) {
-            const int g = (int)threadIdx.x + it * NT;
-            if (COUNT % NT != 0 && g >= COUNT) break;
-            int x, k;
-            coords(g, x, k);
-            if (K_CONTIG) {
-#pragma unroll
-                for (int j = 0; j < V; ++j) dst[(k + j) * PITCH + x] = r[it * V + j];
-            } else if (VEC) {
-                typename nnf::Vec<T>::type v;
-#pragma unroll
-                for (int j = 0; j < V; ++j) nnf::lane<T>(v, j) = r[it * V + j];
-                nnf::store_vec(dst + k * PITCH + x, v);
-            } else {
-                dst[k * PITCH + x] = r[it * V];
-            }
-        }
+        next += K_CONTIG ? (long long)BK : (long long)BK * ld;
     }
 };
 
 }  // namespace
 
-// Vector path: two blocks per SM (at most 128 registers, none spilled); the
-// scalar fallback keeps its address arithmetic in registers at one block.
-template <typename T, int BM, int BN, int BK, int TM, int TN, bool TA, bool TB, int ACT, bool VEC>
-__global__ void __launch_bounds__((BM / TM) * (BN / TN), VEC ? 2 : 1)
+// Registers are capped at 128 a thread (65536 / (threads * 128) blocks per SM):
+// two 256-thread blocks of the large tile per SM, none spilled.
+template <typename T, int BM, int BN, int BK, int WM, int WN, int STAGES, bool TA, bool TB, int ACT, bool VEC>
+__global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, 65536 / ((BM / WM) * (BN / WN) * 32 * 128))
 gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __restrict__ B,
      const T* __restrict__ bias, int M, int N, int K, T alpha) {
-    constexpr int NT = (BM / TM) * (BN / TN);
+    constexpr int NT = (BM / WM) * (BN / WN) * 32;
     constexpr int W = nnf::Vec<T>::width;
-    constexpr int PA = BM + W;  // shared row pitch of the A slice
-    constexpr int PB = BN + W;
-    constexpr int NV = TN / W;        // column vectors per thread
-    constexpr int VSTEP = BN / NV;    // distance between them
-    static_assert(TM % W == 0 && TN % W == 0, "thread tile must be whole vectors");
-    static_assert(BK % W == 0 && BM % W == 0 && BN % W == 0, "block tile must be whole vectors");
-    static_assert((BN / TN) * W == VSTEP, "column vectors must tile the block");
+    constexpr int TM = WM / 4;  // a lane's rows ...
+    constexpr int TN = WN / 8;  // ... and columns
+    constexpr int RM = TM / W;  // as runs of W, 4 W rows apart
+    constexpr int RN = TN / W;  // and 8 W columns apart
+    static_assert(STAGES >= 2, "a pipeline needs two stages");
+    static_assert(BM % WM == 0 && BN % WN == 0, "warps must tile the block");
+    static_assert(TM % W == 0 && TN % W == 0, "a lane's rows and columns are whole vectors");
 
-    // Two buffers per operand: [2][BK][PA] then [2][BK][PB].
-    T* As = nnf::dynamic_smem<T>();
-    T* Bs = As + 2 * BK * PA;
+    // A element (m, k) is at A[m * K + k] (not TA) or A[k * M + m] (TA);
+    // B element (n, k) is at B[k * N + n] (not TB) or B[n * K + k] (TB).
+    typedef OperandCopier<T, BM, BK, NT, !TA, VEC> CopyA;
+    typedef OperandCopier<T, BN, BK, NT, TB, VEC> CopyB;
+    T* As = nnf::dynamic_smem<T>();      // [STAGES][BK][CopyA::PITCH]
+    T* Bs = As + STAGES * CopyA::SIZE;   // [STAGES][BK][CopyB::PITCH]
 
-    // Row tiles along x (up to 2^31 - 1 blocks: any batch), column tiles along y.
+    // Row tiles along x (up to 2^31 - 1 blocks: any batch), column tiles along y, K splits along z.
     const int m0 = blockIdx.x * BM;
     const int n0 = blockIdx.y * BN;
-    const int ty = threadIdx.x / (BN / TN);
-    const int tx = threadIdx.x % (BN / TN);
-    const long long lda = TA ? M : K;
-    const long long ldb = TB ? K : N;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int am = (warp / (BN / WN)) * WM + (lane / 8) * W;  // the lane's first row in the block tile
+    const int bn = (warp % (BN / WN)) * WN + (lane % 8) * W;  // and its first column
+
+    // This block's share of the K slices: [s0, s0 + count), elements [s0 * BK, kend).
+    const int slices = (int)(((long long)K + BK - 1) / BK);
+    const int per = (slices + (int)gridDim.z - 1) / (int)gridDim.z;
+    const int s0 = (int)blockIdx.z * per;
+    const int count = max(0, min(slices - s0, per));
+    const int kbeg = s0 * BK;
+    const int kend = (int)min((long long)K, (long long)(s0 + count) * BK);
+    CopyA copy_a(A, TA ? M : K, m0, M, kbeg);
+    CopyB copy_b(B, TB ? K : N, n0, N, kbeg);
 
     T acc[TM][TN];
 #pragma unroll
@@ -144,94 +161,112 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
-    // A element (m, k) is at A[m * K + k] (not TA) or A[k * M + m] (TA);
-    // B element (n, k) is at B[k * N + n] (not TB) or B[n * K + k] (TB).
-    TileStage<T, BM, BK, NT, !TA, VEC> sa;
-    TileStage<T, BN, BK, NT, TB, VEC> sb;
-    sa.load(A, lda, m0, M, 0, K);
-    sb.load(B, ldb, n0, N, 0, K);
-    sa.store(As);
-    sb.store(Bs);
-    __syncthreads();
-
-    const int steps = (K + BK - 1) / BK;
-    for (int t = 0; t < steps; ++t) {
-        const int cur = t & 1;
-        const bool more = t + 1 < steps;
-        if (more) {  // next slices: global loads in flight during the arithmetic below
-            sa.load(A, lda, m0, M, (t + 1) * BK, K);
-            sb.load(B, ldb, n0, N, (t + 1) * BK, K);
+    // Prologue: slices 0 .. STAGES - 2 in flight, one commit group each (empty past the end).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < count) {
+            copy_a.copy(As + s * CopyA::SIZE, A, kbeg + s * BK, kend);
+            copy_b.copy(Bs + s * CopyB::SIZE, B, kbeg + s * BK, kend);
         }
-        const T* as = As + cur * BK * PA;
-        const T* bs = Bs + cur * BK * PB;
+        nnf::cp_async_commit();
+    }
+
+    int read = 0, write = STAGES - 1;
+#pragma unroll 1
+    for (int t = 0; t < count; ++t) {
+        nnf::cp_async_wait<STAGES - 2>();  // this thread's copies of slice t have landed;
+        __syncthreads();                   // everyone's have, and nobody reads slice t - 1 any more
+        if (t + STAGES - 1 < count) {      // refill slice t - 1's stage before the math on slice t
+            copy_a.copy(As + write * CopyA::SIZE, A, kbeg + (t + STAGES - 1) * BK, kend);
+            copy_b.copy(Bs + write * CopyB::SIZE, B, kbeg + (t + STAGES - 1) * BK, kend);
+        }
+        nnf::cp_async_commit();
+        const T* as = As + read * CopyA::SIZE + am;
+        const T* bs = Bs + read * CopyB::SIZE + bn;
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             T a[TM], b[TN];
 #pragma unroll
-            for (int i = 0; i < TM; i += W) {
-                const typename nnf::Vec<T>::type v = nnf::load_vec(as + k * PA + ty * TM + i);
+            for (int r = 0; r < RM; ++r) {
+                const typename nnf::Vec<T>::type v = nnf::load_vec(as + k * CopyA::PITCH + r * 4 * W);
 #pragma unroll
-                for (int j = 0; j < W; ++j) a[i + j] = reinterpret_cast<const T*>(&v)[j];
+                for (int j = 0; j < W; ++j) a[r * W + j] = reinterpret_cast<const T*>(&v)[j];
             }
 #pragma unroll
-            for (int q = 0; q < NV; ++q) {
-                const typename nnf::Vec<T>::type v = nnf::load_vec(bs + k * PB + q * VSTEP + tx * W);
+            for (int r = 0; r < RN; ++r) {
+                const typename nnf::Vec<T>::type v = nnf::load_vec(bs + k * CopyB::PITCH + r * 8 * W);
 #pragma unroll
-                for (int j = 0; j < W; ++j) b[q * W + j] = reinterpret_cast<const T*>(&v)[j];
+                for (int j = 0; j < W; ++j) b[r * W + j] = reinterpret_cast<const T*>(&v)[j];
             }
 #pragma unroll
             for (int i = 0; i < TM; ++i)
 #pragma unroll
                 for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
         }
-        if (more) {  // the other buffer was last read before the previous barrier
-            sa.store(As + (cur ^ 1) * BK * PA);
-            sb.store(Bs + (cur ^ 1) * BK * PB);
-        }
-        __syncthreads();
+        read = read == STAGES - 1 ? 0 : read + 1;
+        write = write == STAGES - 1 ? 0 : write + 1;
     }
 
     // Epilogue: bias, pre-activation (when saved), activation, one store.
-    // Column of acc[i][q * W + l]: n0 + q * VSTEP + tx * W + l.
-    T bv[TN];
+    // acc[r * W + v][q * W + l] is C[m0 + am + r * 4W + v][n0 + bn + q * 8W + l]. Column runs
+    // outside, so that only one run's bias is live next to the accumulators.
+    if (gridDim.z > 1) C += (long long)blockIdx.z * M * N;  // split K: this block's partial product
 #pragma unroll
-    for (int q = 0; q < NV; ++q)
+    for (int q = 0; q < RN; ++q) {
+        const int col = n0 + bn + q * 8 * W;
+        if (col >= N) break;  // columns grow with q
+        T bv[W];
 #pragma unroll
-        for (int l = 0; l < W; ++l) {
-            const int col = n0 + q * VSTEP + tx * W + l;
-            bv[q * W + l] = (bias != nullptr && col < N) ? bias[col] : T(0);
-        }
+        for (int l = 0; l < W; ++l) bv[l] = (bias != nullptr && col + l < N) ? bias[col + l] : T(0);
 #pragma unroll
-    for (int i = 0; i < TM; ++i) {
-        const int row = m0 + ty * TM + i;
-        if (row >= M) break;
-        T* crow = C + (long long)row * N;
-        T* zrow = Z != nullptr ? Z + (long long)row * N : nullptr;
+        for (int i = 0; i < TM; ++i) {
+            const int row = m0 + am + (i / W) * 4 * W + i % W;
+            if (row >= M) break;  // rows grow with i
+            T* crow = C + (long long)row * N;
+            T* zrow = Z != nullptr ? Z + (long long)row * N : nullptr;
+            if (VEC) {  // N is a multiple of W: the whole vector is in range
+                typename nnf::Vec<T>::type zv, yv;
 #pragma unroll
-        for (int q = 0; q < NV; ++q) {
-            const int col = n0 + q * VSTEP + tx * W;
-            if (VEC) {
-                if (col < N) {  // N is a multiple of W: the whole vector is in range
-                    typename nnf::Vec<T>::type zv, yv;
-#pragma unroll
-                    for (int l = 0; l < W; ++l) {
-                        const T z = acc[i][q * W + l] + bv[q * W + l];
-                        nnf::lane<T>(zv, l) = z;
-                        nnf::lane<T>(yv, l) = nnf::Act<T, ACT>::fwd(z, alpha);
-                    }
-                    if (zrow != nullptr) nnf::store_vec(zrow + col, zv);
-                    nnf::store_vec(crow + col, yv);
+                for (int l = 0; l < W; ++l) {
+                    const T z = acc[i][q * W + l] + bv[l];
+                    nnf::lane<T>(zv, l) = z;
+                    nnf::lane<T>(yv, l) = nnf::Act<T, ACT>::fwd(z, alpha);
                 }
+                if (zrow != nullptr) nnf::store_vec(zrow + col, zv);
+                nnf::store_vec(crow + col, yv);
             } else {
 #pragma unroll
                 for (int l = 0; l < W; ++l) {
                     if (col + l < N) {
-                        const T z = acc[i][q * W + l] + bv[q * W + l];
+                        const T z = acc[i][q * W + l] + bv[l];
                         if (zrow != nullptr) zrow[col + l] = z;
                         crow[col + l] = nnf::Act<T, ACT>::fwd(z, alpha);
                     }
                 }
             }
+        }
+    }
+}
+
+// Split K, second pass: C = act(ws[0] + ws[1] + ... + ws[splits - 1] + bias),
+// the partial products of gemm added in that order, with Z = the
+// pre-activation when saved (Z != nullptr). ws is splits x M x N. Rows
+// grid-stride along y, columns along x: a warp reads 32 consecutive elements
+// of each partial product (memory-bound; wider loads would only unroll the
+// activation four times over).
+template <typename T, int ACT>
+__global__ void __launch_bounds__(256)
+gemm_splitk_reduce(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ ws, const T* __restrict__ bias,
+                   int M, int N, int splits, T alpha) {
+    const long long mn = (long long)M * N;
+    for (int row = blockIdx.y; row < M; row += gridDim.y) {
+        for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < N; col += gridDim.x * blockDim.x) {
+            const long long i = (long long)row * N + col;
+            T z = ws[i];
+            for (int s = 1; s < splits; ++s) z += ws[s * mn + i];
+            if (bias != nullptr) z += bias[col];
+            if (Z != nullptr) Z[i] = z;
+            C[i] = nnf::Act<T, ACT>::fwd(z, alpha);
         }
     }
 }

@@ -3,8 +3,9 @@
 * NVRTC (``cupy_backends.cuda.libs.nvrtc``, library from the
   ``nvidia-cuda-nvrtc-cu12`` wheel; no driver needed) compiles every template
   instantiation listed by :func:`nnfast.backends.cuda_launch.name_expressions`
-  for ``compute_80`` and ``compute_90``; any error or warning fails the test
-  with the NVRTC log.
+  to PTX for ``compute_80`` and to machine code for ``sm_90`` (the cubin that
+  tests/test_cuda_sass.py then disassembles); any error or warning fails the
+  test with the NVRTC log.
 * ``nvcc -arch=sm_90 -cubin -Xptxas -v`` (skipped when nvcc is absent)
   compiles each file with every instantiation and reports registers and
   spills per kernel; a spill in a float32 instantiation of a hot kernel fails.
@@ -28,7 +29,9 @@ import pytest
 
 from nnfast.backends import base, cuda_launch
 
-ARCHS = ("compute_80", "compute_90")
+#: compute_80: PTX, the oldest architecture with cp.async; sm_90: a cubin (PTX and ptxas), shared
+#: with the SASS checks through compile_file's cache.
+ARCHS = ("compute_80", "sm_90")
 
 #: Options cupy.RawModule adds to ours when it compiles at run time (CuPy 13/14).
 CUPY_RUNTIME_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
@@ -62,8 +65,9 @@ def _require_nvrtc():
 def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]]:
     """Compile every instantiation of ``file`` for ``arch``.
 
-    Returns ``(ok, log, ptx, lowered)``; ``lowered`` maps each mangled name to
-    its name expression.
+    Returns ``(ok, log, image, lowered)``: ``image`` is the PTX for a virtual
+    architecture (``compute_90``), the cubin for a real one (``sm_90``);
+    ``lowered`` maps each mangled name to its name expression.
     """
     nvrtc, reason = _nvrtc()
     assert nvrtc is not None, reason
@@ -80,11 +84,11 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
         log = nvrtc.getProgramLog(prog)
         if not ok:
             return False, log, b"", {}
-        ptx = nvrtc.getPTX(prog)
-        if isinstance(ptx, str):
-            ptx = ptx.encode()
+        image = nvrtc.getCUBIN(prog) if arch.startswith("sm_") else nvrtc.getPTX(prog)
+        if isinstance(image, str):
+            image = image.encode()
         lowered = {nvrtc.getLoweredName(prog, name): name for name in names}
-        return True, log, ptx, lowered
+        return True, log, image, lowered
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -93,7 +97,7 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
 @pytest.mark.parametrize("file", cuda_launch.KERNEL_FILES)
 def test_nvrtc_compiles_every_instantiation(file, arch):
     _require_nvrtc()
-    ok, log, ptx, lowered = compile_file(file, arch)
+    ok, log, image, lowered = compile_file(file, arch)
     assert ok, f"NVRTC failed on {file} for {arch}:\n{log}"
     assert "warning" not in log.lower() and "error" not in log.lower(), (
         f"NVRTC reported diagnostics on {file} for {arch}:\n{log}"
@@ -101,7 +105,7 @@ def test_nvrtc_compiles_every_instantiation(file, arch):
     names = cuda_launch.name_expressions(file)
     assert len(set(lowered.values())) == len(names), "every name expression has its own kernel"
     for mangled in lowered:
-        assert mangled.encode() in ptx, f"{lowered[mangled]} ({mangled}) missing from the PTX"
+        assert mangled.encode() in image, f"{lowered[mangled]} ({mangled}) missing from the {arch} image"
 
 
 def test_every_kernel_file_is_listed():
@@ -122,13 +126,18 @@ def test_reduction_codes_match_the_kernel():
     assert re.search(r"RED_MEAN = (\d+)", text).group(1) == str(cuda_launch.REDUCTION_CODES["mean"])
 
 
+#: The one header allowed inline PTX (cp.async, with an emulation branch and a pre-sm_80 fallback).
+INLINE_PTX_FILES = ("async_copy.cuh",)
+
+
 def test_sources_are_self_contained():
-    """No CUDA system header, no inline PTX, no static shared memory (portability rules)."""
+    """No CUDA system header, inline PTX only in async_copy.cuh, no static shared memory (portability rules)."""
     for path in sorted(cuda_launch.kernel_dir().glob("*.cu*")):
         text = path.read_text()
         for include in re.findall(r'#\s*include\s*([<"][^>"]+[>"])', text):
             assert include.startswith('"') and include.endswith('.cuh"'), f"{path.name}: {include}"
-        assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
+        if path.name not in INLINE_PTX_FILES:
+            assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
         for line in text.splitlines():
             if "__shared__" in line and not line.lstrip().startswith("//"):
                 assert "extern __shared__ float4" in line, f"{path.name}: static shared memory: {line}"

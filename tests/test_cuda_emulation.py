@@ -340,6 +340,7 @@ from nnfast.backends import cuda_launch  # noqa: E402
 from nnfast.backends.base import ACTIVATIONS, saves_input  # noqa: E402
 
 from op_table import OPS, OpInfo  # noqa: E402
+import gemm_cases  # noqa: E402
 
 from emulation_support import REFERENCE, run_property_test  # noqa: E402
 from emulation_support import assert_close as _assert_close  # noqa: E402
@@ -886,6 +887,8 @@ def test_every_kernel_instantiation_is_launched(kernel_modules):
                     emu.emulated_function(launch.file, launch.kernel)(
                         launch.grid, launch.block, (out, dy, x, np.int64(9), t(0), np.int32(vec)), launch.shared_mem)
                     np.testing.assert_array_equal(gpu.to_numpy(out), gpu.to_numpy(dy))
+    with emu.emulated_cupy_backend() as gpu:  # every GEMM tile, vector and scalar path, split K
+        gemm_cases.run_every_gemm(gpu, rng)
     missing = {f: sorted(set(cuda_launch.name_expressions(f)) - emu.launched.get(f, set()))
                for f in cuda_launch.KERNEL_FILES}
     missing = {f: names for f, names in missing.items() if names}

@@ -20,6 +20,9 @@
 //   * warp intrinsics (`__shfl_*_sync`, `__ballot_sync`, `__any_sync`, ...) are
 //     real exchanges between the 32 lanes of a warp with the PTX lane rules; a
 //     value read from a lane that does not take part is poisoned;
+//   * asynchronous copies (cp.async, __pipeline_memcpy_async) land in shared memory
+//     when the issuing thread waits for their group and read as poison until then
+//     (section "asynchronous copies");
 //   * `__syncthreads()` reached by only part of a block (others returned, or wait
 //     at another barrier), warp collectives that never complete, and every other
 //     deadlock are reported instead of hanging;
@@ -385,6 +388,156 @@ __attribute__((format(printf, 2, 3))) inline void set_error(int code, const char
   abort_launch();
 }
 
+// ------------------------------------------------------------ asynchronous copies (cp.async)
+// cp.async / __pipeline_memcpy_async from global into shared memory, commit groups and
+// waits, with exactly the guarantees PTX gives a kernel:
+//
+//   * a copy reads its source when it is issued (an out-of-bounds source faults there, naming
+//     the argument) and lands in shared memory only when the issuing thread waits for its
+//     group (cp.async.wait_group / __pipeline_wait_prior / wait_all). Until then the
+//     destination holds poison (0xFF bytes: NaN, -1), so a stage read before the wait, or by
+//     another thread before the issuing thread's wait and a barrier, reads NaN;
+//   * wait_group N lands every copy of the groups committed before the N most recent ones;
+//     copies issued after the last commit belong to no group yet and stay pending;
+//   * __syncthreads() lands nothing (on a GPU a barrier does not wait for cp.async either);
+//   * copies still in flight when their thread returns never land: on a GPU they complete at
+//     a time no other thread can wait for, so whoever reads them races (reads poison here);
+//   * the destination must lie in shared memory (inside the launch's dynamic size when it is
+//     in the dynamic buffer), source and destination aligned to the copy size, and the copy 4,
+//     8 or 16 bytes with at most that many source bytes (the rest is zero-filled): anything
+//     else fails the launch naming the thread and the call's file:line.
+struct AsyncCopy {
+  unsigned char* dst;
+  uint64_t group;  // commit group number (the open group while not yet committed)
+  unsigned size;
+  unsigned char bytes[16];
+};
+struct AsyncCopies {  // one per thread of the running block
+  AsyncCopy* items;   // issued and not landed, in issue order
+  unsigned count, capacity;
+  uint64_t committed;  // groups closed by the thread so far
+};
+inline AsyncCopies* g_async = nullptr;
+inline unsigned g_async_threads = 0;
+
+// Called as each block starts (run_block): what the previous block left in flight is dropped.
+inline void async_copies_reset(unsigned nthreads) {
+  if (nthreads > g_async_threads) {
+    g_async = static_cast<AsyncCopies*>(realloc(static_cast<void*>(g_async), nthreads * sizeof(AsyncCopies)));
+    if (!g_async) {
+      g_async_threads = 0;
+      return;
+    }
+    memset(static_cast<void*>(g_async + g_async_threads), 0, (nthreads - g_async_threads) * sizeof(AsyncCopies));
+    g_async_threads = nthreads;
+  }
+  for (unsigned i = 0; i < nthreads; ++i) {
+    g_async[i].count = 0;
+    g_async[i].committed = 0;
+  }
+}
+
+[[noreturn]] inline void async_copy_error(int code, const char* file, int line, const char* fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+inline void async_copy_error(int code, const char* file, int line, const char* fmt, ...) {
+  char what[512], w[160], s[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  where(w, sizeof w, rt.cur);
+  set_error(code, "%s in %s (at %s)", what, w, site_name(file, line, s, sizeof s));
+  abort_launch();
+}
+
+inline AsyncCopies& async_copies_of_current_thread(const char* file, int line) {
+  if (!rt.cur || !g_async || rt.cur->linear >= g_async_threads)
+    async_copy_error(kErrInternal, file, line, "asynchronous copy outside a running thread");
+  return g_async[rt.cur->linear];
+}
+
+inline void cp_async(void* dst_ptr, const void* src, unsigned size, unsigned src_size, const char* file, int line) {
+  AsyncCopies& a = async_copies_of_current_thread(file, line);
+  unsigned char* dst = static_cast<unsigned char*>(dst_ptr);
+  if (size != 4 && size != 8 && size != 16)
+    async_copy_error(kErrTrap, file, line, "cp.async of %u bytes (4, 8 or 16 only)", size);
+  if (src_size > size)
+    async_copy_error(kErrTrap, file, line, "cp.async reads %u source bytes into a %u-byte copy", src_size, size);
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0)
+    async_copy_error(kErrFault, file, line, "misaligned address: %u-byte cp.async from %p to %p", size, src,
+                     static_cast<void*>(dst));
+  const bool in_tls = dst >= rt.tls_begin && dst + size <= rt.tls_end;
+  const bool in_dynamic_area = dst + size > rt.dyn_begin && dst < rt.dyn_begin + kMaxDynamicSmem + kSmemTail;
+  if (!in_tls)
+    async_copy_error(kErrFault, file, line, "cp.async destination %p is not in shared memory",
+                     static_cast<void*>(dst));
+  if (in_dynamic_area && (dst < rt.dyn_begin || dst + size > rt.dyn_begin + rt.dyn_size))
+    async_copy_error(kErrSharedOverflow, file, line,
+                     "cp.async writes dynamic shared memory bytes [%ld, %ld), outside the %zu bytes given at launch",
+                     static_cast<long>(dst - rt.dyn_begin), static_cast<long>(dst - rt.dyn_begin + size),
+                     rt.dyn_size);
+  if (a.count == a.capacity) {
+    unsigned cap = a.capacity ? 2 * a.capacity : 16;
+    AsyncCopy* grown = static_cast<AsyncCopy*>(realloc(static_cast<void*>(a.items), cap * sizeof(AsyncCopy)));
+    if (!grown) async_copy_error(kErrInternal, file, line, "out of memory for pending cp.async copies");
+    a.items = grown;
+    a.capacity = cap;
+  }
+  AsyncCopy& c = a.items[a.count++];
+  c.dst = dst;
+  c.group = a.committed;
+  c.size = size;
+  memset(c.bytes, 0, sizeof c.bytes);
+  if (src_size) memcpy(c.bytes, src, src_size);  // faults here on a bad source
+  memset(dst, 0xFF, size);                        // undefined until the wait
+}
+
+inline void cp_async_commit() {
+  if (rt.cur && g_async && rt.cur->linear < g_async_threads) ++g_async[rt.cur->linear].committed;
+}
+
+// Land the copies of every group but the `pending` most recent ones.
+inline void cp_async_wait(unsigned pending, const char* file, int line) {
+  AsyncCopies& a = async_copies_of_current_thread(file, line);
+  const uint64_t complete = a.committed > pending ? a.committed - pending : 0;
+  unsigned kept = 0;
+  for (unsigned i = 0; i < a.count; ++i) {
+    AsyncCopy& c = a.items[i];
+    if (c.group < complete) memcpy(c.dst, c.bytes, c.size);
+    else a.items[kept++] = c;
+  }
+  a.count = kept;
+  asm volatile("" ::: "memory");
+}
+
+inline void cp_async_wait_all(const char* file, int line) {
+  cp_async_commit();
+  cp_async_wait(0, file, line);
+}
+
+// The pending copies of the current thread (for tests of the emulation itself).
+inline unsigned cp_async_pending() {
+  return rt.cur && g_async && rt.cur->linear < g_async_threads ? g_async[rt.cur->linear].count : 0;
+}
+}  // namespace cuemu
+
+// The CUDA primitives API (cuda_pipeline_primitives.h) on the same machinery.
+inline void __pipeline_memcpy_async(void* dst, const void* src, size_t size_and_align, size_t zfill = 0,
+                                    const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  if (zfill > size_and_align)
+    ::cuemu::async_copy_error(::cuemu::kErrTrap, file, line, "__pipeline_memcpy_async: zfill %zu > size %zu", zfill,
+                              size_and_align);
+  ::cuemu::cp_async(dst, src, static_cast<unsigned>(size_and_align), static_cast<unsigned>(size_and_align - zfill),
+                    file, line);
+}
+inline void __pipeline_commit() { ::cuemu::cp_async_commit(); }
+inline void __pipeline_wait_prior(size_t prior, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::cuemu::cp_async_wait(static_cast<unsigned>(prior), file, line);
+}
+
+namespace cuemu {
+// ------------------------------------------------------------ end of asynchronous copies
+
 // ------------------------------------------------------------ scheduling
 inline void yield() {
   Thread* t = rt.cur;
@@ -663,6 +816,7 @@ inline void ensure_threads(unsigned n) {
 inline bool run_block() {
   size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   unsigned n = rt.nthreads;
+  async_copies_reset(n);  // see "asynchronous copies"
   for (unsigned i = 0; i < n; ++i) {
     Thread& t = rt.threads[i];
     memset(&t, 0, sizeof t);

@@ -22,7 +22,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from . import gemm_plan
 from .base import ACTIVATION_CODES, ACTIVATIONS
+from .gemm_plan import GEMM_TILES, GemmTile
 
 #: The kernel sources, one CuPy ``RawModule`` each.
 KERNEL_FILES = ("activations.cu", "linear.cu", "softmax.cu", "cross_entropy.cu", "optim.cu")
@@ -42,12 +44,6 @@ _CTYPES = {"float32": "float", "float64": "double"}
 _ITEMSIZE = {"float": 4, "double": 8}
 #: Elements per 128-bit vector.
 _VEC_WIDTH = {"float": 4, "double": 2}
-
-#: GEMM tile configurations (BM, BN, BK, TM, TN) per C type; 256 threads each.
-GEMM_CONFIGS = {
-    "float": {"large": (128, 128, 8, 8, 8), "small": (64, 64, 8, 4, 4)},
-    "double": {"large": (64, 64, 8, 4, 4), "small": (32, 32, 8, 2, 2)},
-}
 
 #: Threads per row of the softmax / cross-entropy kernels (32: one warp per row,
 #: eight rows per block; more: one block per row), by the longest row each serves.
@@ -115,9 +111,9 @@ def _row_scratch(rt: int, c: str) -> int:
 
 
 # ------------------------------------------------------------------ the instantiations
-def _gemm_name(c: str, cfg: Sequence[int], ta: bool, tb: bool, act: int, vec: bool) -> str:
-    bm, bn, bk, tm, tn = cfg
-    return f"gemm<{c}, {bm}, {bn}, {bk}, {tm}, {tn}, {_bool(ta)}, {_bool(tb)}, {act}, {_bool(vec)}>"
+def _gemm_name(c: str, t: GemmTile, ta: bool, tb: bool, act: int, vec: bool) -> str:
+    return (f"gemm<{c}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {_bool(ta)}, {_bool(tb)}, {act}, "
+            f"{_bool(vec)}>")
 
 
 def name_expressions(file: str) -> list[str]:
@@ -129,11 +125,12 @@ def name_expressions(file: str) -> list[str]:
             names += [f"act_forward<{c}, {k}>" for k in codes]
             names += [f"act_backward<{c}, {k}>" for k in codes]
         elif file == "linear.cu":
-            for cfg in GEMM_CONFIGS[c].values():
+            for tile in GEMM_TILES[c].values():
                 for vec in (False, True):
-                    names += [_gemm_name(c, cfg, False, False, k, vec) for k in codes]
-                    names.append(_gemm_name(c, cfg, True, False, 0, vec))
-                    names.append(_gemm_name(c, cfg, False, True, 0, vec))
+                    names += [_gemm_name(c, tile, False, False, k, vec) for k in codes]
+                    names.append(_gemm_name(c, tile, True, False, 0, vec))
+                    names.append(_gemm_name(c, tile, False, True, 0, vec))
+            names += [f"gemm_splitk_reduce<{c}, {k}>" for k in codes]
             names += [f"bias_act_backward<{c}, {k}>" for k in codes]
             names.append(f"column_sum<{c}>")
         elif file == "softmax.cu":
@@ -218,34 +215,64 @@ def activation_launch(n: int, dtype: Any, activation: str, *, backward: bool, al
                    (_ELEMENTWISE_THREADS, 1, 1)), bool(aligned))
 
 
+@dataclass(frozen=True)
+class GemmPlan(Launch):
+    """A GEMM: the ``gemm`` launch itself (this object's fields) and, with split K, its second pass.
+
+    With ``splits`` > 1 the ``gemm`` launch takes a workspace of
+    ``workspace_shape`` in place of C, no Z and no bias (its epilogue is the
+    identity), and ``reduce`` (``gemm_splitk_reduce``) then adds the partial
+    products and applies bias and activation: arguments ``(C, Z, workspace,
+    bias, M, N, splits, alpha)``.
+    """
+
+    splits: int = 1
+    reduce: Launch | None = None
+    workspace_shape: tuple[int, int, int] | None = None
+
+
+#: Pin the GEMM tile and / or split-K factor inside a ``with`` block (see :func:`gemm_plan.forced`).
+forced_gemm = gemm_plan.forced
+
+
 def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, trans_b: bool = False,
                 activation: str = "identity", aligned: bool = False,
-                sm_count: int = DEFAULT_SM_COUNT) -> Launch:
+                sm_count: int = DEFAULT_SM_COUNT) -> GemmPlan:
     """``C[M, N] = act(op(A) @ op(B) + bias)`` (see ``kernels/linear.cu``).
 
-    ``aligned``: every pointer (A, B, C and Z) is 16-byte aligned. Vector loads
-    are used when that holds and every leading dimension is a multiple of the
-    vector width. Transposed operands take the identity epilogue only.
+    ``aligned``: every pointer (A, B, C and Z) is 16-byte aligned. Vector
+    copies and stores are used when that holds and every leading dimension is
+    a multiple of the vector width. Transposed operands take the identity
+    epilogue only. The tile and the split-K factor come from
+    :func:`gemm_plan.choose` (or :func:`forced_gemm`).
     """
     c = ctype(dtype)
     if (trans_a or trans_b) and activation != "identity":
         raise ValueError("gemm: transposed-operand variants have the identity epilogue only")
     if trans_a and trans_b:
         raise ValueError("gemm: at most one operand is transposed")
+    if min(M, N, K) < 1:
+        raise ValueError(f"gemm: M, N and K must be positive, got {M}, {N}, {K}")
     w = _VEC_WIDTH[c]
     lda = M if trans_a else K
     ldb = K if trans_b else N
     vec = bool(aligned) and lda % w == 0 and ldb % w == 0 and N % w == 0
-    large = GEMM_CONFIGS[c]["large"]
-    tiles = _cdiv(M, large[0]) * _cdiv(N, large[1])
-    cfg = large if tiles >= sm_count else GEMM_CONFIGS[c]["small"]
-    bm, bn, bk, tm, tn = cfg
-    threads = (bm // tm) * (bn // tn)
-    smem = 2 * bk * ((bm + w) + (bn + w)) * _ITEMSIZE[c]  # double-buffered A and B slices
-    name = _gemm_name(c, cfg, trans_a, trans_b, _act_code(activation), vec)
-    if _cdiv(N, bn) > 65535:
-        raise ValueError(f"gemm: {N} output columns exceed the {65535 * bn} one launch covers")
-    return Launch("linear.cu", name, (_cdiv(M, bm), _cdiv(N, bn), 1), (threads, 1, 1), smem)
+    name, splits = gemm_plan.choose(M, N, K, c, _ITEMSIZE[c], sm_count)
+    tile = GEMM_TILES[c][name]
+    if _cdiv(N, tile.bn) > 65535:
+        raise ValueError(f"gemm: {N} output columns exceed the {65535 * tile.bn} one launch covers")
+    act = _act_code(activation)
+    smem = tile.shared_mem(_ITEMSIZE[c], w, trans_a=trans_a, trans_b=trans_b)
+    grid = (_cdiv(M, tile.bm), _cdiv(N, tile.bn), splits)
+    main = dict(file="linear.cu", grid=grid, block=(tile.threads, 1, 1), shared_mem=smem)
+    if splits == 1:
+        return GemmPlan(kernel=_gemm_name(c, tile, trans_a, trans_b, act, vec), **main)
+    # Second pass: threads along the columns of a row, rows grid-striding along y.
+    gx = _cdiv(N, _ELEMENTWISE_THREADS)
+    gy = max(1, min(M, 65535, _cdiv(sm_count * 8, gx)))
+    reduce = Launch("linear.cu", f"gemm_splitk_reduce<{c}, {act}>", (gx, gy, 1), (_ELEMENTWISE_THREADS, 1, 1))
+    return GemmPlan(kernel=_gemm_name(c, tile, trans_a, trans_b, 0, vec), **main, splits=splits, reduce=reduce,
+                    workspace_shape=(splits, M, N))
 
 
 @dataclass(frozen=True)
@@ -343,7 +370,8 @@ def total_instantiations() -> int:
 __all__ = [
     "COMPILE_OPTIONS",
     "DEFAULT_SM_COUNT",
-    "GEMM_CONFIGS",
+    "GEMM_TILES",
+    "GemmPlan",
     "KERNEL_FILES",
     "Launch",
     "OPTIM_CHUNK",
@@ -354,6 +382,7 @@ __all__ = [
     "bias_act_backward_launch",
     "cross_entropy_launches",
     "ctype",
+    "forced_gemm",
     "gemm_launch",
     "is_aligned",
     "kernel_dir",

@@ -279,11 +279,21 @@ class CupyBackend(Backend):
         N = W.shape[1]
         y = cp.empty((M, N), dtype=x.dtype)
         z = cp.empty((M, N), dtype=x.dtype) if saves_input(activation) else None
-        launch = cuda_launch.gemm_launch(M, N, K, x.dtype, activation=activation,
-                                         aligned=_aligned(x, W, y, z), sm_count=self._sm_count)
-        _launch(launch, y, _arg(z), x, W, _arg(b), np.int32(M), np.int32(N), np.int32(K),
-                self._scalar(x.dtype, alpha))
+        plan = cuda_launch.gemm_launch(M, N, K, x.dtype, activation=activation,
+                                       aligned=_aligned(x, W, y, z), sm_count=self._sm_count)
+        self._gemm(plan, y, z, x, W, b, M, N, K, alpha)
         return y, (z if z is not None else y)
+
+    def _gemm(self, plan, C, Z, A, B, bias, M, N, K, alpha=0.0):
+        """Run a :class:`cuda_launch.GemmPlan`: one launch, or with split K the partial products then their sum."""
+        t = self._scalar(C.dtype, alpha)
+        dims = (np.int32(M), np.int32(N), np.int32(K))
+        if plan.splits == 1:
+            _launch(plan, C, _arg(Z), A, B, _arg(bias), *dims, t)
+            return
+        workspace = self._cupy.empty(plan.workspace_shape, dtype=C.dtype)
+        _launch(plan, workspace, _NULL, A, B, _NULL, *dims, t)
+        _launch(plan.reduce, C, _arg(Z), workspace, _arg(bias), np.int32(M), np.int32(N), np.int32(plan.splits), t)
 
     def _linear_backward(self, dy, x, W, saved, activation, alpha, has_bias, need_dx):
         cp = self._cupy
@@ -303,19 +313,18 @@ class CupyBackend(Backend):
                     np.int32(M), np.int32(N), np.int32(plan.rows_per_split), self._scalar(dtype, alpha))
             if plan.reduce is not None:
                 _launch(plan.reduce, db, partial, np.int32(plan.splits), np.int32(N))
-        zero = self._scalar(dtype, 0.0)
         # dW[K, N] = x^T @ dz: x is read as the transposed operand in place.
         dW = cp.empty((K, N), dtype=dtype)
-        launch = cuda_launch.gemm_launch(K, N, M, dtype, trans_a=True, aligned=_aligned(x, dz, dW),
-                                         sm_count=self._sm_count)
-        _launch(launch, dW, _NULL, x, dz, _NULL, np.int32(K), np.int32(N), np.int32(M), zero)
+        plan = cuda_launch.gemm_launch(K, N, M, dtype, trans_a=True, aligned=_aligned(x, dz, dW),
+                                       sm_count=self._sm_count)
+        self._gemm(plan, dW, None, x, dz, None, K, N, M)
         dx = None
         if need_dx:
             # dx[M, K] = dz @ W^T: W is read as the transposed operand in place.
             dx = cp.empty((M, K), dtype=dtype)
-            launch = cuda_launch.gemm_launch(M, K, N, dtype, trans_b=True, aligned=_aligned(dz, W, dx),
-                                             sm_count=self._sm_count)
-            _launch(launch, dx, _NULL, dz, W, _NULL, np.int32(M), np.int32(K), np.int32(N), zero)
+            plan = cuda_launch.gemm_launch(M, K, N, dtype, trans_b=True, aligned=_aligned(dz, W, dx),
+                                           sm_count=self._sm_count)
+            self._gemm(plan, dx, None, dz, W, None, M, K, N)
         return dx, dW, db
 
     # ------------------------------------------------------------------ activations
