@@ -110,8 +110,8 @@ def function_body(text: str, function: str) -> tuple[int, int]:
 
 def mutant(tmp_path, file, function, old, new, occurrence=0):
     """A copy of ``kernels/`` in ``tmp_path`` whose ``function`` in ``file`` (the whole file
-    for None) has the ``occurrence``-th ``old`` replaced by ``new``; skips the test when that
-    text is gone."""
+    for None) has the ``occurrence``-th ``old`` replaced by ``new``; fails the test when that
+    text is gone: a mutant whose site no longer exists tests nothing, so it must be updated."""
     directory = tmp_path / "kernels"
     shutil.copytree(cuda_launch.kernel_dir(), directory, ignore=shutil.ignore_patterns("testing"))
     path = directory / file
@@ -121,13 +121,14 @@ def mutant(tmp_path, file, function, old, new, occurrence=0):
         if function is not None:
             start, end = function_body(text, function)
     except LookupError:
-        pytest.skip(f"mutation site gone: no {function}() in kernels/{file} any more")
+        pytest.fail(f"mutation site gone: no {function}() in kernels/{file} any more; update the mutant")
     body = text[start:end]
     at = -1
     for _ in range(occurrence + 1):
         at = body.find(old, at + 1)
         if at < 0:
-            pytest.skip(f"mutation site gone: {old!r} #{occurrence} not in {function}() of kernels/{file}")
+            pytest.fail(f"mutation site gone: {old!r} #{occurrence} not in {function}() of kernels/{file}; "
+                        "update the mutant")
     path.write_text(text[:start] + body[:at] + new + body[at + len(old):] + text[end:])
     return directory
 

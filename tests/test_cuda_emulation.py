@@ -805,11 +805,9 @@ def _softmax(b, rng, shape):
 MUTANTS = [
     # id, file, function, text, replacement, occurrence, run, shape
     ("gemm-no-barrier-after-first-tile", "linear.cu", "gemm", "__syncthreads();", "", 0, _linear_forward, (37, 20, 45)),
-    ("gemm-no-barrier-per-step", "linear.cu", "gemm", "__syncthreads();", "", 1, _linear_forward, (37, 20, 45)),
     ("bias-grad-no-barrier", "linear.cu", "bias_act_backward", "__syncthreads();", "", 0, _linear_backward,
      (40, 8, 12)),
     ("block-reduce-no-barrier", "common.cuh", "block_max_sum", "__syncthreads();", "", 1, _softmax, (3, 1029)),
-    ("tile-load-off-by-one", "linear.cu", "load", "gx < xmax", "gx <= xmax", 0, _linear_forward, (37, 8, 12)),
     ("row-tail-off-by-one", "rows.cuh", "row_map", "if (t < n)", "if (t <= n)", 0, _softmax, (4, 8)),
     ("warp-sum-half-mask", "common.cuh", "warp_sum", "FULL_MASK", "0x0000ffffu", 0, _softmax, (9, 33)),
 ]
