@@ -65,8 +65,11 @@ import numpy as np
 #: Schema tag of the JSON report.
 SCHEMA = "nnfast-bench/1"
 
-#: Activations the element-wise kernels are measured with.
-BENCH_ACTIVATIONS = ("relu", "gelu", "tanh")
+from .activations import TABLE as _ACTIVATION_TABLE
+from .activations import resolve as _resolve_activation
+
+#: Activations the element-wise kernels are measured with (the table's ``benchmark`` rows).
+BENCH_ACTIVATIONS = tuple(row.name for row in _ACTIVATION_TABLE if row.benchmark)
 
 #: MLPs of the training-step section: (size tag, layer sizes, batch).
 TRAIN_MLPS = (
@@ -275,7 +278,7 @@ def make_nnfast(backend: Any, spec: OpSpec, variant: str, shape: Shape, dtype: s
         x = conv(data["x"])
         return lambda: be.activation_forward(x, variant)
     if name == "activation_backward":
-        from .backends.base import saves_input
+        from .activations import saves_input
 
         x, dy = conv(data["x"]), conv(data["dy"])
         saved = x if saves_input(variant) else be.activation_forward(x, variant)
@@ -344,14 +347,11 @@ def make_torch(torch: Any, device: str, spec: OpSpec, variant: str, shape: Shape
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
     aten = torch.ops.aten
-    forward = {"relu": torch.relu, "gelu": F.gelu, "tanh": torch.tanh, "identity": lambda t: t}
+    alpha = {row.name: _resolve_activation(row.name)[1] for row in _ACTIVATION_TABLE}
+    forward = {row.name: (lambda t, row=row: row.torch_forward(F, t, alpha[row.name])) for row in _ACTIVATION_TABLE}
     # backward primitives: (function, takes the input (True) or the output (False))
-    backward = {
-        "relu": (lambda dy, y: aten.threshold_backward(dy, y, 0.0), False),
-        "gelu": (lambda dy, x: aten.gelu_backward(dy, x), True),
-        "tanh": (lambda dy, y: aten.tanh_backward(dy, y), False),
-        "identity": (lambda dy, y: dy, False),
-    }
+    backward = {row.name: ((lambda dy, s, row=row: row.torch_backward(aten, dy, s, alpha[row.name])),
+                           row.saves_input) for row in _ACTIVATION_TABLE}
     name = spec.name
     if name == "linear_forward":
         x, W, b = conv(data["x"]), conv(data["W"]), conv(data["b"])

@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Sequence
 
-from .backends.base import ACTIVATIONS
+from .activations import ACTIVATIONS
 from .errors import BackendError
 
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from nnfast.backends import available_backends
-from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, Backend, saves_input
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input
+from nnfast.backends.base import Backend
 
 #: Every backend that can run here.
 AVAILABLE = available_backends()
@@ -69,7 +70,7 @@ def _np(backend: Backend, a: Any) -> np.ndarray | None:
 
 def _away_from_kinks(x: np.ndarray, activation: str) -> np.ndarray:
     """Move samples off points where the derivative jumps (0 for ReLU-like, 20 for softplus)."""
-    if activation in ("relu", "leaky_relu", "elu"):
+    if 0.0 in BY_NAME[activation].kinks:
         x = np.where(np.abs(x) < 0.05, x + np.sign(x + 1e-300) * 0.1, x)
     return x
 
@@ -87,7 +88,7 @@ def _activation_samples(activation: str):
         # Large magnitudes: saturation, softplus's linear branch, sigmoid tails.
         big = np.array([-60.0, -25.0, -19.5, 19.5, 25.0, 60.0], dtype=dtype)
         yield Sample({"x": big, "dy": np.ones_like(big)}, {"activation": activation}, ("x",))
-        if activation in DEFAULT_ALPHA:
+        if BY_NAME[activation].parameter is not None:
             x = _away_from_kinks(rng.standard_normal(9) * 2, activation).astype(dtype)
             yield Sample({"x": x, "dy": _weights(rng, (9,), dtype)},
                          {"activation": activation, "alpha": 0.3}, ("x",))
@@ -121,7 +122,7 @@ def _linear_samples(activation: str):
             b = rng.standard_normal(n_out).astype(dtype)
             has_bias = i % 3 != 2
             z = x.astype(np.float64) @ W + (b if has_bias else 0)
-            if activation in ("relu", "leaky_relu", "elu") and np.abs(z).min() < 1e-3:
+            if 0.0 in BY_NAME[activation].kinks and np.abs(z).min() < 1e-3:
                 continue  # finite differences are invalid across the kink at 0
             arrays = {"x": x, "W": W, "dy": _weights(rng, (batch, n_out), dtype)}
             if has_bias:

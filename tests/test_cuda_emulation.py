@@ -341,7 +341,7 @@ def test_builds_are_cached(checks):
 # The real CuPy backend on the emulation: launch configurations, argument packing
 # and the bad-label flag are the backend's own code.
 from nnfast.backends import backend_for, cuda_launch  # noqa: E402
-from nnfast.backends.base import ACTIVATIONS, saves_input  # noqa: E402
+from nnfast.activations import ACTIVATIONS, saves_input  # noqa: E402
 
 from op_table import OPS, OpInfo  # noqa: E402
 

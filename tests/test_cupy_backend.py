@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from nnfast.backends import backend_for, cuda_launch
-from nnfast.backends.base import ACTIVATIONS, saves_input
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input
 from nnfast.backends.cupy_backend import cupy_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,8 +148,8 @@ def ref():
 
 def _inputs(rng, shape, dtype, activation=None):
     x = (rng.standard_normal(shape) * 2).astype(dtype)
-    if activation in ("relu", "leaky_relu", "elu"):  # keep samples off the kink at 0
-        x[np.abs(x) < 1e-3] = 0.5
+    for kink in BY_NAME[activation].kinks if activation else ():  # keep samples off the kinks
+        x[np.abs(x - kink) < 1e-3] = kink + 0.5
     return x
 
 

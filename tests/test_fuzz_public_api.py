@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnfast as nf
-from nnfast.backends.base import physical_memory
+from nnfast.checks import physical_memory
 from nnfast.cli import main
 from nnfast.data import load_path, read_idx
 

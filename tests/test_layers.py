@@ -154,7 +154,7 @@ def test_backward_checks_and_needs_forward(backend):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(in_features=0, out_features=2), ValueError, "in_features: expected a positive int, got 0"),
-    (dict(in_features=2.5, out_features=2), ValueError, "in_features"),
+    (dict(in_features=2.5, out_features=2), TypeError, "in_features: expected a positive int, got 2.5"),
     (dict(in_features=2, out_features=2, activation="swish"), ValueError, "activation: expected one of"),
     (dict(in_features=2, out_features=2, dtype="int32"), TypeError, "dtype: expected 'float32' or 'float64'"),
     (dict(in_features=2, out_features=2, dtype="float16"), TypeError, "dtype"),

@@ -22,7 +22,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from nnfast.backends import backend_for  # noqa: E402
-from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, saves_input  # noqa: E402
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input  # noqa: E402
 from nnfast.backends.numba_backend import NumbaBackend  # noqa: E402
 from nnfast.backends.numpy_backend import NumpyBackend  # noqa: E402
 
@@ -51,7 +51,8 @@ def rand(rng, shape, dtype, scale=1.0):
 
 
 def alpha_of(act):
-    return DEFAULT_ALPHA.get(act)
+    param = BY_NAME[act].parameter
+    return param.default if param is not None else None
 
 
 # ------------------------------------------------------------------ linear

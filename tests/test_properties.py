@@ -28,7 +28,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nnfast.backends import backend_for
-from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, saves_input
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input
 
 from op_table import AVAILABLE, FAST_BACKENDS, OPS_BY_NAME, Sample
 
@@ -110,7 +110,7 @@ def layouts(draw, a):
 
 
 def _alpha(draw, activation):
-    if activation in DEFAULT_ALPHA:
+    if BY_NAME[activation].parameter is not None:
         return draw(st.one_of(st.none(), st.sampled_from([0.0, 0.01, 0.3, 1.0, 2.5])))
     return None
 
@@ -171,11 +171,7 @@ def _check_gradients(f, arrays, grads, data, count=6, tol=1e-6):
 
 def _kinks(activation):
     """Points where the activation's derivative (or, for softplus, its value) jumps."""
-    if activation in ("relu", "leaky_relu", "elu"):
-        return (0.0,)
-    if activation == "softplus":
-        return (20.0,)
-    return ()
+    return BY_NAME[activation].kinks
 
 
 def _away_from_kinks(x, activation, margin=1e-3):

@@ -26,66 +26,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import checks
+from ..activations import resolve as resolve_activation
+from ..activations import saves_input
 from ..errors import BackendError
-
-#: Every activation name, in the order of the kernels' integer codes.
-ACTIVATIONS = (
-    "identity",
-    "relu",
-    "leaky_relu",
-    "sigmoid",
-    "tanh",
-    "gelu",
-    "gelu_tanh",
-    "silu",
-    "softplus",
-    "elu",
-)
-
-#: Integer code of each activation, shared by the Numba and CUDA kernels.
-ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-
-#: Default ``alpha`` of the activations that take one.
-DEFAULT_ALPHA = {"leaky_relu": 0.01, "elu": 1.0}
-
-# Activations whose derivative cannot be recovered from the output alone.
-_SAVES_INPUT = frozenset({"gelu", "gelu_tanh", "silu", "softplus"})
 
 #: ``reduction`` values of the cross-entropy loss.
 REDUCTIONS = ("mean", "sum", "none")
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def saves_input(activation: str) -> bool:
-    """True when ``activation``'s backward needs its input, False when its output.
-
-    ReLU, leaky ReLU (slope >= 0), sigmoid, tanh and ELU (alpha >= 0) have
-    derivatives that are functions of their output; GELU, SiLU and softplus
-    need the input.
-    """
-    return activation in _SAVES_INPUT
-
-
-def resolve_activation(activation: str | None, alpha: float | None = None) -> tuple[str, float]:
-    """Check an activation name and fill in its default ``alpha``.
-
-    Returns ``(name, alpha)``; ``alpha`` is 0.0 for activations without one.
-    """
-    if activation is None:
-        activation = "identity"
-    if not isinstance(activation, str) or activation not in ACTIVATION_CODES:
-        raise ValueError(
-            f"activation: expected one of {', '.join(repr(a) for a in ACTIVATIONS)} or None, "
-            f"got {activation!r}"
-        )
-    if alpha is None:
-        alpha = DEFAULT_ALPHA.get(activation, 0.0)
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not np.isfinite(alpha):
-        raise TypeError(f"alpha: expected a finite real number, got {alpha!r}")
-    if activation in DEFAULT_ALPHA and alpha < 0:
-        raise ValueError(f"alpha: {activation} needs alpha >= 0, got {alpha!r}")
-    return activation, float(alpha)
 
 
 def physical_memory() -> int | None:

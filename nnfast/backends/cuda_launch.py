@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .base import ACTIVATION_CODES, ACTIVATIONS
+from ..activations import ACTIVATIONS, CODES as ACTIVATION_CODES
 
 #: The kernel sources, one CuPy ``RawModule`` each.
 KERNEL_FILES = ("activations.cu", "linear.cu", "softmax.cu", "cross_entropy.cu", "optim.cu")

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_launch
-from .base import Backend, bad_label_error, saves_input
+from ..activations import saves_input
+from .base import Backend, bad_label_error
 
 _INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
 

@@ -20,7 +20,9 @@ import numba
 import numpy as np
 
 from . import apply_num_threads
-from .base import ACTIVATION_CODES, Backend, bad_label_error, saves_input
+from ..activations import CODES as ACTIVATION_CODES
+from ..activations import saves_input
+from .base import Backend, bad_label_error
 from .numba_kernels import activations, linear, optim, softmax_ce
 
 

@@ -13,7 +13,8 @@ import math
 
 import numpy as np
 
-from .base import Backend, bad_label_error, saves_input
+from ..activations import saves_input
+from .base import Backend, bad_label_error
 
 _SQRT_2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..base import ACTIVATIONS
+from ...activations import ACTIVATIONS
 
 
 def _drop_stale_cache() -> None:

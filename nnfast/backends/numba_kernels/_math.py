@@ -35,7 +35,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ..base import ACTIVATION_CODES
+from ...activations import CODES as ACTIVATION_CODES
 from ._simd import f32_from_bits
 
 # Activation codes (base.ACTIVATION_CODES), as compile-time constants.
