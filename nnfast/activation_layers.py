@@ -55,7 +55,7 @@ class ActivationLayer(Module):
         x = self._as_input(x, "x")
         if x.size == 0:
             raise ValueError(f"x: expected a non-empty array, got shape {tuple(x.shape)}")
-        y = self.backend.activation_forward(x, self.activation, self.alpha)
+        y = self.backend._activation_forward(x, self.activation, self.alpha)
         self._cache = (x if BY_NAME[self.activation].saves_input else y, y)
         return y
 
@@ -64,7 +64,7 @@ class ActivationLayer(Module):
             raise RuntimeError(f"{type(self).__name__}.backward: call forward first")
         saved, y = self._cache
         dy = self._grad_input(dy, "dy", y)
-        return self.backend.activation_backward(dy, saved, self.activation, self.alpha)
+        return self.backend._activation_backward(dy, saved, self.activation, self.alpha)
 
 
 def _layer_class(name: str, rows: tuple[Activation, ...]) -> type[ActivationLayer]:

@@ -83,6 +83,14 @@ class Linear(Module):
     def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
         return self.backward_with(dy, need_input_grad)
 
+    def _weights(self) -> tuple[Any, Any]:
+        """``W`` and ``b`` as the kernels take them (``W.data`` may have been replaced from outside)."""
+        backend, dtype = self.backend, self.dtype
+        W = checks.array(backend, self.W.data, "W", ndim=2, dtype=dtype, shape=(self.in_features, self.out_features))
+        if self.b is None:
+            return W, None
+        return W, checks.array(backend, self.b.data, "b", ndim=1, dtype=dtype, shape=(self.out_features,))
+
     def forward_with(self, x: Any, activation: str, alpha: float) -> Any:
         """Forward with ``activation`` fused in the epilogue (used by :class:`Sequential`)."""
         x = self._as_input(x, "x", self.dtype)
@@ -90,8 +98,11 @@ class Linear(Module):
             raise ValueError(f"x: expected shape (batch, {self.in_features}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError("x: expected a non-empty batch, got 0 rows")
-        b = self.b.data if self.b is not None else None
-        y, saved = self.backend.linear_forward(x, self.W.data, b, activation, alpha)
+        W, b = self._weights()
+        checks.fits_in_memory(x.shape[0] * self.out_features * x.dtype.itemsize,
+                              f"x: a batch of {x.shape[0]} rows times W's {self.out_features} outputs",
+                              self.backend.memory_limit())
+        y, saved = self.backend._linear_forward(x, W, b, activation, alpha)
         self._cache = (x, saved, y, activation, alpha)
         return y
 
@@ -103,9 +114,9 @@ class Linear(Module):
         dy = self._grad_input(dy, "dy", y)
         for p in self.parameters():  # before anything is accumulated: all or nothing
             _check_grad_slot(p, self.backend)
-        dx, dW, db = self.backend.linear_backward(
-            dy, x, self.W.data, saved, activation, alpha,
-            has_bias=self.b is not None, need_dx=need_input_grad)
+        W, _ = self._weights()
+        dx, dW, db = self.backend._linear_backward(dy, x, W, saved, activation, alpha, self.b is not None,
+                                                   bool(need_input_grad))
         _accumulate(self.W, dW)
         if self.b is not None:
             _accumulate(self.b, db)

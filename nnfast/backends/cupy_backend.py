@@ -238,6 +238,7 @@ class CupyBackend(Backend):
             self._sm_count = cuda_launch.DEFAULT_SM_COUNT
         self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
         self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        self._memory: dict[int, int] = {}
 
     # ------------------------------------------------------------------ arrays
     def to_numpy(self, a: Any) -> np.ndarray:
@@ -248,9 +249,12 @@ class CupyBackend(Backend):
         return np.asarray(a)
 
     def memory_limit(self) -> int | None:
-        """Bytes of memory of the current device."""
+        """Bytes of memory of the current device (asked of the driver once per device)."""
         try:
-            return int(self._cupy.cuda.Device().mem_info[1])
+            device = self._cupy.cuda.Device().id
+            if device not in self._memory:
+                self._memory[device] = int(self._cupy.cuda.Device().mem_info[1])
+            return self._memory[device]
         except Exception:
             return None
 
