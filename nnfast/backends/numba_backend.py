@@ -19,7 +19,7 @@ import os
 import numba
 import numpy as np
 
-from . import apply_num_threads
+from .threads import apply_num_threads
 from ..activations import CODES as ACTIVATION_CODES
 from ..activations import saves_input
 from .base import Backend, bad_label_error
