@@ -9,6 +9,8 @@ import pytest
 
 import nnfast as nf
 
+from op_table import activation_layer_factories
+
 
 def test_linear_shapes_and_reproducible_init(backend):
     a = nf.Linear(20, 7, seed=3)
@@ -43,9 +45,7 @@ def _forward_backward(model, x, dy):
     return nf.to_numpy(y), nf.to_numpy(dx), [nf.to_numpy(p.grad) for p in model.parameters()]
 
 
-@pytest.mark.parametrize("act_layer", [nf.ReLU, nf.Tanh, lambda: nf.GELU("tanh"), nf.SiLU, lambda: nf.ELU(0.5),
-                                       lambda: nf.LeakyReLU(0.2), nf.Sigmoid, nf.Softplus, nf.Identity,
-                                       nf.GELU])
+@pytest.mark.parametrize("act_layer", activation_layer_factories())
 def test_sequential_fused_equals_unfused(backend, act_layer):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((9, 13))
