@@ -122,6 +122,20 @@ def test_gemm_microkernel_uses_avx2_fma():
 
 
 # ------------------------------------------------------------- activations
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_float32_activation_loops_are_vectorised(act, direction):
+    """Each activation's float32 loop works on SIMD vectors, unless its formula calls the C library."""
+    from nnfast.activations import CODES
+    from nnfast.backends.numba_kernels import activations
+
+    make = activations._forward_loop if direction == "forward" else activations._backward_loop
+    ir = make(CODES[act], numba.float32, cache=False).inspect_llvm()  # cached code cannot be inspected
+    if not re.search(r"<\d+ x float>", ir):
+        calls = re.findall(r"call [^@\n]*@(\w+)\(float", ir)
+        assert calls, f"{act} {direction}: no vector instruction and no C library call"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_activation_specials(dtype, act):
