@@ -142,6 +142,16 @@ TABLE: tuple[Activation, ...] = (
         torch_forward=lambda F, x, a: F.elu(x, a),
         torch_backward=lambda aten, dy, y, a: aten.elu_backward(dy, a, 1.0, 1.0, True, y),
         parameter=Parameter("alpha", 1.0, 0.0), kinks=(0.0,)),
+    Activation(
+        "mish", "Mish", "``y = x * tanh(softplus(x))``.", "input", "kaiming",
+        torch_forward=lambda F, x, a: F.mish(x),
+        torch_backward=lambda aten, dy, x, a: aten.mish_backward(dy, x),
+        benchmark=True),
+    Activation(
+        "hardswish", "HardSwish", "``y = x * min(max(x + 3, 0), 6) / 6``.", "input", "kaiming",
+        torch_forward=lambda F, x, a: F.hardswish(x),
+        torch_backward=lambda aten, dy, x, a: aten.hardswish_backward(dy, x),
+        kinks=(-3.0, 3.0), benchmark=True),
 )
 
 #: Every activation name, in the order of the kernels' integer codes.

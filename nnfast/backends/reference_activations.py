@@ -149,6 +149,23 @@ def elu_derivative(xp, y, alpha):  # for x <= 0, alpha * e^x = y + alpha
     return xp.where(y > 0, _one(y), y + y.dtype.type(alpha))
 
 
+def mish_forward(xp, x, alpha):
+    return x * xp.tanh(softplus(xp, x))
+
+
+def mish_derivative(xp, x, alpha):  # t + x * sigmoid(x) * (1 - t^2), t = tanh(softplus(x))
+    t = xp.tanh(softplus(xp, x))
+    return t + x * sigmoid(xp, x) * (_one(x) - t * t)
+
+
+def hardswish_forward(xp, x, alpha):  # x * relu6(x + 3) / 6, divided first: no overflow near the float maximum
+    return x * (xp.clip(x + 3, 0, 6) / 6)
+
+
+def hardswish_derivative(xp, x, alpha):  # PyTorch's: 0 up to -3, x / 3 + 1/2 strictly between, 1 from 3 on
+    return xp.where(x <= -3, 0, xp.where(x < 3, x / 3 + 0.5, 1)).astype(x.dtype)
+
+
 # ------------------------------------------------------------------ lookup
 def _formulas(suffix: str) -> dict[str, Callable[..., Any]]:
     missing = [row.name for row in TABLE if f"{row.name}_{suffix}" not in globals()]

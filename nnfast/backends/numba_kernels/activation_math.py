@@ -198,6 +198,44 @@ def elu_derivative(y, alpha):  # for x <= 0, alpha * e^x = y + alpha
     return like(y, 1.0) if y > like(y, 0.0) else y + alpha
 
 
+# ------------------------------------------------------------ mish (from the input)
+# tanh(softplus(x)) = tanh(log(1 + n)) = n (n + 2) / (n (n + 2) + 2) with n = e^x:
+# one exp and one division, no log or tanh (which LLVM cannot vectorise), and
+# sigmoid(x) = n / (1 + n) from the same exp. Above 20 the ratio is exactly 1
+# in both dtypes, so clamping the exponent there changes nothing and keeps w
+# finite.
+@_jit
+def _mish_terms(x):
+    n = fexp(min(x, like(x, _SOFTPLUS_THRESHOLD)))
+    w = n * (n + like(x, 2.0))
+    return w / (w + like(x, 2.0)), n / (like(x, 1.0) + n)
+
+
+@_jit
+def mish_forward(x, alpha):
+    t, _ = _mish_terms(x)
+    return x * t
+
+
+@_jit
+def mish_derivative(x, alpha):
+    t, s = _mish_terms(x)
+    return t + x * s * (like(x, 1.0) - t * t)
+
+
+# ------------------------------------------------------------ hardswish (from the input)
+@_jit
+def hardswish_forward(x, alpha):  # x * relu6(x + 3) / 6, divided first: no overflow near the float maximum
+    return x * (min(max(x + like(x, 3.0), like(x, 0.0)), like(x, 6.0)) / like(x, 6.0))
+
+
+@_jit
+def hardswish_derivative(x, alpha):  # PyTorch's: 0 up to -3, x / 3 + 1/2 strictly between, 1 from 3 on
+    if x <= like(x, -3.0):
+        return like(x, 0.0)
+    return x / like(x, 3.0) + like(x, 0.5) if x < like(x, 3.0) else like(x, 1.0)
+
+
 # ------------------------------------------------------------ lookup by code
 def _formulas(suffix: str) -> dict[int, Any]:
     missing = [row.name for row in TABLE if f"{row.name}_{suffix}" not in globals()]
