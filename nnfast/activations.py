@@ -176,6 +176,17 @@ def resolve(activation: str | None, alpha: float | None = None) -> tuple[str, fl
     return name, value
 
 
+def formulas(namespace: dict[str, Any], suffix: str, where: str) -> dict[str, Callable[..., Any]]:
+    """``{name: namespace["<name>_<suffix>"]}`` for every row: a formula site's functions, by activation.
+
+    Raises ``ImportError`` naming the activations ``where`` (a formula site) has no formula for.
+    """
+    missing = [row.name for row in TABLE if f"{row.name}_{suffix}" not in namespace]
+    if missing:
+        raise ImportError(f"{where}: no {suffix} formula for {', '.join(missing)} (see nnfast/activations.py)")
+    return {row.name: namespace[f"{row.name}_{suffix}"] for row in TABLE}
+
+
 def saves_input(activation: str) -> bool:
     """True when ``activation``'s backward needs its input, False when its output."""
     return BY_NAME[activation].saves_input
@@ -193,4 +204,4 @@ class Resolved(checks.Check):
         return resolve(ctx.values["activation"], value)[1]
 
 
-__all__ = ["ACTIVATIONS", "Activation", "BY_NAME", "CODES", "Parameter", "TABLE", "resolve", "saves_input"]
+__all__ = ["ACTIVATIONS", "Activation", "BY_NAME", "CODES", "Parameter", "TABLE", "formulas", "resolve", "saves_input"]

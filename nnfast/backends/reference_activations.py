@@ -12,11 +12,11 @@ finite differences. ``saved`` is the input or the output, as the row's
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from ..activations import TABLE
+from ..activations import formulas
 
 _SQRT_2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -167,14 +167,7 @@ def hardswish_derivative(xp, x, alpha):  # PyTorch's: 0 up to -3, x / 3 + 1/2 st
 
 
 # ------------------------------------------------------------------ lookup
-def _formulas(suffix: str) -> dict[str, Callable[..., Any]]:
-    missing = [row.name for row in TABLE if f"{row.name}_{suffix}" not in globals()]
-    if missing:
-        raise ImportError(f"{__name__}: no {suffix} formula for {', '.join(missing)} (see nnfast/activations.py)")
-    return {row.name: globals()[f"{row.name}_{suffix}"] for row in TABLE}
-
-
 #: ``name -> forward(xp, x, alpha)`` for every activation of the table.
-FORWARD = _formulas("forward")
+FORWARD = formulas(globals(), "forward", __name__)
 #: ``name -> derivative(xp, saved, alpha)`` for every activation of the table.
-DERIVATIVE = _formulas("derivative")
+DERIVATIVE = formulas(globals(), "derivative", __name__)

@@ -25,10 +25,30 @@ class Clock:
         return (time.perf_counter() - t0) / number
 
 
-class CupyClock(Clock):
-    """Times GPU work with CUDA events on the current stream."""
+class _EventClock(Clock):
+    """Times GPU work with a pair of CUDA events around the calls."""
 
     device = "gpu"
+
+    def _events(self) -> tuple[Any, Any]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def time(self, fn: Callable[[], Any], number: int) -> float:
+        start, end = self._events()
+        self.sync()
+        start.record()
+        for _ in range(number):
+            fn()
+        end.record()
+        end.synchronize()
+        return self._elapsed_ms(start, end) / 1e3 / number
+
+
+class CupyClock(_EventClock):
+    """Times GPU work with CUDA events on the current stream."""
 
     def __init__(self) -> None:
         import cupy
@@ -38,22 +58,15 @@ class CupyClock(Clock):
     def sync(self) -> None:
         self.cupy.cuda.runtime.deviceSynchronize()
 
-    def time(self, fn: Callable[[], Any], number: int) -> float:
-        cp = self.cupy
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        self.sync()
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return cp.cuda.get_elapsed_time(start, end) / 1e3 / number
+    def _events(self) -> tuple[Any, Any]:
+        return self.cupy.cuda.Event(), self.cupy.cuda.Event()
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        return self.cupy.cuda.get_elapsed_time(start, end)
 
 
-class TorchCudaClock(Clock):
+class TorchCudaClock(_EventClock):
     """Times PyTorch CUDA work with CUDA events."""
-
-    device = "gpu"
 
     def __init__(self, torch: Any) -> None:
         self.torch = torch
@@ -61,16 +74,12 @@ class TorchCudaClock(Clock):
     def sync(self) -> None:
         self.torch.cuda.synchronize()
 
-    def time(self, fn: Callable[[], Any], number: int) -> float:
+    def _events(self) -> tuple[Any, Any]:
         cuda = self.torch.cuda
-        start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
-        self.sync()
-        start.record()
-        for _ in range(number):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / number
+        return cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+
+    def _elapsed_ms(self, start: Any, end: Any) -> float:
+        return start.elapsed_time(end)
 
 
 @dataclass

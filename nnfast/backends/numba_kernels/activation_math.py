@@ -19,13 +19,12 @@ so that float32 stays float32. The formulas match the NumPy reference
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ...activations import TABLE
+from ...activations import CODES, formulas
 from ._math import _HALF32, _ONE32, _ZERO32, _exp32, fexp, ferf, ftanh, like, sigmoid
 
 _f = np.float32
@@ -237,16 +236,9 @@ def hardswish_derivative(x, alpha):  # PyTorch's: 0 up to -3, x / 3 + 1/2 strict
 
 
 # ------------------------------------------------------------ lookup by code
-def _formulas(suffix: str) -> dict[int, Any]:
-    missing = [row.name for row in TABLE if f"{row.name}_{suffix}" not in globals()]
-    if missing:
-        raise ImportError(f"{__name__}: no {suffix} formula for {', '.join(missing)} (see nnfast/activations.py)")
-    return {row.code: globals()[f"{row.name}_{suffix}"] for row in TABLE}
-
-
 #: ``code -> forward(x, alpha)`` and ``code -> derivative(saved, alpha)`` for every activation of the table.
-FORWARD = _formulas("forward")
-DERIVATIVE = _formulas("derivative")
+FORWARD = {CODES[name]: f for name, f in formulas(globals(), "forward", __name__).items()}
+DERIVATIVE = {CODES[name]: f for name, f in formulas(globals(), "derivative", __name__).items()}
 
 
 def forward(code, x, alpha):
