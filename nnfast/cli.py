@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Sequence
 
-from .backends.base import ACTIVATIONS
+from .activations import ACTIVATIONS
 from .errors import BackendError
 
 
@@ -134,7 +134,7 @@ def info_lines() -> list[str]:
     import numpy as np
 
     from . import __version__
-    from .backends import BACKEND_NAMES, _unavailable_reason, get_backend
+    from .backends import BACKEND_NAMES, get_backend, unavailable_reason as _unavailable_reason
 
     lines = [f"nnfast {__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"numpy {np.__version__}"]

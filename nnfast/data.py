@@ -144,7 +144,7 @@ def load_path(path: str | os.PathLike) -> Dataset:
     if path.is_dir():
         parts = {key: read_idx(_find_idx(path, stem)) for key, stem in _IDX_FILES.items()}
         return _as_dataset(path.name, **parts)
-    from .serialization import read_npz
+    from .npz import read_npz
 
     arrays = read_npz(path, "data", "cannot be read as .npz")
     parts = {k: arrays[k] for k in _IDX_FILES if k in arrays}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
+from . import checks
 from .backends import get_backend
-from .backends.base import REDUCTIONS
+from .ops import OPS
+
+_CE = OPS["softmax_cross_entropy"]
 
 
 class SoftmaxCrossEntropy:
@@ -24,16 +26,10 @@ class SoftmaxCrossEntropy:
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> None:
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-                or not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
+        # Checked here, once, as the op checks them (nnfast.ops).
+        self.label_smoothing = _CE.check("label_smoothing", label_smoothing)
+        self.ignore_index = _CE.check("ignore_index", ignore_index)
+        self.reduction = _CE.check("reduction", reduction)
         self.backend = get_backend()
 
     def __repr__(self) -> str:
@@ -52,6 +48,7 @@ class SoftmaxCrossEntropy:
             raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if labels.dtype.kind not in "iu":  # an empty list comes in as float64
             labels = labels.astype("int64")
-        return backend.softmax_cross_entropy(
-            logits, labels, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, reduction=self.reduction)
+        logits = checks.array(backend, logits, "logits", ndim=2)
+        labels = checks.labels(backend, labels, logits.shape[0])
+        return backend._softmax_cross_entropy(logits, labels, self.label_smoothing, self.ignore_index,
+                                              self.reduction)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from nnfast.backends import base, cuda_launch
+from nnfast import activations
+from nnfast.backends import cuda_launch
 
 #: compute_80: PTX, the oldest architecture with cp.async; sm_90: a cubin (PTX and ptxas), shared
 #: with the SASS checks through compile_file's cache.
@@ -118,7 +119,7 @@ def test_every_kernel_file_is_listed():
 def test_activation_codes_match_the_contract():
     text = (cuda_launch.kernel_dir() / "common.cuh").read_text()
     found = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(r"ACT_([A-Z_]+) = (\d+)", text)}
-    assert found == base.ACTIVATION_CODES
+    assert found == activations.CODES
 
 
 def test_reduction_codes_match_the_kernel():
@@ -157,12 +158,12 @@ def test_launch_configurations_are_valid(dtype):
     for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000),
                   (5_000_000, 7, 3)]:
         M, N, K = shape
-        for act in base.ACTIVATIONS:
+        for act in activations.ACTIVATIONS:
             for aligned in (False, True):
                 check(cuda_launch.gemm_launch(M, N, K, dtype, activation=act, aligned=aligned))
         check(cuda_launch.gemm_launch(M, N, K, dtype, trans_a=True, aligned=True))
         check(cuda_launch.gemm_launch(M, N, K, dtype, trans_b=True, aligned=True))
-        for act in base.ACTIVATIONS:
+        for act in activations.ACTIVATIONS:
             plan = cuda_launch.bias_act_backward_launch(M, N, dtype, act, has_bias=True)
             check(plan.main)
             assert plan.rows_per_split * plan.splits >= M > plan.rows_per_split * (plan.splits - 1)
@@ -173,7 +174,7 @@ def test_launch_configurations_are_valid(dtype):
     for cols in (1, 10, 1000, 1025, 5000, 32000, 50000):
         for log in (False, True):
             check(cuda_launch.softmax_launch(3, cols, dtype, log=log))
-        for reduction in base.REDUCTIONS:
+        for reduction in cuda_launch.REDUCTION_CODES:
             plan = cuda_launch.cross_entropy_launches(3, cols, dtype, reduction)
             for launch in (plan.prepare, plan.rows, plan.reduce):
                 if launch is not None:

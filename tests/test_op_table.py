@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nnfast import ops as library
 from nnfast.backends import backend_for
 
-from op_table import FAST_BACKENDS, OPS, OpInfo, Sample
+from op_table import FAST_BACKENDS, OPS, OpInfo, Sample, assert_matches_reference
 
 REFERENCE = backend_for("numpy")
 FD_STEP = 1e-5  # central differences in float64: truncation ~h^2, rounding ~eps/h
@@ -49,13 +50,6 @@ def test_reference_backward_matches_finite_differences(op: OpInfo) -> None:
     assert checked > 0
 
 
-def _tolerances(op: OpInfo, sample: Sample, dtype: np.dtype) -> tuple[float, float]:
-    length = max(op.reduction_length(sample), 1)
-    if dtype == np.float64:
-        return 1e-9, 1e-12 * length
-    return 1e-4, 1e-5 * np.sqrt(length)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
 @pytest.mark.parametrize("name", FAST_BACKENDS or [pytest.param("none", marks=pytest.mark.skip(
@@ -64,12 +58,10 @@ def test_backend_matches_reference(name: str, op: OpInfo, dtype) -> None:
     backend = backend_for(name)
     rng = np.random.default_rng(_seed(op.name) + 1)
     for sample in op.samples(rng, np.dtype(dtype)):
-        expected = op.run(REFERENCE, sample)
-        got = op.run(backend, sample)
-        assert len(got) == len(expected)
-        rtol, atol = _tolerances(op, sample, np.dtype(dtype))
-        for i, (g, e) in enumerate(zip(got, expected)):
-            assert g.dtype == e.dtype, f"{op.name} output {i}: dtype {g.dtype}, reference {e.dtype}"
-            scale = max(float(np.abs(e).max()) if e.size else 0.0, 1.0)
-            np.testing.assert_allclose(g, e, rtol=rtol, atol=atol * scale,
-                                       err_msg=f"{name} {op.name} output {i} {sample}")
+        assert_matches_reference(op, backend, REFERENCE, sample, dtype, name)
+
+
+def test_every_op_of_the_table_is_driven() -> None:
+    """Every row of nnfast.ops.OPS is run by some entry of the tests' op driver."""
+    driven = {name for op in OPS for name in op.ops}
+    assert driven == set(library.OPS), f"ops without a test driver entry: {sorted(set(library.OPS) - driven)}"

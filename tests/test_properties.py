@@ -7,7 +7,9 @@ draws shapes, dtypes, activations, ``alpha``, label smoothing, reductions,
 (C, Fortran, negative strides, strided views) and extreme values (logits
 +-1e4, +-3e38 in float32, +-1e300 in float64, denormals, signed zeros), and
 
-* compares every fast backend with the NumPy reference (``FAST_BACKENDS``);
+* compares every fast backend with the NumPy reference (``FAST_BACKENDS``),
+  for every entry of the op driver (``tests/op_table.py``, derived from the
+  library's op and activation tables: ``test_matches_reference``);
 * checks properties that hold on every backend (``AVAILABLE``): finite input
   gives finite output, softmax rows sum to 1, an all-ignored batch gives
   loss 0 and gradient 0;
@@ -28,9 +30,9 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nnfast.backends import backend_for
-from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, saves_input
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input
 
-from op_table import AVAILABLE, FAST_BACKENDS, OPS_BY_NAME, Sample
+from op_table import AVAILABLE, FAST_BACKENDS, OPS, OPS_BY_NAME, Sample
 
 REF = backend_for("numpy")
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
@@ -49,8 +51,6 @@ HUGE = {
 # Logits per regime: scale of the Gaussian part.
 LOGIT_SCALES = [1e-3, 1.0, 5.0, 50.0, 1e4]
 
-fast_backends = pytest.mark.parametrize("name", FAST_BACKENDS or [pytest.param(
-    "none", marks=pytest.mark.skip(reason="no fast backend can run here"))])
 every_backend = pytest.mark.parametrize("name", AVAILABLE)
 
 # Defects these tests find in a backend, while they are being fixed: (backend, op, regime) -> reason.
@@ -110,7 +110,7 @@ def layouts(draw, a):
 
 
 def _alpha(draw, activation):
-    if activation in DEFAULT_ALPHA:
+    if BY_NAME[activation].parameter is not None:
         return draw(st.one_of(st.none(), st.sampled_from([0.0, 0.01, 0.3, 1.0, 2.5])))
     return None
 
@@ -171,11 +171,7 @@ def _check_gradients(f, arrays, grads, data, count=6, tol=1e-6):
 
 def _kinks(activation):
     """Points where the activation's derivative (or, for softplus, its value) jumps."""
-    if activation in ("relu", "leaky_relu", "elu"):
-        return (0.0,)
-    if activation == "softplus":
-        return (20.0,)
-    return ()
+    return BY_NAME[activation].kinks
 
 
 def _away_from_kinks(x, activation, margin=1e-3):
@@ -203,7 +199,8 @@ def _activation_run(backend, x, dy, activation, alpha):
     return _host(backend, y), _host(backend, dx)
 
 
-def _compare_activation(name, activation, data, huge):
+def _compare_activation(name, entry, data, huge):
+    activation = entry.activation
     dtype, x, dy, alpha = data.draw(activation_cases(activation, huge=huge))
     x_view, dy_view = data.draw(layouts(x)), data.draw(layouts(dy))
     backend = backend_for(name)
@@ -212,19 +209,6 @@ def _compare_activation(name, activation, data, huge):
         gy, gdx = _activation_run(backend, x_view, dy_view, activation, alpha)
     assert_close(gy, ey, dtype, what=f"{name} {activation} forward")
     assert_close(gdx, edx, dtype, what=f"{name} {activation} backward")
-
-
-@pytest.mark.parametrize("name,activation", backend_activation_params(FAST_BACKENDS, None))
-@given(data=st.data())
-def test_activation_matches_reference(name, activation, data):
-    _compare_activation(name, activation, data, huge=False)
-
-
-@pytest.mark.parametrize("name,activation", backend_activation_params(FAST_BACKENDS, "overflow"))
-@given(data=st.data())
-def test_activation_with_huge_inputs_matches_reference(name, activation, data):
-    """Inputs up to the float maximum: x * x and x**3 overflow inside the formulas."""
-    _compare_activation(name, activation, data, huge=True)
 
 
 @pytest.mark.parametrize("name,activation", backend_activation_params(AVAILABLE, "overflow"))
@@ -297,10 +281,8 @@ def _linear_run(backend, x, W, b, dy, activation, alpha, need_dx):
     return [_host(backend, t) for t in (y, saved, dx, dW, db)]
 
 
-@fast_backends
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@given(data=st.data())
-def test_linear_matches_reference(name, activation, data):
+def _compare_linear(name, entry, data, huge):
+    activation = entry.activation
     dtype, x, W, b, dy, alpha, need_dx = data.draw(linear_cases(activation))
     views = [data.draw(layouts(a)) for a in (x, W)]
     b_view = None if b is None else data.draw(layouts(b))
@@ -348,26 +330,8 @@ def logit_cases(draw, dtype=None, extremes=True, max_classes=40, huge=False):
     return dtype, logits
 
 
-def _softmax_params(huge):
-    params = [pytest.param(name, op, id=f"{op}-{name}", marks=[pytest.mark.xfail(
-        reason=KNOWN_ISSUES[(name, op, "huge")], strict=False)] if huge and (name, op, "huge") in KNOWN_ISSUES else [])
-        for name in FAST_BACKENDS for op in ("softmax", "log_softmax")]
-    return params or [pytest.param("none", "softmax", marks=pytest.mark.skip(reason="no fast backend can run here"))]
-
-
-@pytest.mark.parametrize("name,op", _softmax_params(huge=False))
-@given(data=st.data())
-def test_softmax_matches_reference(name, op, data):
-    _compare_softmax(name, op, data, huge=False)
-
-
-@pytest.mark.parametrize("name,op", _softmax_params(huge=True))
-@given(data=st.data())
-def test_softmax_with_huge_logits_matches_reference(name, op, data):
-    _compare_softmax(name, op, data, huge=True)
-
-
-def _compare_softmax(name, op, data, huge):
+def _compare_softmax(name, entry, data, huge):
+    op = entry.name
     dtype, x = data.draw(logit_cases(huge=huge))
     backend = backend_for(name)
     expected = _host(REF, getattr(REF, op)(x))
@@ -433,20 +397,7 @@ def _ce_backends(names, issue):
     return params or [pytest.param("none", marks=pytest.mark.skip(reason="no fast backend can run here"))]
 
 
-@pytest.mark.parametrize("name", _ce_backends(FAST_BACKENDS, None))
-@given(data=st.data())
-def test_cross_entropy_matches_reference(name, data):
-    _compare_cross_entropy(name, data, huge=False)
-
-
-@pytest.mark.parametrize("name", _ce_backends(FAST_BACKENDS, CE_OVERFLOW_ISSUE))
-@given(data=st.data())
-def test_cross_entropy_with_huge_logits_matches_reference(name, data):
-    """Logits up to the float maximum: logit sums and spreads overflow inside the kernel."""
-    _compare_cross_entropy(name, data, huge=True)
-
-
-def _compare_cross_entropy(name, data, huge):
+def _compare_cross_entropy(name, entry, data, huge):
     dtype, logits, labels, options = data.draw(ce_cases(huge=huge))
     backend = backend_for(name)
     with np.errstate(all="ignore"):
@@ -571,10 +522,8 @@ def _optimizer_run(backend, kind, n, arrays, options, steps, views=None):
     return [_host(backend, t) for t in params + ms + (vs if kind == "adam" else [])]
 
 
-@fast_backends
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-@given(data=st.data())
-def test_optimizer_update_matches_reference(name, kind, data):
+def _compare_optimizer(name, entry, data, huge):
+    kind = entry.name.split("_")[0]  # "sgd" / "adam"
     dtype, n, arrays, options, steps = data.draw(optimizer_cases(kind))
     expected = _optimizer_run(REF, kind, n, arrays, options, steps)
     got = _optimizer_run(backend_for(name), kind, n, arrays, options, steps)
@@ -629,3 +578,38 @@ def test_optimizer_reference_matches_float64_formula(kind, data):
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close(g, e.astype(dtype), dtype, rtol=1e-4 if dtype == np.float32 else 1e-10,
                      atol=1e-5 if dtype == np.float32 else 1e-12, what=f"reference {kind} output {i} {options}")
+
+
+# ================================================================= every op of the table against the reference
+#: How an entry of the op driver (tests/op_table.py) is compared with the reference on hypothesis-drawn
+#: input (shapes, dtypes, options, memory layouts, extreme values), by the library op it starts with,
+#: and the regimes it is drawn in ("huge": values up to the float maximum, where x * x, x**3, logit sums and
+#: spreads overflow inside the formulas).
+COMPARISONS = {
+    "activation_forward": (_compare_activation, ("normal", "huge")),
+    "linear_forward": (_compare_linear, ("normal",)),
+    "softmax": (_compare_softmax, ("normal", "huge")),
+    "log_softmax": (_compare_softmax, ("normal", "huge")),
+    "softmax_cross_entropy": (_compare_cross_entropy, ("normal", "huge")),
+    "sgd_update": (_compare_optimizer, ("normal",)),
+    "adam_update": (_compare_optimizer, ("normal",)),
+}
+
+
+def comparison_params(names):
+    """``(backend, entry, regime)`` for every entry of the op driver; known issues marked as expected failures."""
+    params = []
+    for name in names:
+        for entry in OPS:
+            for regime in COMPARISONS[entry.ops[0]][1]:
+                reason = KNOWN_ISSUES.get((name, entry.activation or entry.name, regime))
+                marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
+                params.append(pytest.param(name, entry.name, regime, marks=marks, id=f"{entry.name}-{regime}-{name}"))
+    return params or [pytest.param("none", "softmax", "normal", marks=pytest.mark.skip(reason="no fast backend can run here"))]
+
+
+@pytest.mark.parametrize("name,entry,regime", comparison_params(FAST_BACKENDS))
+@given(data=st.data())
+def test_matches_reference(name, entry, regime, data):
+    entry = OPS_BY_NAME[entry]
+    COMPARISONS[entry.ops[0]][0](name, entry, data, huge=regime == "huge")
