@@ -67,7 +67,7 @@ class _NcclWork(Work):
         self.engine, self.done, self.buffer = engine, done, buffer
 
     def test(self) -> bool:
-        return bool(self.done.query())
+        return bool(self.done.done)
 
     def wait(self) -> None:
         # Stream-ordered: later work on the compute stream starts after the
@@ -172,7 +172,7 @@ class NcclEngine(Engine):
                 self.comm.check_async_error()
         except Exception as err:  # NcclError: a peer vanished, a network failure
             return f"{self.where()}: NCCL reported an error: {err}"
-        while self._in_flight and self._in_flight[0][0].query():
+        while self._in_flight and self._in_flight[0][0].done:
             self._in_flight.popleft()
         if self._in_flight:
             _, what, queued = self._in_flight[0]
