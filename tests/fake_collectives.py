@@ -93,16 +93,15 @@ class FakeEngine(Engine):
 
 
 class FakeEvent:
+    """``cupy.cuda.Event``: ``record(stream)`` and the ``done`` property."""
+
     def __init__(self, log: list, disable_timing: bool = False) -> None:
-        self.log, self.complete = log, True
+        self.log, self.done = log, True
         self.stream: Any = None
 
     def record(self, stream: Any) -> None:
         self.stream = stream
         self.log.append(("record", stream.name, self))
-
-    def query(self) -> bool:
-        return self.complete
 
 
 class FakeStream:
@@ -133,7 +132,7 @@ class FakeCuda:
         class Event(FakeEvent):
             def __init__(self, disable_timing: bool = False) -> None:
                 super().__init__(cuda.log, disable_timing)
-                self.complete = not cuda.never_complete
+                self.done = not cuda.never_complete
 
         def stream(non_blocking: bool = False) -> FakeStream:
             return FakeStream(cuda.log, "nccl", 2)

@@ -404,6 +404,29 @@ def test_nccl_watchdog_reports_asynchronous_errors(pointers):
     assert messages == ["rank 0 of 1: NCCL reported an error: NCCL error: remote process exited"]
 
 
+def test_the_stand_ins_use_only_what_cupy_has():
+    """The NCCL engine runs here only against the stand-ins: they must mirror CuPy's real names."""
+    cupy = pytest.importorskip("cupy")
+    import inspect
+    import warnings
+
+    cuda = cupy.cuda
+    assert isinstance(inspect.getattr_static(cuda.Event, "done"), property)
+    assert "disable_timing" in inspect.signature(cuda.Event).parameters
+    assert callable(cuda.Event.record) and callable(cuda.Stream.wait_event) and callable(cuda.get_current_stream)
+    assert "non_blocking" in inspect.signature(cuda.Stream).parameters
+    assert callable(cuda.Device.use) and callable(cuda.runtime.getDeviceCount)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from cupy.cuda import nccl
+    if not nccl.available:
+        pytest.skip("libnccl is not installed here: NcclCommunicator's methods cannot be inspected")
+    for name in ("allReduce", "bcast", "check_async_error", "abort", "destroy"):
+        assert callable(getattr(nccl.NcclCommunicator, name)), name
+    assert (nccl.NCCL_SUM, nccl.NCCL_FLOAT32, nccl.NCCL_FLOAT64) == (FakeNccl.NCCL_SUM, FakeNccl.NCCL_FLOAT32,
+                                                                      FakeNccl.NCCL_FLOAT64)
+
+
 def test_nccl_engine_without_nccl_says_what_to_install():
     cupy = pytest.importorskip("cupy")
     import warnings
