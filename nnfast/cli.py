@@ -156,7 +156,7 @@ def info_lines() -> list[str]:
 
     lines = [f"nnfast {__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"numpy {np.__version__}"]
-    for module in ("numba", "cupy", "sklearn", "tqdm"):
+    for module in ("numba", "cupy", "sklearn", "tqdm", "mpi4py"):
         try:
             lines.append(f"{module} {__import__(module).__version__}")
         except ImportError:

@@ -7,6 +7,7 @@ Scenarios (tests/test_distributed_mpi.py checks what they write):
   and accuracy) for comparison with one process and between ranks;
 * ``stop``: rank 1 alone asks to stop (as a Ctrl-C reaching one rank would);
   every rank must stop after the same step, and rank 0 alone saves;
+* ``threads``: records the Numba thread count ``init()`` chose for the rank;
 * ``kill``, ``raise``, ``raise-unguarded``, ``hang``: rank 1 fails at its
   third step (SIGKILL, an exception inside or outside the CLI's guard, a
   sleep that never ends); the job must end with an error, not hang.
@@ -94,8 +95,11 @@ def main(scenario: str, out: Path) -> None:
     from nnfast import distributed
     from nnfast.train import NonFiniteLossError
 
-    dp = distributed.init("numpy")
+    dp = distributed.init("numba" if scenario == "threads" else "numpy")
     rank = dp.rank
+    if scenario == "threads":  # what init() left for the Numba backend of this rank
+        (out / f"threads.rank{rank}.json").write_text(json.dumps(os.environ.get("NNFAST_NUM_THREADS")))
+        return
     if scenario == "trajectories":
         for case, (_, bucket_bytes) in CASES.items():
             parallel = distributed.DataParallel(dp.engine, bucket_bytes=bucket_bytes)

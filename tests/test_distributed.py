@@ -284,6 +284,16 @@ def test_abort_on_error_aborts_the_job_with_a_clear_message(capsys):
         with abort_on_error(engine):
             raise RuntimeError("unexpected")
     assert engine.aborted == 1 and "Traceback" in capsys.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+        with abort_on_error(engine):
+            raise KeyboardInterrupt  # a second Ctrl-C: no agreed stop, the job ends now
+    assert engine.aborted == 130 and "rank 0 of 1: interrupted" in capsys.readouterr().err
+    with pytest.raises(CollectiveTimeout):
+        with abort_on_error(engine):
+            raise engine.timed_out("all-reduce of the loss", 3.0)
+    err = capsys.readouterr().err
+    assert engine.aborted == 1 and err.startswith("nnfast: error: rank 0 of 1: all-reduce of the loss did not")
+    assert "Traceback" not in err
     engine.aborted = None
     with pytest.raises(Interrupted):
         with abort_on_error(engine, (Interrupted,)):

@@ -8,7 +8,8 @@
   checkpoint of its own (a mid-epoch stop resumed on one process lands on the
   uninterrupted trajectory);
 * faults: a rank killed, raising (inside or outside the CLI's guard) or
-  hanging ends the job with an error within seconds, never a hang.
+  hanging ends the job with an error within seconds, never a hang; Ctrl-C
+  to mpiexec stops every rank after the same step and rank 0 saves.
 
 Each test launches one job; the ranks run one thread each. Skipped, with
 the reason, where mpi4py or an mpiexec is missing (``pip install -e ".[test]"``
@@ -56,8 +57,9 @@ def launch(ranks: int, *args: str, timeout: float = 300, env: dict | None = None
     The job runs in its own process group, killed whole if it outlives ``timeout``.
     """
     environment = dict(os.environ, NNFAST_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]),
-                       **(env or {}))
+                       PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    environment.update(env or {})
+    environment = {k: v for k, v in environment.items() if v != ""}  # an empty value in ``env`` unsets
     began = time.monotonic()
     proc = subprocess.Popen([_mpiexec(), "-n", str(ranks), sys.executable, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=environment,
@@ -167,6 +169,35 @@ def test_a_failing_rank_ends_the_job_with_an_error(tmp_path, scenario, expect):
     output = stderr + stdout  # mpiexec reports a killed rank on its stdout
     assert re.search(expect, output, flags=re.S), output
     assert not list(tmp_path.glob("finished.rank*")), "a rank finished training although its peer had failed"
+
+
+def test_ctrl_c_to_mpiexec_stops_every_rank_and_rank_zero_saves(tmp_path):
+    args = _cli_args(tmp_path, "numpy") + [str(tmp_path / "ck.npz"), "--epochs", "100000", "--distributed"]
+    env = dict(os.environ, NNFAST_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "nnfast.cli", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().startswith("training"), "rank 0 did not start training"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C does to mpiexec; it passes it to every rank
+        out, err = proc.communicate(timeout=BOUND)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 130, err
+    assert err.count("nnfast: interrupted in epoch") == 1 and "--resume" in err, err  # rank 0 alone
+    with np.load(tmp_path / "ck.npz") as f:
+        assert int(f["extra/world_size"]) == 2 and int(f["extra/batch"]) >= 1  # a mid-epoch save
+
+
+def test_ranks_of_a_node_share_its_cores_between_their_threads(tmp_path):
+    env = {"NNFAST_NUM_THREADS": ""}  # unset below: init() decides
+    code, _, stderr, _ = launch(2, str(RANK), "threads", str(tmp_path), env=env)
+    assert code == 0, stderr
+    expected = str(max(1, os.cpu_count() // 2))
+    assert [json.loads((tmp_path / f"threads.rank{r}.json").read_text()) for r in range(2)] == [expected] * 2
 
 
 def test_a_launcher_of_another_mpi_is_detected(tmp_path):
