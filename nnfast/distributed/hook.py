@@ -25,7 +25,9 @@ global-batch mean is ``sum_r (b_r / B) * loss_r`` and the gradient likewise:
 each rank weights its loss and its ``dlogits`` by ``b_r / B`` and the
 gradients are summed. In exact arithmetic that is the single-process
 gradient of the same global batch for any ``B`` and ``N``; in floating point
-it differs by the order of the additions. A rank whose slice is empty (a
+it differs by the order of the additions. (Every row counts in the training
+loop's mean; a loss that ignores some targets would need the counted targets
+of each slice, not its rows, as weights.) A rank whose slice is empty (a
 last batch with fewer rows than ranks) computes one row of the batch with
 weight 0, which adds exact zeros, so that every rank still takes part in
 every collective.
