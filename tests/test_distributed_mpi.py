@@ -240,3 +240,18 @@ def test_nccl_world_of_one_follows_the_single_process_trajectory(tmp_path, capsy
     assert main([*args, str(tmp_path / "plain.npz"), "--epochs", "2"]) == 0
     capsys.readouterr()
     _assert_same_checkpoint_state(tmp_path / "nccl.npz", tmp_path / "plain.npz", rtol=1e-12)
+
+
+def test_scaling_benchmark_runs():
+    """benchmarks/distributed_scaling.py, on its small model: one process and 2 ranks (a smoke check)."""
+    import importlib.util
+
+    _mpiexec()
+    spec = importlib.util.spec_from_file_location("distributed_scaling", HERE.parent / "benchmarks" /
+                                                  "distributed_scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scaling)
+    for ranks in (None, 2):
+        result = scaling.measure("numpy", "[64,128,10] b64", ranks, steps=3, warmup=1)
+        assert result["rank"] == 0 and result["world_size"] == (ranks or 1)
+        assert result["step_ms"] > 0 and result["cpu_ms"] > 0 and result["buckets"] == (1 if ranks else 0)
