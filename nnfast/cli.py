@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import signal
@@ -92,6 +93,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], default=d.on_nonfinite,
                    help="on a NaN/Inf loss: stop with an error, or skip that step (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel over the ranks of an MPI job: mpiexec -n N nnfast train --distributed "
+                        "(MPI for numpy/numba, NCCL for cupy; --batch-size is the global batch; needs nnfast[mpi])")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -103,6 +107,12 @@ def _run_train(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, label_smoothing=args.label_smoothing,
         dtype=args.dtype, checkpoint=args.checkpoint, resume=args.resume, on_nonfinite=args.on_nonfinite,
         progress=False if args.no_progress else None)
+    parallel = None
+    if args.distributed:
+        from . import distributed
+
+        parallel = distributed.init(args.backend)
+    speaks = parallel is None or parallel.is_main  # in a distributed run only rank 0 prints
     stop = threading.Event()
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step and save; second: abort
@@ -113,19 +123,27 @@ def _run_train(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    # In a distributed run a rank that fails for any other reason ends the whole job.
+    guard = parallel.abort_on_error((Interrupted, NonFiniteLossError)) if parallel else contextlib.nullcontext()
     try:
-        result = train(cfg, log=lambda line: print(line, flush=True), stop=stop)
+        with guard:
+            result = train(cfg, log=lambda line: print(line, flush=True), stop=stop, parallel=parallel)
     except Interrupted as err:
-        print(f"nnfast: {err}", file=sys.stderr)
-        print(f"nnfast: continue with: nnfast train --checkpoint {err.checkpoint} --resume "
-              "(and the same other options)", file=sys.stderr)
+        if speaks:
+            print(f"nnfast: {err}", file=sys.stderr)
+            print(f"nnfast: continue with: nnfast train --checkpoint {err.checkpoint} --resume "
+                  "(and the same other options)", file=sys.stderr)
         return 130
     except NonFiniteLossError as err:
-        print(f"nnfast: error: {err}", file=sys.stderr)
+        if speaks:
+            print(f"nnfast: error: {err}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGINT, previous)
-    print(f"final test accuracy: {100 * result.test_accuracy:.2f}%")
+        if parallel is not None:
+            parallel.close()
+    if speaks:
+        print(f"final test accuracy: {100 * result.test_accuracy:.2f}%")
     return 0
 
 
@@ -138,7 +156,7 @@ def info_lines() -> list[str]:
 
     lines = [f"nnfast {__version__}", f"python {platform.python_version()} ({platform.machine()})",
              f"numpy {np.__version__}"]
-    for module in ("numba", "cupy", "sklearn", "tqdm"):
+    for module in ("numba", "cupy", "sklearn", "tqdm", "mpi4py"):
         try:
             lines.append(f"{module} {__import__(module).__version__}")
         except ImportError:

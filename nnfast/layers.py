@@ -8,7 +8,7 @@ from the activation table.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -209,9 +209,16 @@ class Sequential(Module):
             raise
         return x
 
-    def backward(self, dy: Any, need_input_grad: bool = True) -> Any:
+    def backward(self, dy: Any, need_input_grad: bool = True,
+                 after_layer: Callable[[Module], None] | None = None) -> Any:
         """Backward through every layer; ``need_input_grad=False`` skips the
-        first layer's ``dx`` (returns None) when nobody needs it."""
+        first layer's ``dx`` (returns None) when nobody needs it.
+
+        ``after_layer(layer)``, when given, is called right after each
+        layer's backward, once that layer's parameter gradients are final
+        (data-parallel training starts reducing them there, while the layers
+        before it are still being differentiated).
+        """
         for k in range(len(self._plan) - 1, -1, -1):
             layer, act = self._plan[k]
             first = k == 0
@@ -219,6 +226,8 @@ class Sequential(Module):
                 dy = layer.backward_with(dy, need_input_grad or not first)
             else:
                 dy = layer.backward(dy)
+            if after_layer is not None:
+                after_layer(layer)
         return dy
 
 

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from .backends import get_backend, use_backend
 from .data import Dataset, load_dataset
+from .distributed.hook import SingleProcess
 from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
@@ -137,21 +138,28 @@ def evaluate(model: MLP, x: Any, y: Any, batch_size: int = 4096) -> float:
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop: threading.Event | None = None,
-          on_step: Callable[[int, int], None] | None = None, data: Dataset | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None, data: Dataset | None = None,
+          parallel: SingleProcess | None = None) -> TrainResult:
     """Train an MLP as ``cfg`` says; returns the model and per-epoch statistics.
 
     ``stop`` (set by the CLI's Ctrl-C handler) ends training after the current
     step, saves the checkpoint and raises :class:`Interrupted`. ``on_step(epoch,
-    batch)`` is called after every completed step.
+    batch)`` is called after every completed step. ``parallel``: the hook of a
+    data-parallel run (``nnfast.distributed.init()``); ``cfg.batch_size`` is
+    then the global batch, and only rank 0 logs and writes checkpoints.
     """
     if cfg.backend is not None:
         with use_backend(cfg.backend):
-            return _train(cfg, log, stop or threading.Event(), on_step, data)
-    return _train(cfg, log, stop or threading.Event(), on_step, data)
+            return _train(cfg, log, stop or threading.Event(), on_step, data, parallel)
+    return _train(cfg, log, stop or threading.Event(), on_step, data, parallel)
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
-           on_step: Callable[[int, int], None] | None, data: Dataset | None) -> TrainResult:
+           on_step: Callable[[int, int], None] | None, data: Dataset | None,
+           parallel: SingleProcess | None) -> TrainResult:
+    dist = parallel if parallel is not None else SingleProcess()
+    if not dist.is_main:
+        log, cfg = (lambda line: None), replace(cfg, progress=False)
     backend = get_backend()
     xp = backend.xp
     data = data if data is not None else load_dataset(cfg.data)
@@ -167,6 +175,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         start_epoch, start_batch, epoch_rng_state, partial = _restore_position(cfg, extra)
         loss_sum = backend.asarray(partial)
         log(f"resumed from {cfg.checkpoint}: epoch {start_epoch + 1}, batch {start_batch}")
+    dist.attach(model, opt, stop)
 
     x_train, y_train = backend.asarray(data.x_train), backend.asarray(data.y_train)
     x_test, y_test = backend.asarray(data.x_test), backend.asarray(data.y_test)
@@ -174,7 +183,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     batches = math.ceil(n / cfg.batch_size)
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
-        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs")
+        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
+        + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
     result = TrainResult(model)
     for epoch in range(start_epoch, cfg.epochs):
@@ -188,8 +198,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         with _progress(cfg, batches, first, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
             for batch in range(first, batches):
                 idx = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-                logits = model.forward(x_train[idx])
-                loss, dlogits = loss_fn(logits, y_train[idx])
+                rows = dist.shard(idx)
+                logits = model.forward(x_train[rows])
+                loss, dlogits = dist.global_loss(*loss_fn(logits, y_train[rows]))
                 if check_each_step and not math.isfinite(float(backend.to_numpy(loss))):
                     if cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
@@ -200,16 +211,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
                     skipped_samples += int(idx.shape[0])
                     opt.zero_grad()
                 else:
-                    model.backward(dlogits, need_input_grad=False)
+                    model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
+                    dist.reduce_gradients()
                     opt.step()
                     opt.zero_grad()
                     loss_sum = loss_sum + loss.astype(xp.float64) * idx.shape[0]
                 bar.update(1)
                 if on_step is not None:
                     on_step(epoch, batch)
-                if stop.is_set():
+                if dist.stop_requested():
                     path = cfg.checkpoint or default_checkpoint_path(cfg.data)
-                    _save(path, cfg, model, opt, epoch, batch + 1, epoch_rng_state, loss_sum)
+                    if dist.is_main:
+                        _save(path, cfg, model, opt, epoch, batch + 1, epoch_rng_state, loss_sum, dist.world_size)
                     raise Interrupted(epoch, batch + 1, path)
         epoch_rng_state = None
         mean_loss = float(backend.to_numpy(loss_sum)) / max(n - skipped_samples, 1)
@@ -226,8 +239,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
             f"{seconds:6.2f} s  {stats.samples_per_second:9.0f} samples/s"
             + (f"  ({skipped} steps skipped: non-finite loss)" if skipped else ""))
         loss_sum = xp.zeros((), dtype=xp.float64)
-        if cfg.checkpoint:
-            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, None, loss_sum)
+        if cfg.checkpoint and dist.is_main:
+            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, None, loss_sum, dist.world_size)
     return result
 
 
@@ -238,13 +251,16 @@ def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _save(path: str, cfg: TrainConfig, model: MLP, opt: Optimizer, epoch: int, batch: int,
-          rng_state: dict | None, loss_sum: Any) -> None:
+          rng_state: dict | None, loss_sum: Any, world_size: int) -> None:
     save(path, model, opt, extra={
         "config": json.dumps(_resume_settings(cfg)),
         "epoch": epoch,
         "batch": batch,
         "rng_state": json.dumps(rng_state) if rng_state is not None else "",
         "loss_sum": model.backend.to_numpy(loss_sum).astype(np.float64),
+        # Informational: a run resumes on any number of ranks with the same global batch.
+        "world_size": world_size,
+        "global_batch": cfg.batch_size,
     })
 
 
