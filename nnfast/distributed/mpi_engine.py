@@ -19,11 +19,16 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+import time
 from typing import Any
 
 import numpy as np
 
 from .engine import Engine, Work, timeout_from_env, wait_until
+
+
+#: Pause before MPI_Abort that lets the launcher forward this rank's last output.
+ABORT_GRACE_SECONDS = 0.5
 
 
 class _MpiWork(Work):
@@ -92,6 +97,10 @@ class MpiEngine(Engine):
         # MPICH returns to the caller meanwhile: this process must not go on.
         sys.stdout.flush()
         sys.stderr.flush()
+        # The launcher forwards a rank's output through a pipe, and MPI_Abort
+        # tears the job down without draining it: without this pause the
+        # error message just written is sometimes lost.
+        time.sleep(ABORT_GRACE_SECONDS)
         self._MPI.COMM_WORLD.Abort(code)
         os._exit(code)
 
