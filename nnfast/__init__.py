@@ -24,6 +24,7 @@ from .layers import MLP, Linear, Module, Parameter, Sequential
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .serialization import load, save
+from .train_step import TrainStep
 
 __version__ = "0.1.0"
 
@@ -59,6 +60,7 @@ __all__ = [
     "SGD",
     "Sequential",
     "SoftmaxCrossEntropy",
+    "TrainStep",
     *_ACTIVATION_LAYERS,
     "__version__",
     "activation_layer",

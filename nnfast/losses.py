@@ -42,13 +42,23 @@ class SoftmaxCrossEntropy:
             logits = backend.asarray(logits, arg="logits")
         if logits.dtype.kind != "f":
             raise TypeError(f"logits: expected floating-point data, got dtype {logits.dtype}")
+        logits = checks.array(backend, logits, "logits", ndim=2)
+        labels = self.as_labels(labels, logits.shape[0])
+        return backend._softmax_cross_entropy(logits, labels, self.label_smoothing, self.ignore_index,
+                                              self.reduction)
+
+    def as_labels(self, labels: Any, rows: int) -> Any:
+        """``labels`` as the kernels take them: a contiguous int64 array of the backend, one per row.
+
+        Lists and arrays of another backend are converted; non-integer data
+        and a wrong length raise. The range of each label is checked by the
+        kernel that reads it.
+        """
+        backend = self.backend
         if not backend.is_native(labels):
             labels = backend.asarray(labels, arg="labels")
         if labels.dtype.kind == "b" or (labels.dtype.kind not in "iu" and labels.size):
             raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if labels.dtype.kind not in "iu":  # an empty list comes in as float64
             labels = labels.astype("int64")
-        logits = checks.array(backend, logits, "logits", ndim=2)
-        labels = checks.labels(backend, labels, logits.shape[0])
-        return backend._softmax_cross_entropy(logits, labels, self.label_smoothing, self.ignore_index,
-                                              self.reduction)
+        return checks.labels(backend, labels, rows)
