@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as _np
 
+from ._command import import_registry as _import_registry
+
+_import_registry()  # raises BackendError for a bad NNFAST_BACKEND (the nnfast command reports it itself)
+
 from .backends import available_backends, get_backend, set_backend, use_backend
 from .backends.base import ACTIVATIONS, Backend
 from .errors import BackendError
