@@ -16,11 +16,20 @@ def _bash_blocks() -> list[str]:
 
 
 def test_ci_runs_the_readme_test_command():
+    """.ci/run runs the README's test command first, word for word and unconditionally (set -e: a failure
+    ends the run); then only the Python range check."""
     test_command = _bash_blocks()[1].strip()
     assert "pytest" in test_command
-    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
-                if line and not line.startswith(("#", "set ", "cd "))]
-    assert ci_lines == [test_command]
+    text = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in text.splitlines()
+    ci_lines = [line for line in text.splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [test_command, ".ci/python-range"]
+
+
+def test_python_range_check_starts_at_requires_python():
+    oldest = re.search(r"^OLDEST=(\S+)", (ROOT / ".ci" / "python-range").read_text(), flags=re.M).group(1)
+    requires = re.search(r'^requires-python = ">=(\S+)"', (ROOT / "pyproject.toml").read_text(), flags=re.M)
+    assert requires and requires.group(1) == oldest
 
 
 def test_readme_train_command_runs_nnfast_train():
