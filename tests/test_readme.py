@@ -43,3 +43,16 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
     assert (tmp_path / "model.npz").exists()
+
+
+def test_lowest_versions_are_the_declared_lower_bounds():
+    """.ci/python-range installs .ci/lowest-versions.txt on the oldest Python: it must pin exactly the
+    lower bounds of pyproject.toml (dependencies and the test extra), no more, no less."""
+    text = (ROOT / "pyproject.toml").read_text()
+    declared = re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)"', text[text.index("dependencies = ["):
+                                                                    text.index("bench = [")], flags=re.M)
+    pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / ".ci" / "lowest-versions.txt").read_text(),
+                             flags=re.M))
+    assert sorted(pinned) == sorted({name for name, _ in declared})
+    for name, bound in declared:
+        assert pinned[name] == bound or pinned[name].startswith(bound + "."), (name, bound, pinned[name])
