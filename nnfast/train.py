@@ -185,10 +185,6 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     x_test, y_test = backend.asarray(data.x_test), backend.asarray(data.y_test)
     n = data.x_train.shape[0]
     batches = math.ceil(n / cfg.batch_size)
-    check_each_step = xp is np or cfg.on_nonfinite == "skip"
-    log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
-        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs")
-
     result = TrainResult(model)
     if start_epoch >= cfg.epochs:
         done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}" + (f" and {start_batch} batches"
@@ -197,6 +193,10 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
             "(a larger --epochs continues it); evaluating the stored model")
         result.test_accuracy = evaluate(model, x_test, y_test)
         return result
+    check_each_step = xp is np or cfg.on_nonfinite == "skip"
+    log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
+        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs")
+
     for epoch in range(start_epoch, cfg.epochs):
         if epoch_rng_state is not None:
             shuffle_rng.bit_generator.state = epoch_rng_state
