@@ -5,7 +5,8 @@ The check compares an analytic derivative ``g`` with the central difference
     D = (f^(x+) - f^(x-)) / (x+ - x-),    x+ = fl(x + h),  x- = fl(x - h),
 
 where ``f^`` is ``f`` evaluated in float64. Dividing by the step actually taken
-(``x+ - x-`` is exact by Sterbenz's lemma) removes the error of representing
+(``x+ - x-`` is exact by Sterbenz's lemma once ``|x| >= 3h``, and within one
+rounding, a relative ``eps``, nearer 0) removes the error of representing
 ``x +- h``; what is left of it moves the expansion point by at most
 ``eps |x| / 2``, an error of ``|f''| eps |x| / 2``, far below the terms below.
 
