@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-#: Elements per work item of the parallel loop (and per pass over the L1-resident sum).
+#: Elements per pass over the L1-resident sum.
 BLOCK = 4096
+#: Elements per work item of the parallel loop (as many as the kernels' element-wise chunks).
+ITEM = 8 * BLOCK
 
 
 def describe(streams: tuple[int, int, int]) -> str:
@@ -51,21 +53,40 @@ def _compile() -> dict[str, Any]:
     from ..backends.numba_kernels._schedule import set_chunksize
 
     @njit(cache=True, error_model="numpy")
+    def fused(src, dst, upd, lo, hi):
+        # The patterns of the op table in one pass each, as their kernels
+        # run (one pass has more misses in flight than several would); False
+        # for any other pattern.
+        r, w, u = src.shape[0], dst.shape[0], upd.shape[0]
+        s0 = src[0, lo:hi]
+        if r == 1 and w == 1 and u == 0:
+            d0 = dst[0, lo:hi]
+            for i in range(s0.size):
+                d0[i] = s0[i]
+        elif r == 2 and w == 1 and u == 0:
+            s1, d0 = src[1, lo:hi], dst[0, lo:hi]
+            for i in range(s0.size):
+                d0[i] = s0[i] + s1[i]
+        elif r == 1 and w == 0 and u == 2:  # bounded over any number of calls
+            u0, u1 = upd[0, lo:hi], upd[1, lo:hi]
+            for i in range(s0.size):
+                u0[i] = s0[i] - u0[i]
+                u1[i] = s0[i] - u1[i]
+        elif r == 1 and w == 0 and u == 3:
+            u0, u1, u2 = upd[0, lo:hi], upd[1, lo:hi], upd[2, lo:hi]
+            for i in range(s0.size):
+                u0[i] = s0[i] - u0[i]
+                u1[i] = s0[i] - u1[i]
+                u2[i] = s0[i] - u2[i]
+        else:
+            return False
+        return True
+
+    @njit(cache=True, error_model="numpy")
     def block(src, dst, upd, lo, hi, acc):
-        # Each array is touched once per element, as in the kernel measured;
-        # with several arrays read, their sum goes through acc (in L1).
+        # Any other pattern, a pass per array: the sum of the arrays read goes
+        # through acc, which stays in L1.
         m = hi - lo
-        if src.shape[0] == 1:
-            s0 = src[0, lo:hi]
-            for k in range(upd.shape[0]):
-                uk = upd[k, lo:hi]
-                for i in range(m):
-                    uk[i] = s0[i] - uk[i]  # bounded over any number of calls
-            for k in range(dst.shape[0]):
-                dk = dst[k, lo:hi]
-                for i in range(m):
-                    dk[i] = s0[i]
-            return
         s0 = src[0, lo:hi]
         for i in range(m):
             acc[i] = s0[i]
@@ -83,19 +104,25 @@ def _compile() -> dict[str, Any]:
                 dk[i] = acc[i]
 
     @njit(cache=True, error_model="numpy")
+    def span(src, dst, upd, lo, hi):
+        if fused(src, dst, upd, lo, hi):
+            return
+        acc = np.empty(BLOCK, src.dtype)
+        for b in range(lo, hi, BLOCK):
+            block(src, dst, upd, b, min(hi, b + BLOCK), acc)
+
+    @njit(cache=True, error_model="numpy")
     def serial(src, dst, upd):
         n = src.shape[1]
-        acc = np.empty(BLOCK, src.dtype)
-        for lo in range(0, n, BLOCK):
-            block(src, dst, upd, lo, min(n, lo + BLOCK), acc)
+        for lo in range(0, n, ITEM):
+            span(src, dst, upd, lo, min(n, lo + ITEM))
 
     @njit(parallel=True, cache=True, error_model="numpy")
     def parallel(src, dst, upd):
         n = src.shape[1]
         outer = set_chunksize(1)
-        for c in prange((n + BLOCK - 1) // BLOCK):
-            acc = np.empty(BLOCK, src.dtype)
-            block(src, dst, upd, c * BLOCK, min(n, (c + 1) * BLOCK), acc)
+        for c in prange((n + ITEM - 1) // ITEM):
+            span(src, dst, upd, c * ITEM, min(n, (c + 1) * ITEM))
         set_chunksize(outer)
 
     _kernels.update(serial=serial, parallel=parallel)
