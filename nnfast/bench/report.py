@@ -198,7 +198,8 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3,
     out = [f"Measured {report['created'][:10]} on {machine_line(report)}{busy}.", "",
            f"Machine limits measured in the same run: {limits_line(report)}.", "",
            "Times are medians after warm-up; speedups are measured side by side in the same run; "
-           "'% limit' is the rate over the machine's limit for the same work, measured beside it: the BLAS GEMM "
+           "'% limit' is the median rate over the machine's peak (best sample) for the same work, measured "
+           "beside it: the BLAS GEMM "
            "(GFLOP/s kernels), or for the memory-bound kernels a loop that only streams the same arrays at the "
            "same size ('stream 2R 1W': two arrays read, one written; 'RW': updated in place), on every thread "
            "or on one, whichever is faster.", ""]
