@@ -48,8 +48,8 @@ Machine limits, measured in the same run
 
 Each row's limit is sampled in the same rounds as the row's kernels; the
 report's run-level limits (GEMM 1024³, a 64 MiB copy on every thread) are
-measured once, first. The fraction of the limit is the kernel's rate divided
-by the limit's rate.
+measured once, first. The fraction of the limit is the kernel's rate (at its
+median) divided by the limit's peak rate (at its best sample).
 
 Contention
 ----------
