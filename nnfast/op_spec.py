@@ -57,6 +57,10 @@ class Benchmark:
     callable doing the same work in PyTorch, ``args`` being the same
     arguments as tensors on the device. ``work(dims, itemsize)`` is the
     flop or bytes one call is credited with, ``model`` that formula as text.
+    ``streams`` is the memory traffic of a GB/s op as whole arrays of ``n``
+    elements: how many it reads, writes, and updates in place (read and
+    written back); its work is ``(reads + writes + 2 updates) n s`` bytes,
+    and its machine limit streams the same arrays at the same size.
     """
 
     group: str  # the --ops group: "linear", "activation", "softmax_ce", "optim"
@@ -68,6 +72,7 @@ class Benchmark:
     inputs: Callable[[np.random.Generator, tuple[Any, ...], np.dtype, str, Any], dict[str, Any]]
     torch: Callable[[Any, dict[str, Any]], Callable[[], Any]]
     variants: tuple[str, ...] = ("",)  # e.g. the activations measured
+    streams: tuple[int, int, int] = (1, 1, 0)  # GB/s ops: arrays read, written, updated in place
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,7 @@ Computes ``dz = dy * act'(.)`` (from ``saved``), ``dW = x.T @ dz``,
        bench=Benchmark("activation", _BYTES, "copy", "3·n·s bytes", lambda d, s: 3.0 * math.prod(d) * s,
                        ELEMENTWISE_SHAPES, lambda *a: _activation_inputs(*a, backward=True),
                        _torch_activation_backward,
-                       variants=tuple(r.name for r in activations.TABLE if r.benchmark)),
+                       variants=tuple(r.name for r in activations.TABLE if r.benchmark), streams=(2, 1, 0)),
        cuda=Cuda("activations.cu", (Kernel("act_backward<{T}, {ACT}>"),))),
     Op("softmax", "Softmax over the last axis of a 2-D array.",
        args=(Arg("x", Array(ndim=2)),),
@@ -310,7 +310,7 @@ when ``momentum == 0``; ``velocities`` may then be an empty list).
               "velocities", ParamLists(("params", "grads", "velocities"), read_only=("grads",),
                                        empty_when=("velocities", lambda v: v["momentum"] == 0.0))),
        bench=Benchmark("optim", _BYTES, "copy", "5·n·s bytes", lambda d, s: 5.0 * _count(d) * s, OPTIM_SHAPES,
-                       _optim_inputs, _torch_optimizer),
+                       _optim_inputs, _torch_optimizer, streams=(1, 0, 2)),
        cuda=Cuda("optim.cu", (Kernel("sgd_multi<{T}>"),))),
     Op("adam_update", """One Adam / AdamW step, in place (``torch.optim.Adam`` / ``AdamW``).
 
@@ -328,7 +328,7 @@ it is Adam's ``g += wd * p``.
        order=("step", "lr", "beta1", "beta2", "eps", "weight_decay", "params", "grads", "exp_avgs", "exp_avg_sqs",
               ParamLists(("params", "grads", "exp_avgs", "exp_avg_sqs"), read_only=("grads",)), "decoupled"),
        bench=Benchmark("optim", _BYTES, "copy", "7·n·s bytes", lambda d, s: 7.0 * _count(d) * s, OPTIM_SHAPES,
-                       lambda *a: _optim_inputs(*a, adam=True), _torch_optimizer),
+                       lambda *a: _optim_inputs(*a, adam=True), _torch_optimizer, streams=(1, 0, 3)),
        cuda=Cuda("optim.cu", (Kernel("adam_multi<{T}>"),))),
 )}
 

@@ -49,7 +49,7 @@ def test_lowest_versions_are_the_declared_lower_bounds():
     """.ci/python-range installs .ci/lowest-versions.txt on the oldest Python: it must pin exactly the
     lower bounds of pyproject.toml (dependencies and the test extra), no more, no less."""
     text = (ROOT / "pyproject.toml").read_text()
-    declared = re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)"', text[text.index("dependencies = ["):
+    declared = re.findall(r'^\s*"([A-Za-z0-9_.-]+)>=([0-9.]+)[";]', text[text.index("dependencies = ["):
                                                                     text.index("bench = [")], flags=re.M)
     pinned = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)$", (ROOT / ".ci" / "lowest-versions.txt").read_text(),
                              flags=re.M))

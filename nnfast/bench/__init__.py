@@ -37,21 +37,31 @@ Machine limits, measured in the same run
 * CPU GEMM: NumPy's ``matmul`` (its BLAS, e.g. OpenBLAS) at the kernel's own
   shape for the linear kernels, at 1024³ for the training step; ``2·M·N·K``
   flop.
-* CPU memory: ``numpy.copyto`` of a 64 MiB array, credited ``2·size`` bytes
-  (read + write), the same way the kernels' byte models count.
+* CPU memory (:mod:`.stream`): a loop that moves exactly the op's traffic
+  (its ``streams``: arrays read, written, updated in place) over arrays of
+  the case's length and dtype, so the working set is the kernel's and sits in
+  the same cache level or in DRAM; on every thread and on one, the faster of
+  the two. Credited the same bytes as the kernel, it is a roofline: a kernel
+  at 100 % does nothing but move its bytes.
 * GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes (4096³
   for the training step), and a device-to-device ``cupy.copyto`` of 256 MiB.
 
 Each row's limit is sampled in the same rounds as the row's kernels; the
-report's run-level limits (GEMM 1024³, memory copy) are measured once, first.
-The fraction of the limit is the kernel's rate divided by the limit's rate.
-Memory-bound kernels on small shapes run from cache, so their fraction of
-the DRAM copy rate can exceed 1; that is a property of the shape, not an
-error.
+report's run-level limits (GEMM 1024³, a 64 MiB copy on every thread) are
+measured once, first. The fraction of the limit is the kernel's rate (at its
+median) divided by the limit's peak rate (at its best sample).
+
+Contention
+----------
+``--contended`` (:mod:`.contention`) measures every implementation of every
+case again, in the same rounds, while a busy-looping process keeps one core
+busy, and reports the contended median and the speed kept.
 
 Modules: :mod:`.cases` (what is measured), :mod:`.timing` (clocks and
-sampling), :mod:`.machine` (machine info and limits), :mod:`.report` (tables),
-:mod:`.plot` (charts), :mod:`.command` (the options and the run).
+sampling), :mod:`.machine` (machine info and limits), :mod:`.stream` (the
+memory limit's loops), :mod:`.contention` (the competing process),
+:mod:`.report` (tables), :mod:`.plot` (charts), :mod:`.command` (the options
+and the run).
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ class OpSpec:
     model = property(lambda self: self.bench.model)
     shapes = property(lambda self: self.bench.shapes)
     variants = property(lambda self: self.bench.variants)
+    streams = property(lambda self: self.bench.streams)
 
 
 # ---------------------------------------------------------------- the training step

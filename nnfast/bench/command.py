@@ -14,16 +14,17 @@ import numpy as np
 
 from ..op_spec import Shape
 from ..paths import check_output_path
-from . import machine
-from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, gemm_dims, make_nnfast, make_torch,
-                    shape_record, work)
-from .machine import ThreadLimits, load_average, machine_info, make_copy, make_gemm, measure_limits
+from .cases import DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, make_nnfast, make_torch, shape_record, work
+from .contention import Spinner
+from .machine import ThreadLimits, limit_candidates, load_average, machine_info, measure_limits
 from .plot import plot
 from .report import render_markdown, render_text
 from .timing import FULL, QUICK, Clock, CupyClock, Settings, Timed, TorchCudaClock, figures, measure
 
 #: Schema tag of the JSON report.
 SCHEMA = "nnfast-bench/1"
+#: Suffix of the key of an implementation's contended measurement.
+CONTENDED = "@contended"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", dest="bench_threads", type=int, default=None, metavar="N",
                         help="run every library (BLAS, Numba, PyTorch) on N threads (default: as configured); "
                              "on a busy shared machine, 1 gives steadier ratios")
+    parser.add_argument("--contended", dest="bench_contended", action="store_true",
+                        help="also measure every case with a busy-looping process on one core, side by side "
+                             "with the quiet samples, and report the speed each implementation keeps")
     parser.add_argument("--no-torch", dest="bench_no_torch", action="store_true",
                         help="leave PyTorch out even when it imports")
     parser.add_argument("--json", dest="bench_json", metavar="PATH", help="write the full report as JSON")
@@ -160,23 +164,34 @@ def run(args: argparse.Namespace) -> int:
         hint = "" if threads == 1 else ", multi-threaded ones most; --threads 1 gives steadier ratios"
         notes.append(f"the machine is busy (load average {load:.1f} on {cpus} CPUs): figures will be noisy{hint}")
 
+    spinner = None
+    if getattr(args, "bench_contended", False):
+        try:
+            spinner = Spinner()
+        except (RuntimeError, OSError) as err:
+            print(f"nnfast bench: error: --contended: {err}", file=sys.stderr)
+            return 2
     restore = ThreadLimits(threads, torch, notes) if threads is not None else None
     try:
-        return _run_cases(args, cases, specs, dtypes, quick, settings, backends, gpu, torch, torch_devices, notes)
+        return _run_cases(args, cases, specs, dtypes, quick, settings, backends, gpu, torch, torch_devices, notes,
+                          spinner)
     finally:
+        if spinner is not None:
+            spinner.close()
         if restore is not None:
             restore.undo()
 
 
 def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]], specs: list[OpSpec],
                dtypes: list[str], quick: bool, settings: Settings, backends: dict[str, Any], gpu: bool,
-               torch: Any, torch_devices: list[str], notes: list[str]) -> int:
+               torch: Any, torch_devices: list[str], notes: list[str], spinner: Spinner | None = None) -> int:
     from tqdm.auto import tqdm
 
     progress = tqdm(total=len(cases) * len(dtypes) + 1, desc="nnfast bench", unit="case",
                     disable=True if getattr(args, "bench_no_progress", False) else None,
                     file=sys.stderr, dynamic_ncols=True)
     progress.set_postfix_str("machine limits")
+    start_load = load_average()
     limits = measure_limits(dtypes, gpu, settings)
     progress.update(1)
 
@@ -187,21 +202,27 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
         for spec, variant, shape in cases:
             progress.set_postfix_str(f"{dtype} {spec.name} {variant} {shape.label}".replace("  ", " "))
             row = measure_case(spec, variant, shape, dtype, backends, torch, torch_devices, settings,
-                               limits, skipped, errors)
+                               limits, skipped, errors, spinner)
             if row is not None:
                 results.append(row)
             progress.update(1)
     progress.close()
 
+    info = machine_info(torch, gpu)  # its load average is the one at the end of the run
+    if start_load is not None and "load_average_1min" in info:
+        info["load_average_1min_end"] = info["load_average_1min"]
+        info["load_average_1min"] = round(start_load, 2)
     report = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "command": " ".join(["nnfast bench", *_argv_of(args)]),
-        "machine": machine_info(torch, gpu),
+        "machine": info,
         "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default",
                      "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
                      "ops": [s.name for s in specs], "repeat": settings.repeat, "min_time_s": settings.min_time,
-                     "warmup_s": settings.warmup_time, "statistic": "median"},
+                     "warmup_s": settings.warmup_time, "statistic": "median",
+                     "contended": spinner is not None,
+                     **({"spinner": spinner.describe()} if spinner is not None else {})},
         "models": {spec.name: {"metric": spec.metric, "work": spec.model, "limit": spec.limit} for spec in specs},
         "limits": limits,
         "results": results,
@@ -238,7 +259,7 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
             out += [flag, ",".join(values)]
     if getattr(args, "bench_dtype", "float32") not in (None, "float32"):
         out += ["--dtype", args.bench_dtype]
-    for flag, dest in (("--quick", "bench_quick"), ("--no-torch", "bench_no_torch")):
+    for flag, dest in (("--quick", "bench_quick"), ("--contended", "bench_contended"), ("--no-torch", "bench_no_torch")):
         if getattr(args, dest, False):
             out.append(flag)
     for flag, dest in (("--repeat", "bench_repeat"), ("--threads", "bench_threads")):
@@ -269,8 +290,13 @@ def _case_name(spec: OpSpec, variant: str, shape: Shape, dtype: str) -> str:
 
 def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends: dict[str, Any],
                  torch: Any, torch_devices: list[str], settings: Settings, limits: dict[str, Any],
-                 skipped: list[dict[str, str]], errors: list[dict[str, str]]) -> dict[str, Any] | None:
-    """Measure one case on every implementation side by side; the report row, or None."""
+                 skipped: list[dict[str, str]], errors: list[dict[str, str]],
+                 spinner: Spinner | None = None) -> dict[str, Any] | None:
+    """Measure one case on every implementation side by side; the report row, or None.
+
+    With a ``spinner`` (``--contended``), every implementation is also
+    measured with it running, in the same rounds.
+    """
     case = _case_name(spec, variant, shape, dtype)
     timed: list[Timed] = []
     kinds: dict[str, tuple[str, str]] = {}  # key -> (kind, device)
@@ -304,23 +330,17 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
     if not any(kinds[t.key][0] == "nnfast" for t in timed):
         return None
     # The machine limit of this kernel, measured side by side with it on each device in the row.
-    limit_keys: dict[str, tuple[str, str, float]] = {}  # device -> (key, what, work of one call)
+    limit_keys: dict[str, list[tuple[str, str, float]]] = {}  # device -> [(key, what, work of one call)]
     for device in sorted({kinds[t.key][1] for t in timed}):
-        if device == "gpu":
-            import cupy
-
-            xp, clock, lib, nbytes = cupy, gpu_clock or CupyClock(), "cupy", machine.GPU_COPY_BYTES
-        else:
-            xp, clock, lib, nbytes = np, Clock(), "numpy", machine.CPU_COPY_BYTES
-        key = f"limit-{device}"
-        if spec.metric == "GFLOP/s":
-            m, k, n = gemm_dims(spec, shape, device)
-            limit_keys[device] = (key, f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n)
-            add(key, "limit", device, lambda xp=xp, dims=(m, k, n): make_gemm(xp, dims, dtype), clock)
-        else:
-            where = "" if device == "cpu" else ", device to device"
-            limit_keys[device] = (key, f"{lib}.copyto {nbytes // 2**20} MiB{where}, read + write", 2.0 * nbytes)
-            add(key, "limit", device, lambda xp=xp, nbytes=nbytes: make_copy(xp, nbytes), clock)
+        clock = (gpu_clock or CupyClock()) if device == "gpu" else Clock()
+        for key, what, amount, build in limit_candidates(spec, shape, dtype, device):
+            limit_keys.setdefault(device, []).append((key, what, amount))
+            add(key, "limit", device, build, clock)
+    if spinner is not None:  # every implementation again, beside a busy core; the limits quiet only
+        for t in list(timed):
+            t.before = spinner.off
+            if kinds[t.key][0] != "limit":
+                timed.append(Timed(t.key + CONTENDED, t.fn, t.clock, before=spinner.on))
 
     try:
         measure(timed, settings)
@@ -333,21 +353,32 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
     by_key = {t.key: t for t in timed}
 
     row_limits: dict[str, Any] = {}
-    for device, (key, what, limit_work) in limit_keys.items():
-        if key in by_key:
-            row_limits[device] = {"what": what, **figures(by_key[key], limit_work)}
+    for device, candidates in limit_keys.items():
+        # A limit is the machine's peak for that work: its best sample (its
+        # median is kept as median_rate), the fastest way of the candidates.
+        measured = [{"what": what, **figures(by_key[key], w)} for key, what, w in candidates if key in by_key]
+        for f, (_, _, w) in zip(measured, [c for c in candidates if c[0] in by_key]):
+            f["median_rate"], f["rate"] = f["rate"], w / f["min_s"] / 1e9
+        if measured:
+            row_limits[device] = max(measured, key=lambda f: f["rate"])
         elif device in limits:  # the limit's own measurement failed: the run-level figure
             ref = limits[device]["copy"] if spec.metric == "GB/s" else limits[device]["gemm"][dtype]
             row_limits[device] = {"what": ref["what"], "rate": ref["rate"]}
 
     impls: dict[str, Any] = {}
     for t in timed:
+        if t.key.endswith(CONTENDED):
+            continue
         kind, device = kinds[t.key]
         if kind == "limit":
             continue
         fig = {"kind": kind, "device": device, **figures(t, amount)}
         if device in row_limits:
             fig["limit_fraction"] = fig["rate"] / row_limits[device]["rate"]
+        busy = by_key.get(t.key + CONTENDED)
+        if busy is not None:
+            fig["contended"] = figures(busy, amount)
+            fig["kept"] = fig["median_s"] / fig["contended"]["median_s"]
         impls[t.key] = fig
     ref = impls.get("numpy")
     for fig in impls.values():
@@ -356,6 +387,9 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
         torch_key = "torch" if fig["device"] == "cpu" else "torch-cuda"
         if torch_key in impls and fig["kind"] == "nnfast":
             fig["speedup_vs_torch"] = impls[torch_key]["median_s"] / fig["median_s"]
+            if "contended" in fig and "contended" in impls[torch_key]:
+                fig["contended"]["speedup_vs_torch"] = (impls[torch_key]["contended"]["median_s"]
+                                                        / fig["contended"]["median_s"])
 
     return {
         "op": spec.name,

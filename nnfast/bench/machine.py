@@ -10,10 +10,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .cases import GEMM_REF
+from .cases import GEMM_REF, OpSpec, gemm_dims, work
+from .stream import bytes_per_element, describe, make_stream
 from .timing import Clock, CupyClock, Settings, Timed, figures, measure
 
-#: Bytes copied by the memory-copy limit on each device.
+#: Bytes copied by the run-level memory-copy limit on each device (beyond every cache).
 CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
 
@@ -124,6 +125,10 @@ def machine_info(torch: Any = None, gpu: bool = False) -> dict[str, Any]:
 
         info["versions"]["numba"] = numba.__version__
         info["threads"]["numba"] = numba.get_num_threads()
+        try:
+            info["numba_threading_layer"] = numba.threading_layer()
+        except ValueError:  # no parallel kernel has run
+            pass
     elif _version("numba"):
         info["versions"]["numba"] = _version("numba")
     if torch is not None:
@@ -190,11 +195,15 @@ def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict
 
         devices.append(("gpu", cupy, CupyClock(), GPU_COPY_BYTES))
     for device, xp, clock, nbytes in devices:
-        copy = Timed("copy", make_copy(xp, nbytes), clock)
+        if device == "cpu":
+            copy = Timed("copy", make_stream((1, 1, 0), nbytes // 4, "float32", "all"), clock)
+            what = "memory copy (stream 1R 1W) on every thread"
+        else:
+            copy = Timed("copy", make_copy(xp, nbytes), clock)
+            what = "cupy.copyto (device to device)"
         ref = GEMM_REF[device]
         gemms = {dt: Timed(f"gemm {dt}", make_gemm(xp, ref, dt), clock) for dt in dtypes}
         measure([copy, *gemms.values()], settings)
-        what = "numpy.copyto" if device == "cpu" else "cupy.copyto (device to device)"
         limits[device] = {
             "copy": {"what": f"{what}, {nbytes // 2**20} MiB, read + write", "bytes": 2 * nbytes,
                      **figures(copy, 2.0 * nbytes)},
@@ -204,3 +213,39 @@ def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict
                      for dt, t in gemms.items()},
         }
     return limits
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.3g} KiB"
+
+
+def limit_candidates(spec: OpSpec, shape: Any, dtype: str, device: str) -> list[tuple[str, str, float, Callable[[], Callable[[], Any]]]]:
+    """The ways of measuring a case's machine limit on ``device``: ``(key, what, work, build)``.
+
+    The row's limit is the fastest of them. GFLOP/s kernels: the BLAS (or
+    cuBLAS) GEMM at the kernel's shape (at the reference shape for the
+    training step). GB/s kernels on the CPU: the op's memory traffic
+    (:mod:`.stream`) at the case's size, on every thread and on one; on a
+    GPU, a device-to-device copy.
+    """
+    if spec.metric == "GFLOP/s":
+        m, k, n = gemm_dims(spec, shape, device)
+        lib = "numpy" if device == "cpu" else "cupy"
+        xp: Any = np
+        if device == "gpu":
+            import cupy as xp
+        return [(f"limit-{device}", f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n,
+                 lambda: make_gemm(xp, (m, k, n), dtype))]
+    if device == "gpu":
+        import cupy
+
+        return [(f"limit-{device}", f"cupy.copyto {GPU_COPY_BYTES // 2**20} MiB, device to device, read + write",
+                 2.0 * GPU_COPY_BYTES, lambda: make_copy(cupy, GPU_COPY_BYTES))]
+    itemsize = np.dtype(dtype).itemsize
+    per_element = bytes_per_element(spec.streams) * itemsize
+    n = max(1, round(work(spec, shape, itemsize) / per_element))
+    arrays = spec.streams[0] + spec.streams[1] + spec.streams[2]
+    what = f"stream {describe(spec.streams)}, {arrays} × {n} {dtype} ({_mib(arrays * n * itemsize)})"
+    return [(f"limit-cpu-{threads}", f"{what}, {label}", float(n * per_element),
+             lambda threads=threads: make_stream(spec.streams, n, dtype, threads))
+            for threads, label in (("all", "every thread"), ("one", "one thread"))]

@@ -30,10 +30,12 @@ def _fmt_percent(fraction: float) -> str:
 
 
 def _limit_cell(device: str, limit: dict[str, Any]) -> str:
-    """Short text of a row's limit: 'GEMM 132 GF/s' or 'copy 26.2 GB/s' (GPU prefixed)."""
+    """Short text of a row's limit: 'GEMM 132 GF/s', 'stream 2R 1W 41.2 GB/s', 'copy 26.2 GB/s' (GPU prefixed)."""
     prefix = "GPU " if device == "gpu" else ""
     if "matmul" in limit["what"]:
         return f"{prefix}GEMM {_fmt_rate(limit['rate'], 'GFLOP/s')}"
+    if limit["what"].startswith("stream "):  # 'stream 2R 1W, 3 × 4194304 float32 (48 MiB), every thread'
+        return f"{prefix}{limit['what'].split(',')[0]} {_fmt_rate(limit['rate'], 'GB/s')}"
     return f"{prefix}copy {_fmt_rate(limit['rate'], 'GB/s')}"
 
 
@@ -90,24 +92,69 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
     return header, cells
 
 
+def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the ``--contended`` table: each implementation quiet, beside a busy core, and kept."""
+    order = [k for k in impl_order(report) if any("contended" in r["impls"].get(k, {}) for r in rows)]
+    fast = [k for k in order if k != "numpy" and not k.startswith("torch")]
+    with_torch = [k for k in fast if any("speedup_vs_torch" in r["impls"].get(k, {}).get("contended", {})
+                                         for r in rows)]
+    header = ["case", "shape", "dtype"]
+    for k in order:
+        header += [f"{k} quiet", f"{k} contended", f"{k} kept"]
+    header += [f"{k} vs torch contended" for k in with_torch]
+    cells: list[list[str]] = []
+    for r in rows:
+        if r["op"] == "train_step":
+            line = ["train_step", "[" + ",".join(map(str, r["shape"]["sizes"])) + f"] b{r['shape']['batch']}",
+                    r["dtype"]]
+        else:
+            line = [r["op"] + (f" {r['variant']}" if r["variant"] else ""), r["label"], r["dtype"]]
+        for k in order:
+            f = r["impls"].get(k, {})
+            if "contended" not in f:
+                line += ["–", "–", "–"]
+                continue
+            line += [_fmt_time(f["median_s"]), _fmt_time(f["contended"]["median_s"]), f"{f['kept']:.2f}×"]
+        for k in with_torch:
+            busy = r["impls"].get(k, {}).get("contended", {})
+            line.append(f"{busy['speedup_vs_torch']:.2f}×" if "speedup_vs_torch" in busy else "–")
+        cells.append(line)
+    return header, cells
+
+
+#: Title of the ``--contended`` section.
+CONTENDED_TITLE = "Under contention: a busy-looping process on one core"
+
+
 def _sections(report: dict[str, Any], rows: list[dict[str, Any]] | None = None,
-              ) -> list[tuple[str, bool, list[dict[str, Any]]]]:
+              ) -> list[tuple[str, bool | None, list[dict[str, Any]]]]:
+    """(title, train?, rows) of each table; ``train`` is None for the contended table."""
     rows = report["results"] if rows is None else rows
     kernels = [r for r in rows if r["op"] != "train_step"]
     train = [r for r in rows if r["op"] == "train_step"]
-    out = []
+    out: list[tuple[str, bool | None, list[dict[str, Any]]]] = []
     if kernels:
         out.append(("Kernels", False, kernels))
     if train:
         out.append((f"Training step: MLP, ReLU, softmax-CE, SGD (lr {SGD_LR}, momentum {SGD_MOMENTUM})",
                     True, train))
+    contended = [r for r in rows if any("contended" in f for f in r["impls"].values())]
+    if contended:
+        out.append((CONTENDED_TITLE, None, contended))
     return out
+
+
+def _table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool | None,
+           ) -> tuple[list[str], list[list[str]]]:
+    return contended_table(report, rows) if train is None else table(report, rows, train)
 
 
 def machine_line(report: dict[str, Any]) -> str:
     """One line naming the machine, threads and versions of a report."""
     m = report["machine"]
-    threads = ", ".join(f"{k} {v}" for k, v in m.get("threads", {}).items())
+    layer = m.get("numba_threading_layer")
+    threads = ", ".join(f"{k} {v}" + (f" ({layer})" if k == "numba" and layer else "")
+                        for k, v in m.get("threads", {}).items())
     cores = m.get("physical_cores") or m.get("logical_cpus")
     parts = [f"{m['cpu']} ({cores} cores, {m.get('logical_cpus')} logical)"]
     if m.get("gpu"):
@@ -132,7 +179,7 @@ def render_text(report: dict[str, Any]) -> str:
     out = [f"nnfast bench · {report['created']}", machine_line(report), "limits: " + limits_line(report),
            "times are medians; 'vs' columns are speedups measured side by side in this run"]
     for title, train, rows in _sections(report):
-        header, cells = table(report, rows, train)
+        header, cells = _table(report, rows, train)
         widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
         out += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)),
                 "  ".join("-" * w for w in widths)]
@@ -145,13 +192,22 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3,
     """The report (or the given ``rows`` of it) as Markdown tables, with machine, limits and work models."""
     h = "#" * heading_level
     load = report["machine"].get("load_average_1min")
-    busy = f" (1-minute load average at the start: {load:.1f})" if load is not None else ""
+    end = report["machine"].get("load_average_1min_end")
+    busy = (f" (1-minute load average at the start: {load:.1f}" + (f", at the end: {end:.1f})" if end is not None
+                                                                  else ")")) if load is not None else ""
     out = [f"Measured {report['created'][:10]} on {machine_line(report)}{busy}.", "",
            f"Machine limits measured in the same run: {limits_line(report)}.", "",
            "Times are medians after warm-up; speedups are measured side by side in the same run; "
-           "'% limit' is the rate over the GEMM (GFLOP/s kernels) or memory-copy (GB/s kernels) rate.", ""]
+           "'% limit' is the median rate over the machine's peak (best sample) for the same work, measured "
+           "beside it: the BLAS GEMM "
+           "(GFLOP/s kernels), or for the memory-bound kernels a loop that only streams the same arrays at the "
+           "same size ('stream 2R 1W': two arrays read, one written; 'RW': updated in place), on every thread "
+           "or on one, whichever is faster.", ""]
+    if report["settings"].get("contended"):
+        out += ["'Under contention': every case measured again, in the same rounds, while a busy-looping "
+                "process holds one core; 'kept' is the quiet median over the contended one.", ""]
     for title, train, section_rows in _sections(report, rows):
-        header, cells = table(report, section_rows, train)
+        header, cells = _table(report, section_rows, train)
         out += [f"{h} {title}", "", "| " + " | ".join(header) + " |",
                 "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
         out += ["| " + " | ".join(line) + " |" for line in cells]

@@ -100,7 +100,12 @@ FULL = Settings()
 
 @dataclass
 class Timed:
-    """One implementation of a case, being measured."""
+    """One implementation of a case, being measured.
+
+    ``before``, when given, runs before each block of calls (the warm-up,
+    and each round's samples): it sets up the conditions of this
+    measurement, e.g. starts or stops a competing process.
+    """
 
     key: str
     fn: Callable[[], Any]
@@ -108,6 +113,7 @@ class Timed:
     number: int = 1
     repeat: int = 1
     samples: list[float] = field(default_factory=list)
+    before: Callable[[], None] | None = None
 
 
 def _warm(t: Timed, seconds: float, calls: int) -> float:
@@ -124,6 +130,8 @@ def _warm(t: Timed, seconds: float, calls: int) -> float:
 
 def _prepare(t: Timed, settings: Settings) -> None:
     """First call (compilation, allocation), warm-up, then calibrate the calls per sample."""
+    if t.before is not None:
+        t.before()
     t.fn()
     t.clock.sync()
     # at least 3 calls: libraries initialise lazily, and that is not kernel time
@@ -153,6 +161,8 @@ def measure(timed: list[Timed], settings: Settings) -> None:
             quota = math.ceil(t.repeat * (r + 1) / rounds) - math.ceil(t.repeat * r / rounds)
             if quota <= 0:
                 continue
+            if t.before is not None:
+                t.before()
             if r or len(timed) > 1:
                 _warm(t, settings.switch_time, 1)
             for _ in range(quota):

@@ -17,6 +17,9 @@ Modules:
 * :mod:`.optim` -- one-pass SGD and Adam / AdamW updates.
 * :mod:`._simd`, :mod:`._math` -- SIMD register values and dtype-specialised
   scalar math (polynomial float32 exp / erf) shared by the kernels.
+* :mod:`.threading_layer` -- the parallel loops run on TBB's work-stealing
+  scheduler (the ``tbb`` wheel), which keeps them fast when another process
+  holds a core; see there for why and how.
 
 ``fastmath`` is used in one place only, the sum of exponentials in
 :mod:`.softmax_ce` (``reassoc`` + ``contract``; see there). Everything is
@@ -31,6 +34,7 @@ import hashlib
 from pathlib import Path
 
 from ...activations import ACTIVATIONS
+from .threading_layer import preload_tbb
 
 
 def _drop_stale_cache() -> None:
@@ -65,3 +69,4 @@ def _drop_stale_cache() -> None:
 
 
 _drop_stale_cache()
+preload_tbb()

@@ -11,8 +11,10 @@ LLVM inlines and vectorises to AVX2:
   bits (``(n + 127) * 2^23`` as an int32). Max relative error ~2 ulp for ``-87 <= x <= 88``;
   inputs below -87 give 0 (the true value is < 2e-38), inputs above 88.3 are
   clamped (the kernels only take exp of arguments <= 0 or of ``min(x, 20)``).
-* :func:`ftanh` float32: the Cephes ``tanhf`` odd polynomial for
-  ``|x| < 0.625``, ``1 - 2 / (e^{2|x|} + 1)`` above (absolute error ~1e-7).
+* :func:`ftanh` float32: the odd rational minimax approximation used by
+  Eigen, ``x P(x^2) / Q(x^2)`` (degrees 13 / 6) with ``x`` clamped to
+  ``+-7.9053`` and exactly ``+-1`` beyond, relative error < 4e-7: ten multiply-adds and one division, no exp (measured 1.7x the
+  speed of the exp form on 4M elements, one thread).
 * :func:`ferf` float32: the odd/even rational approximation used by Eigen
   (``x P(x^2) / Q(x^2)`` on ``[-4, 4]``, +/-1 outside), absolute error < 2e-7
   and no exp at all.
@@ -53,11 +55,12 @@ _HALF32 = _f(0.5)
 _ONE32 = _f(1.0)
 _ZERO32 = _f(0.0)
 _BIAS32 = _f(127.0)
-_TWO32 = _f(2.0)
-_TANH_SMALL = _f(0.625)
-_TANH_BIG = _f(40.0)
-_T0, _T1, _T2 = _f(-5.70498872745e-3), _f(2.06390887954e-2), _f(-5.37397155531e-2)
-_T3, _T4 = _f(1.33314422036e-1), _f(-3.33332819422e-1)
+_TANH_CLAMP = _f(7.90531110763549805)
+_TA1, _TA3, _TA5 = _f(4.89352455891786e-03), _f(6.37261928875436e-04), _f(1.48572235717979e-05)
+_TA7, _TA9 = _f(5.12229709037114e-08), _f(-8.60467152213735e-11)
+_TA11, _TA13 = _f(2.00018790482477e-13), _f(-2.76076847742355e-16)
+_TB0, _TB2 = _f(4.89352518554385e-03), _f(2.26843463243900e-03)
+_TB4, _TB6 = _f(1.18534705686654e-04), _f(1.19825839466702e-06)
 _MANT32 = _f(8388608.0)
 
 _ERF_CLAMP = _f(4.0)
@@ -106,17 +109,25 @@ def _erf32(x):
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def _tanh32(x):
-    # Cephes tanhf: an odd polynomial below 0.625, 1 - 2 / (e^{2|x|} + 1) above.
+    # Beyond the clamp the result is exactly +-1, as float32 tanh is from 9 on
+    # (the rational stops 2.4e-7 short of it, which x * (1 - tanh^2) terms
+    # such as the tanh-GELU derivative would blow up). The sign goes back on
+    # last: comparisons are false for NaN and +-0, which come back as they are.
     a = abs(x)
-    z = x * x
-    p = _T0 * z + _T1
-    p = p * z + _T2
-    p = p * z + _T3
-    p = p * z + _T4
-    small = x + x * z * p
-    big = _ONE32 - _TWO32 / (_exp32(min(a + a, _TANH_BIG)) + _ONE32)
-    big = big if x >= _ZERO32 else -big
-    return small if a < _TANH_SMALL else big
+    xc = min(a, _TANH_CLAMP)
+    z = xc * xc
+    p = _TA13 * z + _TA11
+    p = p * z + _TA9
+    p = p * z + _TA7
+    p = p * z + _TA5
+    p = p * z + _TA3
+    p = p * z + _TA1
+    q = _TB6 * z + _TB4
+    q = q * z + _TB2
+    q = q * z + _TB0
+    t = xc * p / q
+    t = t if a < _TANH_CLAMP else _ONE32
+    return t if x > _ZERO32 else (-t if x < _ZERO32 else x)
 
 
 def fexp(x):
@@ -137,7 +148,7 @@ def _fexp_impl(x):
 
 
 def ftanh(x):
-    """``tanh(x)`` in the dtype of ``x`` (Cephes polynomial / exp form for float32, libm for float64)."""
+    """``tanh(x)`` in the dtype of ``x`` (a rational approximation for float32, libm for float64)."""
     return math.tanh(x)
 
 

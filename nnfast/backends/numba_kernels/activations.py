@@ -30,6 +30,7 @@ from numba import carray, cfunc, njit, prange, types
 
 from ...activations import CODES
 from ._calls import call_backward, call_forward, ptr_at
+from ._schedule import set_chunksize
 from ._simd import addr
 from .activation_math import derivative as formula_derivative
 from .activation_math import forward as formula_forward
@@ -91,9 +92,11 @@ def _forward_parallel(x, y, fn, alpha):
     n = x.size
     px = addr(x)
     py = addr(y)
+    outer = set_chunksize(1)  # one work item per chunk, taken by whichever thread is free
     for c in prange((n + CHUNK - 1) // CHUNK):
         lo = c * CHUNK
         call_forward(fn, ptr_at(px, lo), ptr_at(py, lo), min(n, lo + CHUNK) - lo, alpha)
+    set_chunksize(outer)
 
 
 @njit(cache=True, error_model="numpy")
@@ -107,9 +110,11 @@ def _backward_parallel(dy, s, dx, fn, alpha):
     pdy = addr(dy)
     ps = addr(s)
     pdx = addr(dx)
+    outer = set_chunksize(1)
     for c in prange((n + CHUNK - 1) // CHUNK):
         lo = c * CHUNK
         call_backward(fn, ptr_at(pdy, lo), ptr_at(ps, lo), ptr_at(pdx, lo), min(n, lo + CHUNK) - lo, alpha)
+    set_chunksize(outer)
 
 
 def forward(x: np.ndarray, activation: str, alpha: float) -> np.ndarray:

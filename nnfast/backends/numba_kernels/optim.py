@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import like
+from ._schedule import set_chunksize
 
 #: Elements per parallel work item.
 CHUNK = 1 << 15
@@ -54,8 +55,10 @@ def _sgd_range(p, g, v, lo, hi, lr, momentum, nesterov, weight_decay):
 @njit(parallel=True, cache=True, error_model="numpy")
 def _sgd_parallel(p, g, v, lr, momentum, nesterov, weight_decay):
     n = p.size
+    outer = set_chunksize(1)  # each chunk a work item of its own (see _schedule)
     for c in prange((n + CHUNK - 1) // CHUNK):
         _sgd_range(p, g, v, c * CHUNK, min(n, (c + 1) * CHUNK), lr, momentum, nesterov, weight_decay)
+    set_chunksize(outer)
 
 
 @njit(cache=True, error_model="numpy")
@@ -91,9 +94,11 @@ def _adam_range(p, g, m, v, lo, hi, lr, beta1, beta2, eps, weight_decay, decoupl
 @njit(parallel=True, cache=True, error_model="numpy")
 def _adam_parallel(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, bias1, bias2):
     n = p.size
+    outer = set_chunksize(1)
     for c in prange((n + CHUNK - 1) // CHUNK):
         _adam_range(p, g, m, v, c * CHUNK, min(n, (c + 1) * CHUNK), lr, beta1, beta2, eps,
                     weight_decay, decoupled, bias1, bias2)
+    set_chunksize(outer)
 
 
 def sgd_update(params, grads, velocities, lr, momentum, nesterov, weight_decay):

@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._math import fexp, like
+from ._schedule import set_chunksize
 from ._simd import vlane, vload, vmax
 
 #: Elements per online-softmax block (a multiple of every vector width).
@@ -189,9 +190,11 @@ def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss,
 @njit(parallel=True, cache=True, error_model="numpy")
 def _ce_parallel(logits, labels, eps, ignore_index, use_ignore, scale, loss, grad):
     batch = logits.shape[0]
+    outer = set_chunksize(1)  # each block of rows a work item of its own (see _schedule)
     for t in prange((batch + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         _ce_rows(logits, labels, t * ROWS_PER_TASK, min(batch, (t + 1) * ROWS_PER_TASK),
                  eps, ignore_index, use_ignore, scale, loss, grad)
+    set_chunksize(outer)
 
 
 def softmax_cross_entropy(logits, labels, label_smoothing, ignore_index, reduction, bad_label_error):
@@ -239,8 +242,10 @@ def _softmax_rows(x, r0, r1, out, log):
 @njit(parallel=True, cache=True, error_model="numpy")
 def _softmax_parallel(x, out, log):
     batch = x.shape[0]
+    outer = set_chunksize(1)
     for t in prange((batch + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         _softmax_rows(x, t * ROWS_PER_TASK, min(batch, (t + 1) * ROWS_PER_TASK), out, log)
+    set_chunksize(outer)
 
 
 def softmax(x, log=False):
