@@ -1,4 +1,5 @@
-"""Element-wise activations (ReLU, erf-GELU, tanh), forward and backward.
+"""Element-wise activations, forward and backward: the activation table's benchmarked rows
+(ReLU, erf-GELU, tanh, Mish, HardSwish).
 
 Work model: forward reads x and writes y, ``2·n·s`` bytes; backward reads dy
 and the saved tensor and writes dx, ``3·n·s`` bytes (s = bytes per element).

@@ -3,7 +3,7 @@
 Each ``bench_*.py`` module holds ``test_<op>`` functions, one per op of the
 backend contract (``test_train_step`` for a whole training step); the hook
 below parametrises them over implementation × dtype × shape, with the shapes,
-inputs and work models of :mod:`nnfast.bench`, so the two harnesses measure
+inputs and work models of :mod:`nnfast.bench` (from the op table), so the two harnesses measure
 the same thing. Implementations are the nnfast backends (``numpy``,
 ``numba``, ``cupy``) and PyTorch (``torch`` on the CPU, ``torch-cuda``); one
 that cannot run here is skipped with the reason, so test ids stay the same on
@@ -27,10 +27,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pytest
 
 from nnfast import bench
 from nnfast.backends import BACKEND_NAMES, available_backends, backend_for
+from nnfast.op_spec import Shape
 
 HERE = Path(__file__).resolve().parent
 
@@ -96,7 +98,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 # ---------------------------------------------------------------- running
-def _build(impl: str, spec: bench.OpSpec, variant: str, shape: bench.Shape,
+def _build(impl: str, spec: bench.OpSpec, variant: str, shape: Shape,
            dtype: str) -> tuple[Callable[[], Any], Callable[[], None]]:
     """The callable of one case and the function that waits for its device."""
     if impl.startswith("torch"):
@@ -120,7 +122,7 @@ def _build(impl: str, spec: bench.OpSpec, variant: str, shape: bench.Shape,
 def run_case(benchmark: Any) -> Callable[[str, str, str, Any], None]:
     """``run_case(op, impl, dtype, case)``: benchmark one case with pytest-benchmark."""
 
-    def run(op: str, impl: str, dtype: str, case: tuple[str, bench.Shape]) -> None:
+    def run(op: str, impl: str, dtype: str, case: tuple[str, Shape]) -> None:
         spec = bench.OPS[op]
         variant, shape = case
         fn, sync = _build(impl, spec, variant, shape, dtype)
@@ -129,7 +131,7 @@ def run_case(benchmark: Any) -> Callable[[str, str, str, Any], None]:
             sync()
         except NotImplementedError as err:
             pytest.skip(f"{impl} does not implement {op}: {err}")
-        amount = bench.work(spec, shape, bench.np.dtype(dtype).itemsize)
+        amount = bench.work(spec, shape, np.dtype(dtype).itemsize)
         benchmark.group = f"{op}{' ' + variant if variant else ''} {shape.label} {dtype}"
         benchmark.extra_info.update({"op": op, "variant": variant, "size": shape.size, "shape": shape.label,
                                      "dtype": dtype, "impl": impl, "metric": spec.metric,

@@ -31,7 +31,7 @@ act_forward(T* __restrict__ y, const T* __restrict__ x, long long n, T alpha, in
     for (long long i = done + tid; i < n; i += stride) y[i] = A::fwd(x[i], alpha);
 }
 
-// dx = dy * act'(saved); `saved` is the input or the output (base.saves_input)
+// dx = dy * act'(saved); `saved` is the input or the output (the row's derivative_from)
 template <typename T, int CODE>
 __global__ void __launch_bounds__(256)
 act_backward(T* __restrict__ dx, const T* __restrict__ dy, const T* __restrict__ saved, long long n,

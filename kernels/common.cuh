@@ -18,8 +18,8 @@
 namespace nnf {
 
 // ------------------------------------------------------------ activations
-// The integer codes of nnfast.backends.base.ACTIVATION_CODES; the test suite
-// checks that these values match the Python table.
+// The integer codes of the activation table (nnfast/activations.py: a row's
+// position); the test suite checks that these values match the table.
 enum ActCode {
     ACT_IDENTITY = 0,
     ACT_RELU = 1,
@@ -31,6 +31,8 @@ enum ActCode {
     ACT_SILU = 7,
     ACT_SOFTPLUS = 8,
     ACT_ELU = 9,
+    ACT_MISH = 10,
+    ACT_HARDSWISH = 11,
 };
 
 // ------------------------------------------------------------ constants
@@ -157,8 +159,8 @@ __device__ __forceinline__ void store_vec(T* p, const typename Vec<T>::type& v) 
 
 // ------------------------------------------------------------ activation functors
 // Act<T, CODE>::fwd(x, alpha) is the activation; Act<T, CODE>::grad(saved, alpha)
-// its derivative, from the input x for gelu / gelu_tanh / silu / softplus and
-// from the output y for every other activation (base.saves_input).
+// its derivative, from the input x or from the output y as the activation's
+// row of nnfast/activations.py says (derivative_from).
 template <typename T, int CODE>
 struct Act;
 
@@ -257,6 +259,37 @@ struct Act<T, ACT_ELU> {
     }
     // For x <= 0, alpha * e^x = y + alpha.
     static __device__ __forceinline__ T grad(T y, T alpha) { return y > T(0) ? T(1) : y + alpha; }
+};
+
+template <typename T>
+struct Act<T, ACT_MISH> {
+    // tanh(softplus(x)), softplus linear above its threshold: tanh is exactly 1
+    // there in both types, as in PyTorch's mish. NaN propagates; -inf gives NaN
+    // (-inf * 0) as PyTorch does.
+    static __device__ __forceinline__ T tanh_softplus(T x) {
+        return m_tanh(x > Constants<T>::softplus_threshold() ? x : m_log1p(m_exp(x)));
+    }
+    static __device__ __forceinline__ T fwd(T x, T) { return x * tanh_softplus(x); }
+    static __device__ __forceinline__ T grad(T x, T) {
+        const T t = tanh_softplus(x);
+        return t + x * sigmoid(x) * (T(1) - t * t);
+    }
+};
+
+template <typename T>
+struct Act<T, ACT_HARDSWISH> {
+    // x * relu6(x + 3) / 6, scaled first (no overflow near the float maximum),
+    // by a product: a division would call the IEEE slow path. NaN gives
+    // NaN * 0 = NaN.
+    static __device__ __forceinline__ T fwd(T x, T) {
+        const T r = x + T(3);
+        const T r6 = r > T(6) ? T(6) : (r > T(0) ? r : T(0));
+        return x * (r6 * T(1.0 / 6.0));
+    }
+    // PyTorch's: 0 up to -3, x / 3 + 1/2 strictly between, 1 from 3 on (NaN: 1).
+    static __device__ __forceinline__ T grad(T x, T) {
+        return x <= T(-3) ? T(0) : (x < T(3) ? x * T(1.0 / 3.0) + T(0.5) : T(1));
+    }
 };
 
 // ------------------------------------------------------------ reductions

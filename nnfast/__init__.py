@@ -14,29 +14,21 @@ from typing import Any
 
 import numpy as _np
 
+from ._command import import_registry as _import_registry
+
+_import_registry()  # raises BackendError for a bad NNFAST_BACKEND (the nnfast command reports it itself)
+
+from .activation_layers import LAYERS as _ACTIVATION_LAYERS
+from .activation_layers import ActivationLayer, activation_layer
+from .activations import ACTIVATIONS
 from .backends import available_backends, get_backend, set_backend, use_backend
-from .backends.base import ACTIVATIONS, Backend
+from .backends.base import Backend
 from .errors import BackendError
-from .layers import (
-    ELU,
-    GELU,
-    MLP,
-    Identity,
-    LeakyReLU,
-    Linear,
-    Module,
-    Parameter,
-    ReLU,
-    Sequential,
-    Sigmoid,
-    SiLU,
-    Softplus,
-    Tanh,
-    activation_layer,
-)
+from .layers import MLP, Linear, Module, Parameter, Sequential
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .serialization import load, save
+from .train_step import TrainStep
 
 __version__ = "0.1.0"
 
@@ -55,28 +47,25 @@ def to_numpy(a: Any) -> _np.ndarray:
     return _np.asarray(a)
 
 
+# The activation layers (nf.ReLU, nf.GELU, ...): one per layer of the activation table.
+globals().update(_ACTIVATION_LAYERS)
+
 __all__ = [
     "ACTIVATIONS",
+    "ActivationLayer",
     "Adam",
     "Backend",
     "BackendError",
-    "ELU",
-    "GELU",
-    "Identity",
-    "LeakyReLU",
     "Linear",
     "MLP",
     "Module",
     "Optimizer",
     "Parameter",
-    "ReLU",
     "SGD",
     "Sequential",
-    "SiLU",
-    "Sigmoid",
-    "Softplus",
     "SoftmaxCrossEntropy",
-    "Tanh",
+    "TrainStep",
+    *_ACTIVATION_LAYERS,
     "__version__",
     "activation_layer",
     "asarray",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
+from . import checks
 from .backends import get_backend
-from .backends.base import REDUCTIONS
+from .ops import OPS
+
+_CE = OPS["softmax_cross_entropy"]
 
 
 class SoftmaxCrossEntropy:
@@ -24,16 +26,10 @@ class SoftmaxCrossEntropy:
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> None:
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-                or not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing: expected a number in [0, 1], got {label_smoothing!r}")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-            raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        self.label_smoothing = float(label_smoothing)
-        self.ignore_index = int(ignore_index)
-        self.reduction = reduction
+        # Checked here, once, as the op checks them (nnfast.ops).
+        self.label_smoothing = _CE.check("label_smoothing", label_smoothing)
+        self.ignore_index = _CE.check("ignore_index", ignore_index)
+        self.reduction = _CE.check("reduction", reduction)
         self.backend = get_backend()
 
     def __repr__(self) -> str:
@@ -46,12 +42,23 @@ class SoftmaxCrossEntropy:
             logits = backend.asarray(logits, arg="logits")
         if logits.dtype.kind != "f":
             raise TypeError(f"logits: expected floating-point data, got dtype {logits.dtype}")
+        logits = checks.array(backend, logits, "logits", ndim=2)
+        labels = self.as_labels(labels, logits.shape[0])
+        return backend._softmax_cross_entropy(logits, labels, self.label_smoothing, self.ignore_index,
+                                              self.reduction)
+
+    def as_labels(self, labels: Any, rows: int) -> Any:
+        """``labels`` as the kernels take them: a contiguous int64 array of the backend, one per row.
+
+        Lists and arrays of another backend are converted; non-integer data
+        and a wrong length raise. The range of each label is checked by the
+        kernel that reads it.
+        """
+        backend = self.backend
         if not backend.is_native(labels):
             labels = backend.asarray(labels, arg="labels")
         if labels.dtype.kind == "b" or (labels.dtype.kind not in "iu" and labels.size):
             raise TypeError(f"labels: expected integer class indices, got dtype {labels.dtype}")
         if labels.dtype.kind not in "iu":  # an empty list comes in as float64
             labels = labels.astype("int64")
-        return backend.softmax_cross_entropy(
-            logits, labels, label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index, reduction=self.reduction)
+        return checks.labels(backend, labels, rows)

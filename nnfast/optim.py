@@ -8,21 +8,21 @@ The update rules are PyTorch's; see ``Backend.sgd_update`` and
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Iterable
 
 import numpy as np
 
-from .layers import Parameter, first_repeat
+from . import checks
+from .module import Parameter, first_repeat
+from .ops import OPS
+
+# Settings are checked once, when the optimizer is made, as the ops check them.
+_SGD = OPS["sgd_update"]
+_ADAM = OPS["adam_update"]
 
 
-def _check_number(value: Any, arg: str, low: float = 0.0, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
-        raise TypeError(f"{arg}: expected a finite real number, got {value!r}")
-    if value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{arg}: expected a value {bound}, got {value!r}")
-    return float(value)
+#: The op argument each optimizer state is passed as.
+_STATE_ARG = {"velocity": "velocities", "exp_avg": "exp_avgs", "exp_avg_sq": "exp_avg_sqs"}
 
 
 class Optimizer:
@@ -46,7 +46,7 @@ class Optimizer:
             raise ValueError(f"params[{repeat[1]}]: the same Parameter as params[{repeat[0]}] "
                              "(it would be updated twice per step)")
         self.params = params
-        self.lr = _check_number(lr, "lr")
+        self.lr = _SGD.check("lr", lr)
         self.step_count = 0
         backend = _backend_of(params)
         self.backend = backend
@@ -70,11 +70,18 @@ class Optimizer:
     def _update(self, active: list[int]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _gather(self, active: list[int]) -> tuple[list[Any], list[Any], list[list[Any]]]:
-        params = [self.params[i].data for i in active]
-        grads = [self.params[i].grad for i in active]
-        states = [[self.state[name][i] for i in active] for name in self.state_names]
-        return params, grads, states
+    def _gather(self, active: list[int]) -> tuple[list[list[Any]], Any]:
+        """The arrays of the active parameters: params, grads, then each state, checked for the kernels.
+
+        ``Parameter.data`` and ``grad`` may have been replaced from outside
+        since the last step, so they are checked here, at every step
+        (:func:`nnfast.checks.param_lists`); the second value writes the
+        update back into parameters that are strided views.
+        """
+        lists = {"params": [self.params[i].data for i in active], "grads": [self.params[i].grad for i in active]}
+        for name in self.state_names:
+            lists[_STATE_ARG[name]] = [self.state[name][i] for i in active]
+        return checks.param_lists(self.backend, lists, read_only=("grads",))
 
     def hyperparameters(self) -> dict[str, float]:
         """The scalar settings saved with a checkpoint."""
@@ -130,9 +137,9 @@ class SGD(Optimizer):
 
     def __init__(self, params: Iterable[Parameter], lr: float = 0.01, momentum: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0) -> None:
-        self.momentum = _check_number(momentum, "momentum")
-        self.nesterov = bool(nesterov)
-        self.weight_decay = _check_number(weight_decay, "weight_decay")
+        self.momentum = _SGD.check("momentum", momentum)
+        self.nesterov = _SGD.check("nesterov", nesterov)
+        self.weight_decay = _SGD.check("weight_decay", weight_decay)
         if self.nesterov and self.momentum == 0.0:
             raise ValueError("nesterov: Nesterov momentum needs momentum > 0")
         self.state_names = ("velocity",) if self.momentum else ()
@@ -147,10 +154,11 @@ class SGD(Optimizer):
                 "weight_decay": self.weight_decay}
 
     def _update(self, active: list[int]) -> None:
-        params, grads, states = self._gather(active)
-        velocities = states[0] if states else []
-        self.backend.sgd_update(params, grads, velocities, lr=self.lr, momentum=self.momentum,
-                                nesterov=self.nesterov, weight_decay=self.weight_decay)
+        (params, grads, *states), finish = self._gather(active)
+        velocities = states[0] if states else [None] * len(params)
+        self.backend._sgd_update(params, grads, velocities, self.lr, self.momentum, self.nesterov,
+                                 self.weight_decay)
+        finish()
 
 
 class Adam(Optimizer):
@@ -162,11 +170,11 @@ class Adam(Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = True) -> None:
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
-        self.beta1 = _check_number(betas[0], "betas[0]", 0.0, 1.0)
-        self.beta2 = _check_number(betas[1], "betas[1]", 0.0, 1.0)
-        self.eps = _check_number(eps, "eps")
-        self.weight_decay = _check_number(weight_decay, "weight_decay")
-        self.decoupled = bool(decoupled)
+        self.beta1 = _ADAM.check("beta1", betas[0], "betas[0]")
+        self.beta2 = _ADAM.check("beta2", betas[1], "betas[1]")
+        self.eps = _ADAM.check("eps", eps)
+        self.weight_decay = _ADAM.check("weight_decay", weight_decay)
+        self.decoupled = _ADAM.check("decoupled", decoupled)
         super().__init__(params, lr)
 
     def __repr__(self) -> str:
@@ -178,7 +186,7 @@ class Adam(Optimizer):
                 "weight_decay": self.weight_decay, "decoupled": float(self.decoupled)}
 
     def _update(self, active: list[int]) -> None:
-        params, grads, (exp_avgs, exp_avg_sqs) = self._gather(active)
-        self.backend.adam_update(params, grads, exp_avgs, exp_avg_sqs, step=self.step_count + 1,
-                                 lr=self.lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
-                                 weight_decay=self.weight_decay, decoupled=self.decoupled)
+        (params, grads, exp_avgs, exp_avg_sqs), finish = self._gather(active)
+        self.backend._adam_update(params, grads, exp_avgs, exp_avg_sqs, self.step_count + 1, self.lr,
+                                  self.beta1, self.beta2, self.eps, self.weight_decay, self.decoupled)
+        finish()

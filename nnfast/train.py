@@ -11,7 +11,10 @@ epoch unless ``on_nonfinite="skip"`` asks for it per step.
 Checkpoints record the model, the optimizer, and the trainer's exact
 position (epoch, batch, shuffling RNG state at the start of the epoch, the
 partial loss sum), so ``resume`` continues on the very same loss trajectory
-as an uninterrupted run.
+as an uninterrupted run: after Ctrl-C in the middle of an epoch, and also
+when a finished run is extended with a larger ``epochs`` (the learning rate
+is constant and the state saved after the last epoch is the one the next
+epoch starts from).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 import threading
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,9 +32,11 @@ import numpy as np
 
 from .backends import get_backend, use_backend
 from .data import Dataset, load_dataset
+from .distributed.hook import SingleProcess
 from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
+from .paths import check_output_path
 from .serialization import load, save
 
 #: Learning rate used when none is given, per optimizer.
@@ -61,6 +66,7 @@ class TrainConfig:
     dtype: str = "float32"
     checkpoint: str | None = None
     resume: bool = False
+    overwrite: bool = False  # a new run may replace an existing checkpoint file
     on_nonfinite: str = "stop"
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
@@ -80,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume: needs a checkpoint path to resume from")
+        if self.resume and self.overwrite:
+            raise ValueError("overwrite: cannot be combined with resume (resume continues the checkpoint, "
+                             "overwrite starts a new run over it)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,10 +117,9 @@ class EpochStats:
 class TrainResult:
     model: MLP
     history: list[EpochStats] = field(default_factory=list)
-
-    @property
-    def test_accuracy(self) -> float:
-        return self.history[-1].test_accuracy if self.history else float("nan")
+    #: Test accuracy of the returned model: the last epoch's, or the stored model's when a resumed
+    #: run had nothing left to train.
+    test_accuracy: float = float("nan")
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> tuple[MLP, Optimizer]:
@@ -137,21 +145,30 @@ def evaluate(model: MLP, x: Any, y: Any, batch_size: int = 4096) -> float:
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = print, stop: threading.Event | None = None,
-          on_step: Callable[[int, int], None] | None = None, data: Dataset | None = None) -> TrainResult:
+          on_step: Callable[[int, int], None] | None = None, data: Dataset | None = None,
+          parallel: SingleProcess | None = None) -> TrainResult:
     """Train an MLP as ``cfg`` says; returns the model and per-epoch statistics.
 
     ``stop`` (set by the CLI's Ctrl-C handler) ends training after the current
     step, saves the checkpoint and raises :class:`Interrupted`. ``on_step(epoch,
-    batch)`` is called after every completed step.
+    batch)`` is called after every completed step. ``parallel``: the hook of a
+    data-parallel run (``nnfast.distributed.init()``); ``cfg.batch_size`` is
+    then the global batch, and only rank 0 logs and writes checkpoints.
     """
     if cfg.backend is not None:
         with use_backend(cfg.backend):
-            return _train(cfg, log, stop or threading.Event(), on_step, data)
-    return _train(cfg, log, stop or threading.Event(), on_step, data)
+            return _train(cfg, log, stop or threading.Event(), on_step, data, parallel)
+    return _train(cfg, log, stop or threading.Event(), on_step, data, parallel)
 
 
 def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
-           on_step: Callable[[int, int], None] | None, data: Dataset | None) -> TrainResult:
+           on_step: Callable[[int, int], None] | None, data: Dataset | None,
+           parallel: SingleProcess | None) -> TrainResult:
+    dist = parallel if parallel is not None else SingleProcess()
+    if not dist.is_main:
+        log, cfg = (lambda line: None), replace(cfg, progress=False)
+    if cfg.checkpoint:  # before any work: a bad path must not surface after the first epoch
+        _check_checkpoint_path(cfg)
     backend = get_backend()
     xp = backend.xp
     data = data if data is not None else load_dataset(cfg.data)
@@ -166,17 +183,30 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         extra = load(cfg.checkpoint, model, opt)
         start_epoch, start_batch, epoch_rng_state, partial = _restore_position(cfg, extra)
         loss_sum = backend.asarray(partial)
-        log(f"resumed from {cfg.checkpoint}: epoch {start_epoch + 1}, batch {start_batch}")
+        if epoch_rng_state is None:  # an epoch boundary written without the RNG state: replay the shuffles
+            for _ in range(start_epoch):
+                shuffle_rng.permutation(data.x_train.shape[0])
+        if start_epoch < cfg.epochs:
+            log(f"resumed from {cfg.checkpoint}: epoch {start_epoch + 1}, batch {start_batch}")
+    dist.attach(model, opt, stop)
 
     x_train, y_train = backend.asarray(data.x_train), backend.asarray(data.y_train)
     x_test, y_test = backend.asarray(data.x_test), backend.asarray(data.y_test)
     n = data.x_train.shape[0]
     batches = math.ceil(n / cfg.batch_size)
+    result = TrainResult(model)
+    if start_epoch >= cfg.epochs:
+        done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}" + (f" and {start_batch} batches"
+                                                                         if start_batch else "")
+        log(f"nothing left to train: {cfg.checkpoint} has done {done}, and {cfg.epochs} epochs were asked for "
+            "(a larger --epochs continues it); evaluating the stored model")
+        result.test_accuracy = evaluate(model, x_test, y_test)
+        return result
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
-        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs")
+        f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
+        + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
-    result = TrainResult(model)
     for epoch in range(start_epoch, cfg.epochs):
         if epoch_rng_state is not None:
             shuffle_rng.bit_generator.state = epoch_rng_state
@@ -188,8 +218,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         with _progress(cfg, batches, first, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
             for batch in range(first, batches):
                 idx = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-                logits = model.forward(x_train[idx])
-                loss, dlogits = loss_fn(logits, y_train[idx])
+                rows = dist.shard(idx)
+                logits = model.forward(x_train[rows])
+                loss, dlogits = dist.global_loss(*loss_fn(logits, y_train[rows]))
                 if check_each_step and not math.isfinite(float(backend.to_numpy(loss))):
                     if cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
@@ -200,16 +231,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
                     skipped_samples += int(idx.shape[0])
                     opt.zero_grad()
                 else:
-                    model.backward(dlogits, need_input_grad=False)
+                    model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
+                    dist.reduce_gradients()
                     opt.step()
                     opt.zero_grad()
                     loss_sum = loss_sum + loss.astype(xp.float64) * idx.shape[0]
                 bar.update(1)
                 if on_step is not None:
                     on_step(epoch, batch)
-                if stop.is_set():
+                if dist.stop_requested():
                     path = cfg.checkpoint or default_checkpoint_path(cfg.data)
-                    _save(path, cfg, model, opt, epoch, batch + 1, epoch_rng_state, loss_sum)
+                    if dist.is_main:
+                        _save(path, cfg, model, opt, epoch, batch + 1, epoch_rng_state, loss_sum, dist.world_size)
                     raise Interrupted(epoch, batch + 1, path)
         epoch_rng_state = None
         mean_loss = float(backend.to_numpy(loss_sum)) / max(n - skipped_samples, 1)
@@ -222,13 +255,26 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         stats = EpochStats(epoch + 1, mean_loss, accuracy, seconds, (batches - first) * cfg.batch_size / seconds,
                            skipped)
         result.history.append(stats)
+        result.test_accuracy = accuracy
         log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {100 * accuracy:6.2f}%  "
             f"{seconds:6.2f} s  {stats.samples_per_second:9.0f} samples/s"
             + (f"  ({skipped} steps skipped: non-finite loss)" if skipped else ""))
         loss_sum = xp.zeros((), dtype=xp.float64)
-        if cfg.checkpoint:
-            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, None, loss_sum)
+        if cfg.checkpoint and dist.is_main:
+            # The shuffling RNG as the next epoch will find it: resuming this checkpoint with a larger
+            # `epochs` continues the run exactly as if it had been asked for that many from the start.
+            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, shuffle_rng.bit_generator.state, loss_sum,
+                  dist.world_size)
     return result
+
+
+def _check_checkpoint_path(cfg: TrainConfig) -> None:
+    """The checkpoint can be written, and a new run does not silently replace an old one."""
+    try:
+        check_output_path(cfg.checkpoint, "checkpoint", overwrite=cfg.resume or cfg.overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"checkpoint: {cfg.checkpoint!r} already exists; continue that run with --resume "
+                              "(resume=True), or start a new one over it with --overwrite (overwrite=True)") from None
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -238,13 +284,16 @@ def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _save(path: str, cfg: TrainConfig, model: MLP, opt: Optimizer, epoch: int, batch: int,
-          rng_state: dict | None, loss_sum: Any) -> None:
+          rng_state: dict | None, loss_sum: Any, world_size: int) -> None:
     save(path, model, opt, extra={
         "config": json.dumps(_resume_settings(cfg)),
         "epoch": epoch,
         "batch": batch,
         "rng_state": json.dumps(rng_state) if rng_state is not None else "",
         "loss_sum": model.backend.to_numpy(loss_sum).astype(np.float64),
+        # Informational: a run resumes on any number of ranks with the same global batch.
+        "world_size": world_size,
+        "global_batch": cfg.batch_size,
     })
 
 
@@ -287,5 +336,14 @@ class _progress:
 
 
 def default_checkpoint_path(data: str | None) -> str:
-    """Where training saves on Ctrl-C when no checkpoint path was given."""
-    return str(Path.cwd() / f"nnfast-{Path(data).stem if data else 'digits'}.npz")
+    """Where training saves on Ctrl-C when no checkpoint path was given: a new file in the working directory.
+
+    ``nnfast-<data>.npz``, or ``nnfast-<data>-2.npz``, ... when that exists (an
+    earlier run's checkpoint is never replaced).
+    """
+    stem = f"nnfast-{Path(data).stem if data else 'digits'}"
+    path, n = Path.cwd() / f"{stem}.npz", 1
+    while path.exists():
+        n += 1
+        path = Path.cwd() / f"{stem}-{n}.npz"
+    return str(path)

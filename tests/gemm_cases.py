@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from nnfast.backends import backend_for, cuda_launch
-from nnfast.backends.base import ACTIVATIONS, saves_input
+from nnfast.activations import ACTIVATIONS, saves_input
 
 REFERENCE = backend_for("numpy")
 

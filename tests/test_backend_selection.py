@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import nnfast as nf
-from nnfast.backends import BACKEND_NAMES, _unavailable_reason
+from nnfast.backends import BACKEND_NAMES, unavailable_reason
 
 AVAILABLE = nf.available_backends()
 
@@ -37,7 +37,7 @@ def test_env_value_selects_backend_or_raises(value):
     else:
         assert proc.returncode != 0
         assert "BackendError" in proc.stderr and repr(wanted) in proc.stderr
-        assert _unavailable_reason(wanted).split(" (")[0] in proc.stderr
+        assert unavailable_reason(wanted).split(" (")[0] in proc.stderr
 
 
 def test_unknown_env_value_raises_at_import_listing_choices():

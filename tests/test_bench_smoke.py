@@ -19,6 +19,7 @@ import pytest
 
 import nnfast as nf
 from nnfast import bench
+from nnfast.bench import machine as bench_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKENDS = [b for b in ("numpy", "numba") if b in nf.available_backends()]
@@ -236,7 +237,7 @@ def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch):
 
     cupy = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
-    monkeypatch.setattr(bench, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
+    monkeypatch.setattr(bench_machine, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
     monkeypatch.setitem(bench.GEMM_REF, "gpu", (256, 256, 256))
 
     class FakeGpuBackend(NumpyBackend):

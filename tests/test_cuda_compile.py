@@ -1,11 +1,14 @@
 """Every CUDA kernel compiles, without a GPU: NVRTC for each architecture, ptxas for spills.
 
 * NVRTC (``cupy_backends.cuda.libs.nvrtc``, library from the
-  ``nvidia-cuda-nvrtc-cu12`` wheel; no driver needed) compiles every template
-  instantiation listed by :func:`nnfast.backends.cuda_launch.name_expressions`
-  to PTX for ``compute_80`` and to machine code for ``sm_90`` (the cubin that
+  ``nvidia-cuda-nvrtc-cu12`` wheel; no driver or GPU needed) compiles every
+  template instantiation listed by
+  :func:`nnfast.backends.cuda_launch.name_expressions` to PTX for
+  ``compute_80`` and to machine code for ``sm_90`` (the cubin that
   tests/test_cuda_sass.py then disassembles); any error or warning fails the
-  test with the NVRTC log.
+  test with the NVRTC log. A missing CuPy or NVRTC fails these tests too (the
+  ``test`` extra installs both): nothing here needs a GPU, so nothing here may
+  skip for want of one.
 * ``nvcc -arch=sm_90 -cubin -Xptxas -v`` (skipped when nvcc is absent)
   compiles each file with every instantiation and reports registers and
   spills per kernel; a spill in a float32 instantiation of a hot kernel fails.
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from nnfast.backends import base, cuda_launch
+from nnfast import activations
+from nnfast.backends import cuda_launch
 
 #: compute_80: PTX, the oldest architecture with cp.async; sm_90: a cubin (PTX and ptxas), shared
 #: with the SASS checks through compile_file's cache.
@@ -55,10 +59,26 @@ def _nvrtc():
 
 
 def _require_nvrtc():
+    """NVRTC needs no GPU: the test extra installs it, so its absence fails rather than skips."""
     nvrtc, reason = _nvrtc()
     if nvrtc is None:
-        pytest.skip(reason)
+        pytest.fail(f"{reason}; the test extra installs both: pip install -e '.[test]' "
+                    "(CuPy >= 14 finds the pip-installed NVRTC)")
     return nvrtc
+
+
+def test_missing_nvrtc_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_nvrtc", lambda: (None, "no NVRTC library here"))
+    with pytest.raises(pytest.fail.Exception, match="no NVRTC library here"):
+        _require_nvrtc()
+
+
+def test_test_extra_installs_a_cupy_that_finds_pip_nvrtc():
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    test_extra = re.search(r"^test = \[(.*?)^\]", text, flags=re.S | re.M).group(1)
+    major = re.search(r'"cupy-cuda12x>=(\d+)', test_extra)
+    assert major and int(major.group(1)) >= 14, test_extra
+    assert '"nvidia-cuda-nvrtc-cu12' in test_extra
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,7 +138,7 @@ def test_every_kernel_file_is_listed():
 def test_activation_codes_match_the_contract():
     text = (cuda_launch.kernel_dir() / "common.cuh").read_text()
     found = {m.group(1).lower(): int(m.group(2)) for m in re.finditer(r"ACT_([A-Z_]+) = (\d+)", text)}
-    assert found == base.ACTIVATION_CODES
+    assert found == activations.CODES
 
 
 def test_reduction_codes_match_the_kernel():
@@ -157,12 +177,12 @@ def test_launch_configurations_are_valid(dtype):
     for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000),
                   (5_000_000, 7, 3)]:
         M, N, K = shape
-        for act in base.ACTIVATIONS:
+        for act in activations.ACTIVATIONS:
             for aligned in (False, True):
                 check(cuda_launch.gemm_launch(M, N, K, dtype, activation=act, aligned=aligned))
         check(cuda_launch.gemm_launch(M, N, K, dtype, trans_a=True, aligned=True))
         check(cuda_launch.gemm_launch(M, N, K, dtype, trans_b=True, aligned=True))
-        for act in base.ACTIVATIONS:
+        for act in activations.ACTIVATIONS:
             plan = cuda_launch.bias_act_backward_launch(M, N, dtype, act, has_bias=True)
             check(plan.main)
             assert plan.rows_per_split * plan.splits >= M > plan.rows_per_split * (plan.splits - 1)
@@ -173,7 +193,7 @@ def test_launch_configurations_are_valid(dtype):
     for cols in (1, 10, 1000, 1025, 5000, 32000, 50000):
         for log in (False, True):
             check(cuda_launch.softmax_launch(3, cols, dtype, log=log))
-        for reduction in base.REDUCTIONS:
+        for reduction in cuda_launch.REDUCTION_CODES:
             plan = cuda_launch.cross_entropy_launches(3, cols, dtype, reduction)
             for launch in (plan.prepare, plan.rows, plan.reduce):
                 if launch is not None:

@@ -23,7 +23,7 @@ import pytest
 
 import cuda_emulation as emu
 from emulation_support import REFERENCE, assert_caught, assert_close, mutant, run_property_test
-from nnfast.backends.base import ACTIVATIONS, saves_input
+from nnfast.activations import ACTIVATIONS, saves_input
 
 pytestmark = pytest.mark.skipif(emu.unavailable_reason() is not None,
                                 reason=f"CPU emulation of CUDA unavailable: {emu.unavailable_reason()}")

@@ -23,7 +23,7 @@ import cuda_emulation as emu
 import gemm_cases
 from gemm_cases import check, check_linear, linear_outputs, random_case
 from nnfast.backends import cuda_launch
-from nnfast.backends.base import ACTIVATIONS
+from nnfast.activations import ACTIVATIONS
 
 pytestmark = pytest.mark.skipif(emu.unavailable_reason() is not None,
                                 reason=f"CPU emulation of CUDA unavailable: {emu.unavailable_reason()}")

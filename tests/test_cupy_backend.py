@@ -1,4 +1,4 @@
-"""The CuPy backend: every op against the NumPy reference on a GPU; clean failure without one.
+"""The CuPy backend: the op table against the NumPy reference on a GPU; clean failure without one.
 
 Tests marked ``gpu`` need a CUDA device and skip with the reason otherwise. The
 others always run: they check that nnfast imports and reports clearly where
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from nnfast.backends import backend_for, cuda_launch
-from nnfast.backends.base import ACTIVATIONS, saves_input
 from nnfast.backends.cupy_backend import cupy_unavailable_reason
+
+from op_table import OPS, assert_matches_reference
 
 REPO = Path(__file__).resolve().parents[1]
 REASON = cupy_unavailable_reason()
@@ -146,28 +147,31 @@ def ref():
     return backend_for("numpy")
 
 
-def _inputs(rng, shape, dtype, activation=None):
-    x = (rng.standard_normal(shape) * 2).astype(dtype)
-    if activation in ("relu", "leaky_relu", "elu"):  # keep samples off the kink at 0
-        x[np.abs(x) < 1e-3] = 0.5
-    return x
+# Sizes that matter to the CUDA kernels: partial tiles, vector and scalar tails, rows longer than a
+# block (every row-thread count), several optimizer chunks.
+KERNEL_SHAPES = {
+    "linear_forward": [(1, 1, 1), (1, 7, 3), (5, 3, 11), (13, 17, 7), (4, 67, 5), (33, 9, 65), (64, 784, 256),
+                       (130, 20, 140), (257, 129, 10), (300, 513, 257)],
+    "activation_forward": [(1,), (7,), (3, 5), (2, 3, 4), (1023,), (5, 4097)],
+    "softmax": [(1, 1), (3, 7), (5, 1030), (2, 5000), (2, 17000), (3, 50000)],
+    "log_softmax": [(1, 1), (3, 7), (5, 1030), (2, 5000), (2, 17000), (3, 50000)],
+    "softmax_cross_entropy": [(1, 1), (1, 5), (7, 1), (6, 10), (17, 33), (3, 1029), (5, 4100), (4, 32000),
+                              (3, 50000)],
+    "sgd_update": [(3, 5), (5,), (1, 1), (17, 4), (4097,), (3, 4096)],
+    "adam_update": [(3, 5), (5,), (1, 1), (17, 4), (4097,), (3, 4096)],
+}
 
 
 @gpu
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_activations_match_reference(gb, ref, activation, dtype):
-    rng = np.random.default_rng(1)
-    for shape in [(1,), (7,), (3, 5), (2, 3, 4), (1023,), (5, 4097)]:
-        x = _inputs(rng, shape, dtype, activation)
-        x.flat[0] = 25.0  # above the softplus threshold
-        y = gb.to_numpy(gb.activation_forward(gb.asarray(x), activation))
-        _close(y, ref.activation_forward(x, activation), dtype, what=f"{activation} forward {shape}")
-        saved = x if saves_input(activation) else ref.activation_forward(x, activation)
-        dy = rng.standard_normal(shape).astype(dtype)
-        dx = gb.to_numpy(gb.activation_backward(gb.asarray(dy), gb.asarray(saved), activation))
-        _close(dx, ref.activation_backward(dy, saved, activation), dtype, what=f"{activation} backward {shape}")
+@pytest.mark.parametrize("op", OPS, ids=lambda op: op.name)
+def test_op_table_on_the_gpu(gb, ref, op, dtype):
+    """Every entry of the tests' op driver, at the kernels' sizes and at the driver's own."""
+    rng = np.random.default_rng(sum(map(ord, op.name)))
+    for shapes in (KERNEL_SHAPES[op.ops[0]], None):
+        for sample in op.samples(rng, np.dtype(dtype), shapes=shapes):
+            assert_matches_reference(op, gb, ref, sample, dtype, "cupy")
 
 
 @gpu
@@ -178,40 +182,6 @@ def test_activation_on_a_misaligned_view(gb, ref, dtype):
     dev = gb.asarray(x)[1:]  # 4 or 8 bytes past a 16-byte boundary
     got = gb.to_numpy(gb.activation_forward(dev, "gelu"))
     _close(got, ref.activation_forward(x[1:], "gelu"), dtype)
-
-
-LINEAR_SHAPES = [(1, 1, 1), (1, 7, 3), (5, 3, 11), (13, 17, 7), (4, 67, 5), (33, 9, 65), (64, 784, 256),
-                 (130, 20, 140), (257, 129, 10), (300, 513, 257)]
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_linear_matches_reference(gb, ref, activation, dtype):
-    rng = np.random.default_rng(3)
-    for batch, fin, fout in LINEAR_SHAPES:
-        x = _inputs(rng, (batch, fin), dtype)
-        W = (rng.standard_normal((fin, fout)) / np.sqrt(fin)).astype(dtype)
-        for bias in (True, False):
-            b = rng.standard_normal(fout).astype(dtype) if bias else None
-            args = [gb.asarray(x), gb.asarray(W), gb.asarray(b) if bias else None]
-            y, saved = gb.linear_forward(*args, activation)
-            y_ref, saved_ref = ref.linear_forward(x, W, b, activation)
-            n = max(batch, fin, fout)
-            what = f"{activation} {(batch, fin, fout)} bias={bias}"
-            _close(gb.to_numpy(y), y_ref, dtype, n, what + " y")
-            _close(gb.to_numpy(saved), saved_ref, dtype, n, what + " saved")
-            dy = rng.standard_normal((batch, fout)).astype(dtype)
-            for need_dx in (True, False):
-                got = gb.linear_backward(gb.asarray(dy), args[0], args[1], saved, activation,
-                                         has_bias=bias, need_dx=need_dx)
-                exp = ref.linear_backward(dy, x, W, saved_ref, activation, has_bias=bias, need_dx=need_dx)
-                for name, g, e in zip(("dx", "dW", "db"), got, exp):
-                    if e is None:
-                        assert g is None, f"{what} {name}: expected None"
-                    else:
-                        _close(gb.to_numpy(g), e, dtype, n, f"{what} {name}")
 
 
 @gpu
@@ -231,40 +201,11 @@ def test_linear_large_tiles_match_cublas(gb):
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
-def test_softmax_matches_reference(gb, ref, log, dtype):
-    rng = np.random.default_rng(5)
-    for shape in [(1, 1), (3, 7), (5, 1030), (2, 5000), (2, 17000), (3, 50000)]:
-        x = (rng.standard_normal(shape) * 4).astype(dtype)
-        op, op_ref = (gb.log_softmax, ref.log_softmax) if log else (gb.softmax, ref.softmax)
-        _close(gb.to_numpy(op(gb.asarray(x))), op_ref(x), dtype, shape[1], f"{shape}")
-    x = (rng.standard_normal((4, 33)) * 4).astype(dtype)
+def test_softmax_on_a_misaligned_view(gb, ref, log, dtype):
+    x = (np.random.default_rng(5).standard_normal((4, 33)) * 4).astype(dtype)
     misaligned = gb.asarray(np.concatenate([[0], x.ravel()]).astype(dtype))[1:].reshape(4, 33)
     _close(gb.to_numpy((gb.log_softmax if log else gb.softmax)(misaligned)),
            (ref.log_softmax if log else ref.softmax)(x), dtype, 33, "misaligned")
-
-
-CE_SHAPES = [(1, 1), (1, 5), (7, 1), (6, 10), (17, 33), (3, 1029), (5, 4100), (4, 32000), (3, 50000)]
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
-def test_cross_entropy_matches_reference(gb, ref, reduction, smoothing, dtype):
-    rng = np.random.default_rng(6)
-    for batch, classes in CE_SHAPES:
-        logits = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
-        labels = rng.integers(0, classes, size=batch)
-        if batch > 2:
-            labels[1] = -100
-        loss, grad = gb.softmax_cross_entropy(gb.asarray(logits), gb.asarray(labels),
-                                              label_smoothing=smoothing, reduction=reduction)
-        loss_ref, grad_ref = ref.softmax_cross_entropy(logits, labels, label_smoothing=smoothing,
-                                                       reduction=reduction)
-        what = f"{(batch, classes)} {reduction} s={smoothing}"
-        _close(gb.to_numpy(loss), loss_ref, dtype, classes, what + " loss")
-        _close(gb.to_numpy(grad), grad_ref, dtype, classes, what + " grad")
 
 
 @gpu
@@ -338,52 +279,6 @@ def test_huge_label_never_reads_out_of_bounds(gb):
     with pytest.raises(ValueError, match=r"got 1099511627776 at row 0"):
         gb.to_numpy(loss)
     assert np.all(gb.to_numpy(grad)[0] == 0)
-
-
-def _param_lists(rng, dtype, shapes):
-    def make(scale=1.0):
-        return [(rng.standard_normal(s) * scale).astype(dtype) for s in shapes]
-    return make
-
-
-OPTIM_SHAPES = [(3, 5), (5,), (1, 1), (17, 4), (4097,), (3, 4096)]
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("settings", [dict(lr=0.1), dict(lr=0.05, momentum=0.9),
-                                      dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-                                      dict(lr=0.2, momentum=0.5, weight_decay=0.1)], ids=str)
-def test_sgd_matches_reference(gb, ref, settings, dtype):
-    make = _param_lists(np.random.default_rng(9), dtype, OPTIM_SHAPES)
-    p, g, v = make(), make(), make(0.1)
-    if not settings.get("momentum"):
-        v = []
-    dev = [[gb.asarray(a) for a in lst] for lst in (p, g, v)]
-    for _ in range(3):
-        gb.sgd_update(*dev, **settings)
-        ref.sgd_update(p, g, v, **settings)
-    for got, exp in zip(dev[0] + dev[2], p + v):
-        _close(gb.to_numpy(got), exp, dtype)
-
-
-@gpu
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("settings", [dict(lr=1e-3), dict(lr=1e-2, weight_decay=0.1, decoupled=True),
-                                      dict(lr=1e-2, weight_decay=0.1, decoupled=False, beta1=0.5, beta2=0.9,
-                                           eps=1e-6)], ids=str)
-def test_adam_matches_reference(gb, ref, settings, dtype):
-    make = _param_lists(np.random.default_rng(10), dtype, OPTIM_SHAPES)
-    p, g, m = make(), make(), make(0.1)
-    v = [np.abs(a) * dtype(0.01) for a in make()]
-    dev = [[gb.asarray(a) for a in lst] for lst in (p, g, m, v)]
-    for step in (1, 2, 3):
-        gb.adam_update(*dev, step=step, **settings)
-        ref.adam_update(p, g, m, v, step=step, **settings)
-    for got, exp in zip(dev[0] + dev[2] + dev[3], p + m + v):
-        _close(gb.to_numpy(got), exp, dtype)
 
 
 @gpu

@@ -16,7 +16,7 @@ import pytest
 import gemm_cases
 from gemm_cases import check_linear
 from nnfast.backends import backend_for, cuda_launch
-from nnfast.backends.base import ACTIVATIONS
+from nnfast.activations import ACTIVATIONS
 from nnfast.backends.cupy_backend import cupy_unavailable_reason
 
 REASON = cupy_unavailable_reason()

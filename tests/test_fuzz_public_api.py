@@ -28,21 +28,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nnfast as nf
-from nnfast.backends.base import physical_memory
+from nnfast.checks import physical_memory
 from nnfast.cli import main
 from nnfast.data import load_path, read_idx
 
 from fuzz_helpers import (BAD_DTYPES, FakeCupyArray, array_of, expect_error, module_state, optimizer_state,
                           views_of, wrong_arrays)
-from op_table import AVAILABLE
+from op_table import AVAILABLE, activation_layer_factories
 
 RAM = physical_memory() or 2**40
 # The ``backend`` fixture only makes a backend current for the whole test, which is what every
 # example wants; this changes no example count of the active profile.
 backend_fixture_ok = settings(suppress_health_check=[*settings.default.suppress_health_check,
                                                      HealthCheck.function_scoped_fixture])
-ACTIVATION_LAYERS = [nf.Identity, nf.ReLU, lambda: nf.LeakyReLU(0.1), nf.Sigmoid, nf.Tanh, nf.GELU,
-                     lambda: nf.GELU("tanh"), nf.SiLU, nf.Softplus, lambda: nf.ELU(0.7)]
+ACTIVATION_LAYERS = activation_layer_factories()  # one per row of the activation table
 
 
 def _trained(model, batch=4, seed=0):
@@ -667,7 +666,7 @@ def test_cli_reports_bad_values_without_traceback(tmp_path, capsys):
         (["train", "--resume", "--checkpoint", str(tmp_path / "none.npz")], "path"),
         (["train", "--resume", "--checkpoint", str(tmp_path / "garbage.npz")], "path"),
         (["train", "--resume", "--checkpoint", str(tmp_path / "lone.npy")], "path"),
-        (["train", "--checkpoint", str(tmp_path)], "path"),
+        (["train", "--checkpoint", str(tmp_path)], "checkpoint"),
     ]
     for argv, name in cases:
         code = main(small + argv[1:])  # the later flag wins

@@ -7,14 +7,18 @@ draws shapes, dtypes, activations, ``alpha``, label smoothing, reductions,
 (C, Fortran, negative strides, strided views) and extreme values (logits
 +-1e4, +-3e38 in float32, +-1e300 in float64, denormals, signed zeros), and
 
-* compares every fast backend with the NumPy reference (``FAST_BACKENDS``);
+* compares every fast backend with the NumPy reference (``FAST_BACKENDS``),
+  for every entry of the op driver (``tests/op_table.py``, derived from the
+  library's op and activation tables: ``test_matches_reference``);
 * checks properties that hold on every backend (``AVAILABLE``): finite input
   gives finite output, softmax rows sum to 1, an all-ignored batch gives
   loss 0 and gradient 0;
-* checks the reference's backward against float64 central finite differences.
+* checks the reference's backward against float64 central finite differences,
+  within the bound derived in ``tests/finite_differences.py``.
 
 Example counts come from the hypothesis profile (``tests/conftest.py``):
-``ci`` (the default) or ``HYPOTHESIS_PROFILE=thorough`` (>= 1000 per test).
+``ci`` (the default, derandomised), ``explore`` (as many, at random) or
+``HYPOTHESIS_PROFILE=thorough`` (>= 1000 per test, at random).
 Each test below covers one op (and backend), so those counts are per op.
 """
 
@@ -28,9 +32,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nnfast.backends import backend_for
-from nnfast.backends.base import ACTIVATIONS, DEFAULT_ALPHA, saves_input
+from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input
 
-from op_table import AVAILABLE, FAST_BACKENDS, OPS_BY_NAME, Sample
+from finite_differences import check_element, value_bounds
+from op_table import AVAILABLE, FAST_BACKENDS, OPS, OPS_BY_NAME, Sample
 
 REF = backend_for("numpy")
 DTYPES = [np.dtype(np.float32), np.dtype(np.float64)]
@@ -49,14 +54,19 @@ HUGE = {
 # Logits per regime: scale of the Gaussian part.
 LOGIT_SCALES = [1e-3, 1.0, 5.0, 50.0, 1e4]
 
-fast_backends = pytest.mark.parametrize("name", FAST_BACKENDS or [pytest.param(
-    "none", marks=pytest.mark.skip(reason="no fast backend can run here"))])
 every_backend = pytest.mark.parametrize("name", AVAILABLE)
 
 # Defects these tests find in a backend, while they are being fixed: (backend, op, regime) -> reason.
 # Each is an expected failure (not strict: the test passes by itself once the kernel is fixed, and
-# the entry goes). Empty: every defect found so far is fixed.
-KNOWN_ISSUES: dict[tuple[str, str, str], str] = {}
+# the entry goes).
+KNOWN_ISSUES: dict[tuple[str, str, str], str] = {
+    ("cupy", "softmax_cross_entropy", "full smoothing"):
+        "ce_rows weighs the nll term by 1 - s = 0 instead of leaving it out: 0 * inf is NaN when the "
+        "logit spread overflows (seen on the CPU emulation of kernels/cross_entropy.cu)",
+    ("numba", "softmax_cross_entropy", "full smoothing"):
+        "float64: the fused kernel weighs the nll term by 1 - s = 0 instead of leaving it out: 0 * inf is NaN "
+        "when the logit spread overflows float64 (float32 is computed in float64 and stays inf)",
+}
 
 
 def backend_activation_params(names, issue):
@@ -110,7 +120,7 @@ def layouts(draw, a):
 
 
 def _alpha(draw, activation):
-    if activation in DEFAULT_ALPHA:
+    if BY_NAME[activation].parameter is not None:
         return draw(st.one_of(st.none(), st.sampled_from([0.0, 0.01, 0.3, 1.0, 2.5])))
     return None
 
@@ -145,37 +155,28 @@ def assert_close(got, expected, dtype, rtol=None, atol=None, what=""):
                              f"(index, got, reference) {pairs}")
 
 
-def _finite_difference(f, arrays, name, index, h=1e-6):
-    """Central difference of the scalar ``f(arrays)`` with respect to ``arrays[name][index]``."""
-    values = []
-    for sign in (1.0, -1.0):
-        moved = dict(arrays)
-        moved[name] = arrays[name].copy()
-        moved[name][index] += sign * h
-        values.append(f(moved))
-    return (values[0] - values[1]) / (2 * h)
+# Step of the finite differences: small enough that a perturbed weight (times inputs up to ~100)
+# moves a pre-activation by far less than the kink margin below; the bound in
+# tests/finite_differences.py accounts for the rounding noise a small step brings.
+FD_STEP = 1e-6
 
 
-def _check_gradients(f, arrays, grads, data, count=6, tol=1e-6):
-    """Compare analytic ``grads`` with finite differences of ``f`` at hypothesis-chosen elements."""
+def _check_gradients(f, arrays, grads, bounds, data, count=6):
+    """Compare analytic ``grads`` with finite differences of ``f`` at hypothesis-chosen elements.
+
+    ``bounds`` is :func:`finite_differences.value_bounds` of the op: the tolerance is derived
+    there from the step, the value scale and a bound on the third derivative.
+    """
     for name, analytic in grads.items():
-        # Floor: central differences of an O(1) value with h = 1e-6 carry ~1e-9 of rounding noise.
-        scale = max(float(np.abs(analytic).max()), 1e-2)
         for _ in range(min(count, analytic.size)):
             k = data.draw(st.integers(0, analytic.size - 1), label=f"{name} element")
             index = np.unravel_index(k, analytic.shape)
-            numeric = _finite_difference(f, arrays, name, index)
-            assert abs(numeric - analytic[index]) <= tol * scale, (
-                f"d/d{name}{index}: analytic {analytic[index]!r}, numeric {numeric!r}")
+            check_element(f, arrays, name, index, float(analytic[index]), bounds, FD_STEP)
 
 
 def _kinks(activation):
     """Points where the activation's derivative (or, for softplus, its value) jumps."""
-    if activation in ("relu", "leaky_relu", "elu"):
-        return (0.0,)
-    if activation == "softplus":
-        return (20.0,)
-    return ()
+    return BY_NAME[activation].kinks
 
 
 def _away_from_kinks(x, activation, margin=1e-3):
@@ -203,7 +204,8 @@ def _activation_run(backend, x, dy, activation, alpha):
     return _host(backend, y), _host(backend, dx)
 
 
-def _compare_activation(name, activation, data, huge):
+def _compare_activation(name, entry, data, huge):
+    activation = entry.activation
     dtype, x, dy, alpha = data.draw(activation_cases(activation, huge=huge))
     x_view, dy_view = data.draw(layouts(x)), data.draw(layouts(dy))
     backend = backend_for(name)
@@ -212,19 +214,6 @@ def _compare_activation(name, activation, data, huge):
         gy, gdx = _activation_run(backend, x_view, dy_view, activation, alpha)
     assert_close(gy, ey, dtype, what=f"{name} {activation} forward")
     assert_close(gdx, edx, dtype, what=f"{name} {activation} backward")
-
-
-@pytest.mark.parametrize("name,activation", backend_activation_params(FAST_BACKENDS, None))
-@given(data=st.data())
-def test_activation_matches_reference(name, activation, data):
-    _compare_activation(name, activation, data, huge=False)
-
-
-@pytest.mark.parametrize("name,activation", backend_activation_params(FAST_BACKENDS, "overflow"))
-@given(data=st.data())
-def test_activation_with_huge_inputs_matches_reference(name, activation, data):
-    """Inputs up to the float maximum: x * x and x**3 overflow inside the formulas."""
-    _compare_activation(name, activation, data, huge=True)
 
 
 @pytest.mark.parametrize("name,activation", backend_activation_params(AVAILABLE, "overflow"))
@@ -268,7 +257,8 @@ def test_activation_reference_matches_finite_differences(activation, data):
     options = {"activation": activation, "alpha": alpha}
     _, grads = op.value_and_grad(REF, Sample({"x": x, "dy": dy}, options, ("x",)))
     value = lambda arrays: op.value_and_grad(REF, Sample(arrays, options, ("x",)))[0]  # noqa: E731
-    _check_gradients(value, {"x": x, "dy": dy}, grads, data)
+    arrays = {"x": x, "dy": dy}
+    _check_gradients(value, arrays, grads, value_bounds("activation", arrays, options), data)
 
 
 # ================================================================= fused linear
@@ -297,10 +287,8 @@ def _linear_run(backend, x, W, b, dy, activation, alpha, need_dx):
     return [_host(backend, t) for t in (y, saved, dx, dW, db)]
 
 
-@fast_backends
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@given(data=st.data())
-def test_linear_matches_reference(name, activation, data):
+def _compare_linear(name, entry, data, huge):
+    activation = entry.activation
     dtype, x, W, b, dy, alpha, need_dx = data.draw(linear_cases(activation))
     views = [data.draw(layouts(a)) for a in (x, W)]
     b_view = None if b is None else data.draw(layouts(b))
@@ -332,7 +320,8 @@ def test_linear_reference_matches_finite_differences(activation, data):
 
     _, saved, dx, dW, db = _linear_run(REF, x, W, b, dy, activation, alpha, True)
     grads = {"x": dx, "W": dW} | ({} if b is None else {"b": db})
-    _check_gradients(value, arrays, grads, data, count=4)
+    bounds = value_bounds("linear", arrays, {"activation": activation, "alpha": alpha})
+    _check_gradients(value, arrays, grads, bounds, data, count=4)
 
 
 # ================================================================= softmax / log-softmax
@@ -348,26 +337,8 @@ def logit_cases(draw, dtype=None, extremes=True, max_classes=40, huge=False):
     return dtype, logits
 
 
-def _softmax_params(huge):
-    params = [pytest.param(name, op, id=f"{op}-{name}", marks=[pytest.mark.xfail(
-        reason=KNOWN_ISSUES[(name, op, "huge")], strict=False)] if huge and (name, op, "huge") in KNOWN_ISSUES else [])
-        for name in FAST_BACKENDS for op in ("softmax", "log_softmax")]
-    return params or [pytest.param("none", "softmax", marks=pytest.mark.skip(reason="no fast backend can run here"))]
-
-
-@pytest.mark.parametrize("name,op", _softmax_params(huge=False))
-@given(data=st.data())
-def test_softmax_matches_reference(name, op, data):
-    _compare_softmax(name, op, data, huge=False)
-
-
-@pytest.mark.parametrize("name,op", _softmax_params(huge=True))
-@given(data=st.data())
-def test_softmax_with_huge_logits_matches_reference(name, op, data):
-    _compare_softmax(name, op, data, huge=True)
-
-
-def _compare_softmax(name, op, data, huge):
+def _compare_softmax(name, entry, data, huge):
+    op = entry.name
     dtype, x = data.draw(logit_cases(huge=huge))
     backend = backend_for(name)
     expected = _host(REF, getattr(REF, op)(x))
@@ -433,20 +404,7 @@ def _ce_backends(names, issue):
     return params or [pytest.param("none", marks=pytest.mark.skip(reason="no fast backend can run here"))]
 
 
-@pytest.mark.parametrize("name", _ce_backends(FAST_BACKENDS, None))
-@given(data=st.data())
-def test_cross_entropy_matches_reference(name, data):
-    _compare_cross_entropy(name, data, huge=False)
-
-
-@pytest.mark.parametrize("name", _ce_backends(FAST_BACKENDS, CE_OVERFLOW_ISSUE))
-@given(data=st.data())
-def test_cross_entropy_with_huge_logits_matches_reference(name, data):
-    """Logits up to the float maximum: logit sums and spreads overflow inside the kernel."""
-    _compare_cross_entropy(name, data, huge=True)
-
-
-def _compare_cross_entropy(name, data, huge):
+def _compare_cross_entropy(name, entry, data, huge):
     dtype, logits, labels, options = data.draw(ce_cases(huge=huge))
     backend = backend_for(name)
     with np.errstate(all="ignore"):
@@ -521,6 +479,21 @@ def test_cross_entropy_edge_rows_are_never_nan(name, reduction):
             assert np.isfinite(loss).all(), what
 
 
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(reason=KNOWN_ISSUES[key], strict=False)]
+                                              if (key := (n, "softmax_cross_entropy", "full smoothing")) in KNOWN_ISSUES
+                                              else []) for n in AVAILABLE])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_full_smoothing_of_an_overflowing_row_is_inf_not_nan(name, reduction):
+    """Label smoothing 1 gives the nll term weight 0: leaving it out (not 0 * inf) keeps the loss inf, not NaN."""
+    backend = backend_for(name)
+    for dtype, big in ((np.float32, 3e38), (np.float64, 1.7e308)):
+        with np.errstate(all="ignore"):
+            loss, grad = _ce_run(backend, np.array([[big, -big], [0.5, -0.5]], dtype=dtype), np.array([1, 0]),
+                                 {"label_smoothing": 1.0, "reduction": reduction})
+        assert not np.isnan(loss).any() and np.isinf(loss.reshape(-1)[0]), (dtype, loss)
+        assert np.isfinite(grad).all(), (dtype, grad)
+
+
 @given(data=st.data())
 def test_cross_entropy_reference_matches_finite_differences(data):
     _, logits, labels, options = data.draw(ce_cases(np.dtype(np.float64), extremes=False))
@@ -530,7 +503,36 @@ def test_cross_entropy_reference_matches_finite_differences(data):
     op = OPS_BY_NAME["softmax_cross_entropy"]
     _, grads = op.value_and_grad(REF, Sample(arrays, options, ("logits",)))
     value = lambda a: op.value_and_grad(REF, Sample(a, options, ("logits",)))[0]  # noqa: E731
-    _check_gradients(value, arrays, grads, data)
+    _check_gradients(value, arrays, grads, value_bounds("softmax_cross_entropy", arrays, options), data)
+
+
+@pytest.mark.parametrize("kind,arrays,options,wrong", [
+    # Label smoothing 0.01 left out of the gradient.
+    ("softmax_cross_entropy", {"logits": np.array([[0.3, -1.2, 2.0], [1e-3, 2e-3, -1e-3]]),
+                               "labels": np.array([2, 0])}, {"label_smoothing": 0.01, "reduction": "mean"},
+     lambda g, a: g + 0.01 * (1 / 3 - np.eye(3)[a["labels"]]) / 2),
+    # Logits of 1e-3 under full smoothing (gradients ~1e-4, loss log C): a gradient 1% too large.
+    ("softmax_cross_entropy", {"logits": np.array([[1e-3, -2e-3, 5e-4, 0.0]]), "labels": np.array([1]),
+                               "dloss": np.array([3.0])}, {"label_smoothing": 1.0, "reduction": "none"},
+     lambda g, a: g * 1.01),
+    # tanh's derivative taken from the input instead of the output: 1 - x^2 instead of 1 - y^2.
+    ("activation", {"x": np.array([0.2, -0.7, 1.5]), "dy": np.array([1.0, -0.5, 2.0])}, {"activation": "tanh"},
+     lambda g, a: a["dy"] * (1 - a["x"] ** 2)),
+])
+def test_finite_difference_bound_catches_a_wrong_gradient(kind, arrays, options, wrong):
+    """The finite-difference tolerance passes the right gradient and fails a plausibly wrong one."""
+    is_ce = kind == "softmax_cross_entropy"
+    op = OPS_BY_NAME[kind if is_ce else f"activation_{options['activation']}"]
+    wrt = ("logits",) if is_ce else ("x",)
+    value = lambda a: op.value_and_grad(REF, Sample(a, options, wrt))[0]  # noqa: E731
+    ((name, right),) = op.value_and_grad(REF, Sample(arrays, options, wrt))[1].items()
+    bounds = value_bounds(kind, arrays, options)
+    for index in np.ndindex(right.shape):
+        check_element(value, arrays, name, index, float(right[index]), bounds, FD_STEP)
+    bad = wrong(right, arrays)
+    with pytest.raises(AssertionError, match="analytic"):
+        for index in np.ndindex(right.shape):
+            check_element(value, arrays, name, index, float(bad[index]), bounds, FD_STEP)
 
 
 # ================================================================= optimizers
@@ -571,10 +573,8 @@ def _optimizer_run(backend, kind, n, arrays, options, steps, views=None):
     return [_host(backend, t) for t in params + ms + (vs if kind == "adam" else [])]
 
 
-@fast_backends
-@pytest.mark.parametrize("kind", ["sgd", "adam"])
-@given(data=st.data())
-def test_optimizer_update_matches_reference(name, kind, data):
+def _compare_optimizer(name, entry, data, huge):
+    kind = entry.name.split("_")[0]  # "sgd" / "adam"
     dtype, n, arrays, options, steps = data.draw(optimizer_cases(kind))
     expected = _optimizer_run(REF, kind, n, arrays, options, steps)
     got = _optimizer_run(backend_for(name), kind, n, arrays, options, steps)
@@ -629,3 +629,38 @@ def test_optimizer_reference_matches_float64_formula(kind, data):
     for i, (g, e) in enumerate(zip(got, expected)):
         assert_close(g, e.astype(dtype), dtype, rtol=1e-4 if dtype == np.float32 else 1e-10,
                      atol=1e-5 if dtype == np.float32 else 1e-12, what=f"reference {kind} output {i} {options}")
+
+
+# ================================================================= every op of the table against the reference
+#: How an entry of the op driver (tests/op_table.py) is compared with the reference on hypothesis-drawn
+#: input (shapes, dtypes, options, memory layouts, extreme values), by the library op it starts with,
+#: and the regimes it is drawn in ("huge": values up to the float maximum, where x * x, x**3, logit sums and
+#: spreads overflow inside the formulas).
+COMPARISONS = {
+    "activation_forward": (_compare_activation, ("normal", "huge")),
+    "linear_forward": (_compare_linear, ("normal",)),
+    "softmax": (_compare_softmax, ("normal", "huge")),
+    "log_softmax": (_compare_softmax, ("normal", "huge")),
+    "softmax_cross_entropy": (_compare_cross_entropy, ("normal", "huge")),
+    "sgd_update": (_compare_optimizer, ("normal",)),
+    "adam_update": (_compare_optimizer, ("normal",)),
+}
+
+
+def comparison_params(names):
+    """``(backend, entry, regime)`` for every entry of the op driver; known issues marked as expected failures."""
+    params = []
+    for name in names:
+        for entry in OPS:
+            for regime in COMPARISONS[entry.ops[0]][1]:
+                reason = KNOWN_ISSUES.get((name, entry.activation or entry.name, regime))
+                marks = [pytest.mark.xfail(reason=reason, strict=False)] if reason else []
+                params.append(pytest.param(name, entry.name, regime, marks=marks, id=f"{entry.name}-{regime}-{name}"))
+    return params or [pytest.param("none", "softmax", "normal", marks=pytest.mark.skip(reason="no fast backend can run here"))]
+
+
+@pytest.mark.parametrize("name,entry,regime", comparison_params(FAST_BACKENDS))
+@given(data=st.data())
+def test_matches_reference(name, entry, regime, data):
+    entry = OPS_BY_NAME[entry]
+    COMPARISONS[entry.ops[0]][0](name, entry, data, huge=regime == "huge")

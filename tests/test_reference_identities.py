@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nnfast.backends import backend_for
-from nnfast.backends.numpy_backend import erf
+from nnfast.backends import reference_activations
 
 REF = backend_for("numpy")
 
@@ -91,7 +91,7 @@ def test_one_class_has_zero_loss():
 
 def test_erf_matches_known_values():
     x = np.array([0.0, 0.5, 1.0, -2.0, 5.0])
-    np.testing.assert_allclose(erf(x), [0.0, 0.5204998778130465, 0.8427007929497149,
+    np.testing.assert_allclose(reference_activations.erf(np, x), [0.0, 0.5204998778130465, 0.8427007929497149,
                                         -0.9953222650189527, 0.9999999999984626], rtol=1e-15)
 
 
@@ -103,3 +103,25 @@ def test_erf_matches_known_values():
 ])
 def test_activation_values_match_pytorch_definitions(activation, x, y):
     np.testing.assert_allclose(REF.activation_forward(np.array([x]), activation), [y], rtol=1e-12)
+
+
+# Mish and HardSwish as PyTorch defines them (torch.nn.Mish, torch.nn.Hardswish), values worked out by
+# hand: mish(x) = x tanh(ln(1 + e^x)), mish'(x) = t + x sigmoid(x) (1 - t^2) with t = tanh(ln(1 + e^x))
+# (to 20 digits; e.g. mish'(0) = tanh(ln 2) = (2 - 1/2) / (2 + 1/2) = 0.6 exactly); hardswish(x) =
+# x relu6(x + 3) / 6, and PyTorch's derivative (torch 2.x) is x / 3 + 1/2 strictly between -3 and 3,
+# 0 up to -3 and 1 from 3 on (its limits from outside at the two kinks).
+MISH = [(-5.0, -0.033576237730161705396, -0.026747498019901933504),
+        (-1.0, -0.30340146137410891807, 0.059216755877394948006), (0.0, 0.0, 0.6),
+        (1.0, 0.86509838826731034612, 1.0490362200997921591), (2.5, 2.4713923045578811069, 1.0411295301313531884),
+        (30.0, 30.0, 1.0)]
+HARDSWISH = [(-4.0, 0.0, 0.0), (-3.0, 0.0, 0.0), (-1.5, -0.375, 0.0), (0.0, 0.0, 0.5), (1.0, 2 / 3, 5 / 6),
+             (2.5, 2.5 * 5.5 / 6, 2.5 / 3 + 0.5), (3.0, 3.0, 1.0), (4.0, 4.0, 1.0)]
+
+
+@pytest.mark.parametrize("name,table", [("mish", MISH), ("hardswish", HARDSWISH)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mish_and_hardswish_follow_pytorch(name, table, dtype):
+    x, y, dy = (np.array(column, dtype=dtype) for column in zip(*table))
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == np.float32 else dict(rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(REF.activation_forward(x, name), y, **tol)
+    np.testing.assert_allclose(REF.activation_backward(np.ones_like(x), x, name), dy, **tol)

@@ -24,23 +24,39 @@ import importlib.util
 import logging
 import os
 import threading
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Iterator
 
 from ..errors import BackendError
 from .base import Backend
+from .threads import apply_num_threads
 
 logger = logging.getLogger("nnfast")
 
-#: Names accepted by ``NNFAST_BACKEND``, :func:`set_backend` and :func:`use_backend`.
-BACKEND_NAMES = ("numpy", "numba", "cupy")
-_CHOICES = BACKEND_NAMES + ("auto",)
 
-# name -> (module, class). Modules are imported on first use only.
-_IMPLEMENTATIONS = {
-    "numpy": ("nnfast.backends.numpy_backend", "NumpyBackend"),
-    "numba": ("nnfast.backends.numba_backend", "NumbaBackend"),
-    "cupy": ("nnfast.backends.cupy_backend", "CupyBackend"),
+@dataclass(frozen=True)
+class BackendEntry:
+    """Where a backend lives and how to tell whether it can run here, without importing it."""
+
+    module: str  # imported on first use only
+    cls: str
+    #: ``"module:function"`` returning why the backend cannot run here, or None when it can
+    #: (called without raising); None: it always runs.
+    probe: str | None = None
+
+
+#: Every backend, from the reference to the fastest (``auto`` picks the last one that can run).
+BACKENDS: dict[str, BackendEntry] = {
+    "numpy": BackendEntry("nnfast.backends.numpy_backend", "NumpyBackend"),
+    "numba": BackendEntry("nnfast.backends.numba_backend", "NumbaBackend",
+                          "nnfast.backends.probes:numba_unavailable_reason"),
+    "cupy": BackendEntry("nnfast.backends.cupy_backend", "CupyBackend",
+                         "nnfast.backends.cupy_backend:cupy_unavailable_reason"),
 }
+
+#: Names accepted by ``NNFAST_BACKEND``, :func:`set_backend` and :func:`use_backend`.
+BACKEND_NAMES = tuple(BACKENDS)
+_CHOICES = BACKEND_NAMES + ("auto",)
 
 _instances: dict[str, Backend] = {}
 _lock = threading.Lock()
@@ -62,21 +78,15 @@ _default: Backend | None = None
 _scoped: contextvars.ContextVar[Backend | None] = contextvars.ContextVar("nnfast_backend", default=None)
 
 
-def _unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot run here, or None when it can."""
-    if name == "numpy":
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` (one of :data:`BACKEND_NAMES`) cannot run here, or None when it can."""
+    entry = BACKENDS[name]
+    if entry.probe is None:
         return None
-    if importlib.util.find_spec(_IMPLEMENTATIONS[name][0]) is None:
+    if importlib.util.find_spec(entry.module) is None:
         return f"this build of nnfast has no {name} backend"
-    if name == "numba":
-        try:
-            import numba  # noqa: F401
-        except ImportError as err:
-            return f"Numba is not installed ({err}); install it with: pip install numba"
-        return None
-    from .cupy_backend import cupy_unavailable_reason
-
-    return cupy_unavailable_reason()
+    module, function = entry.probe.split(":")
+    return getattr(importlib.import_module(module), function)()
 
 
 def _instantiate(name: str) -> Backend:
@@ -84,18 +94,18 @@ def _instantiate(name: str) -> Backend:
     with _lock:
         backend = _instances.get(name)
         if backend is None:
-            reason = _unavailable_reason(name)
+            reason = unavailable_reason(name)
             if reason is not None:
                 raise BackendError(f"backend {name!r} cannot run here: {reason}")
-            module_name, class_name = _IMPLEMENTATIONS[name]
-            backend = getattr(importlib.import_module(module_name), class_name)()
+            entry = BACKENDS[name]
+            backend = getattr(importlib.import_module(entry.module), entry.cls)()
             _instances[name] = backend
         return backend
 
 
 def _resolve_auto() -> Backend:
-    for name in ("cupy", "numba", "numpy"):
-        reason = _unavailable_reason(name)
+    for name in reversed(BACKEND_NAMES):
+        reason = unavailable_reason(name)
         if reason is None:
             logger.debug("nnfast: NNFAST_BACKEND=auto picked %r", name)
             return _instantiate(name)
@@ -115,7 +125,7 @@ def backend_for(name: str | Backend) -> Backend:
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this machine, e.g. ``["numpy", "numba"]``."""
-    return [name for name in BACKEND_NAMES if _unavailable_reason(name) is None]
+    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
 
 
 def get_backend() -> Backend:
@@ -147,30 +157,17 @@ def use_backend(name: str | Backend) -> Iterator[Backend]:
         _scoped.reset(token)
 
 
-def apply_num_threads(setter: Callable[[int], None], maximum: int) -> int:
-    """Apply ``NNFAST_NUM_THREADS`` (capped at ``maximum``) through ``setter``; return the count."""
-    raw = os.environ.get("NNFAST_NUM_THREADS", "").strip()
-    if not raw:
-        return maximum
-    try:
-        count = int(raw)
-    except ValueError:
-        raise BackendError(f"NNFAST_NUM_THREADS: expected a positive integer, got {raw!r}") from None
-    if count < 1:
-        raise BackendError(f"NNFAST_NUM_THREADS: expected a positive integer, got {raw!r}")
-    count = min(count, maximum)
-    setter(count)
-    return count
-
-
 __all__ = [
+    "BACKENDS",
     "BACKEND_NAMES",
     "Backend",
+    "BackendEntry",
     "BackendError",
     "apply_num_threads",
     "available_backends",
     "backend_for",
     "get_backend",
     "set_backend",
+    "unavailable_reason",
     "use_backend",
 ]

@@ -2,7 +2,8 @@
 
 This module decides, from shapes and dtype alone, everything a kernel launch
 needs: which template instantiation (its name expression), the grid, the
-block and the bytes of dynamic shared memory. It also holds the one list of
+block and the bytes of dynamic shared memory. It also expands the op table's
+kernel templates (``Op.cuda`` in :mod:`nnfast.ops`) into the one list of
 every instantiation of every ``kernels/*.cu`` file (:func:`name_expressions`),
 which the CuPy backend compiles, the NVRTC test compiles, and a CPU
 emulation of the kernels can instantiate. It imports neither CuPy nor any
@@ -15,19 +16,23 @@ whole of it.
 
 from __future__ import annotations
 
+import itertools
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from ..activations import CODES as ACTIVATION_CODES
+from ..op_spec import Kernel
+from ..ops import GEMM, OPS
 from . import gemm_plan
-from .base import ACTIVATION_CODES, ACTIVATIONS
 from .gemm_plan import GEMM_TILES, GemmTile
 
-#: The kernel sources, one CuPy ``RawModule`` each.
-KERNEL_FILES = ("activations.cu", "linear.cu", "softmax.cu", "cross_entropy.cu", "optim.cu")
+#: The kernel sources, one CuPy ``RawModule`` each: every file of the op table.
+KERNEL_FILES = tuple(dict.fromkeys(op.cuda.file for op in OPS.values() if op.cuda is not None))
 
 #: NVRTC options used for every file (the test adds ``-arch``).
 COMPILE_OPTIONS = ("--std=c++17",)
@@ -112,40 +117,61 @@ def _row_scratch(rt: int, c: str) -> int:
 
 # ------------------------------------------------------------------ the instantiations
 def _gemm_name(c: str, t: GemmTile, ta: bool, tb: bool, act: int, vec: bool) -> str:
-    return (f"gemm<{c}, {t.bm}, {t.bn}, {t.bk}, {t.wm}, {t.wn}, {t.stages}, {_bool(ta)}, {_bool(tb)}, {act}, "
-            f"{_bool(vec)}>")
+    return _format(GEMM, T=c, TILE=t, TA=ta, TB=tb, ACT=act, VEC=vec)
+
+
+def _format(template: str, **values: Any) -> str:
+    """A name expression: ``template`` with its placeholders filled (bools as C++ literals,
+    activations by code, tiles as their comma-separated sizes)."""
+    def text(v: Any) -> str:
+        if isinstance(v, bool):
+            return _bool(v)
+        if isinstance(v, str) and v in ACTIVATION_CODES:
+            return str(ACTIVATION_CODES[v])
+        if isinstance(v, GemmTile):
+            return f"{v.bm}, {v.bn}, {v.bk}, {v.wm}, {v.wn}, {v.stages}"
+        if isinstance(v, (tuple, list)):
+            return ", ".join(map(str, v))
+        return str(v)
+
+    return template.format(**{k: text(v) for k, v in values.items()})
+
+
+#: Every value a template placeholder ranges over, per C type, unless the op fixes it.
+AXES: dict[str, Callable[[str], Sequence[Any]]] = {
+    "TILE": lambda c: list(GEMM_TILES[c].values()),
+    "ACT": lambda c: list(ACTIVATION_CODES.values()),
+    "VEC": lambda c: (False, True),
+    "ROWS": lambda c: [rt for _, rt in ROW_THREADS],
+}
+
+
+def expand(kernel: Kernel) -> list[str]:
+    """Every name expression of one kernel template: its free placeholders over their :data:`AXES`.
+
+    ``T`` ranges over float and double; a template without ``T`` (a kernel
+    that is not a template over the float type) is one instantiation.
+    """
+    fields = [f for _, f, _, _ in string.Formatter().parse(kernel.template) if f]
+    free = [f for f in fields if f != "T" and f not in kernel.fixed]
+    unknown = [f for f in free if f not in AXES]
+    if unknown:
+        raise ValueError(f"{kernel.template}: no values for {', '.join(unknown)}; fix them in the op table")
+    names = []
+    for c in (("float", "double") if "T" in fields else (None,)):
+        for combo in itertools.product(*(AXES[f](c) for f in free)):
+            names.append(_format(kernel.template, **({"T": c} if c else {}), **kernel.fixed,
+                                 **dict(zip(free, combo))))
+    return names
 
 
 def name_expressions(file: str) -> list[str]:
-    """Every template instantiation compiled from ``kernels/<file>``."""
-    names: list[str] = []
-    codes = [ACTIVATION_CODES[a] for a in ACTIVATIONS]
-    for c in ("float", "double"):
-        if file == "activations.cu":
-            names += [f"act_forward<{c}, {k}>" for k in codes]
-            names += [f"act_backward<{c}, {k}>" for k in codes]
-        elif file == "linear.cu":
-            for tile in GEMM_TILES[c].values():
-                for vec in (False, True):
-                    names += [_gemm_name(c, tile, False, False, k, vec) for k in codes]
-                    names.append(_gemm_name(c, tile, True, False, 0, vec))
-                    names.append(_gemm_name(c, tile, False, True, 0, vec))
-            names += [f"gemm_splitk_reduce<{c}, {k}>" for k in codes]
-            names += [f"bias_act_backward<{c}, {k}>" for k in codes]
-            names.append(f"column_sum<{c}>")
-        elif file == "softmax.cu":
-            for _, rt in ROW_THREADS:
-                names += [f"softmax_rows<{c}, {rt}, false>", f"softmax_rows<{c}, {rt}, true>"]
-        elif file == "cross_entropy.cu":
-            names += [f"ce_rows<{c}, {rt}>" for _, rt in ROW_THREADS]
-            names.append(f"ce_reduce<{c}>")
-        elif file == "optim.cu":
-            names += [f"sgd_multi<{c}>", f"adam_multi<{c}>"]
-        else:
-            raise ValueError(f"file: expected one of {KERNEL_FILES}, got {file!r}")
-    if file == "cross_entropy.cu":
-        names.append("ce_prepare")
-    return names
+    """Every template instantiation compiled from ``kernels/<file>``: the kernels of the op table's rows."""
+    if file not in KERNEL_FILES:
+        raise ValueError(f"file: expected one of {KERNEL_FILES}, got {file!r}")
+    names = [name for op in OPS.values() if op.cuda is not None and op.cuda.file == file
+             for kernel in op.cuda.kernels for name in expand(kernel)]
+    return list(dict.fromkeys(names))
 
 
 def all_name_expressions() -> dict[str, list[str]]:
@@ -160,9 +186,7 @@ def kernel_dir() -> Path:
     Installed wheels ship them as ``nnfast/kernels/``; a source checkout keeps
     them in ``kernels/`` at the repository root.
     """
-    import nnfast
-
-    pkg = Path(nnfast.__file__).resolve().parent
+    pkg = Path(__file__).resolve().parents[1]  # the nnfast package
     for candidate in (pkg / "kernels", pkg.parent / "kernels"):
         if (candidate / KERNEL_FILES[0]).is_file():
             return candidate

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from . import cuda_launch
-from .base import Backend, bad_label_error, saves_input
+from ..activations import saves_input
+from .base import Backend, bad_label_error
 
 _INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
 
@@ -237,6 +238,7 @@ class CupyBackend(Backend):
             self._sm_count = cuda_launch.DEFAULT_SM_COUNT
         self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
         self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        self._memory: dict[int, int] = {}
 
     # ------------------------------------------------------------------ arrays
     def to_numpy(self, a: Any) -> np.ndarray:
@@ -247,9 +249,12 @@ class CupyBackend(Backend):
         return np.asarray(a)
 
     def memory_limit(self) -> int | None:
-        """Bytes of memory of the current device."""
+        """Bytes of memory of the current device (asked of the driver once per device)."""
         try:
-            return int(self._cupy.cuda.Device().mem_info[1])
+            device = self._cupy.cuda.Device().id
+            if device not in self._memory:
+                self._memory[device] = int(self._cupy.cuda.Device().mem_info[1])
+            return self._memory[device]
         except Exception:
             return None
 

@@ -19,8 +19,9 @@ import os
 import numba
 import numpy as np
 
-from . import apply_num_threads
-from .base import ACTIVATION_CODES, Backend, bad_label_error, saves_input
+from .threads import apply_num_threads
+from ..activations import saves_input
+from .base import Backend, bad_label_error
 from .numba_kernels import activations, linear, optim, softmax_ce
 
 
@@ -42,19 +43,19 @@ class NumbaBackend(Backend):
 
     def _linear_forward(self, x, W, b, activation, alpha):
         self._threads()
-        return linear.linear_forward(x, W, b, ACTIVATION_CODES[activation], alpha, saves_input(activation))
+        return linear.linear_forward(x, W, b, activation, alpha, saves_input(activation))
 
     def _linear_backward(self, dy, x, W, saved, activation, alpha, has_bias, need_dx):
         self._threads()
-        return linear.linear_backward(dy, x, W, saved, ACTIVATION_CODES[activation], alpha, has_bias, need_dx)
+        return linear.linear_backward(dy, x, W, saved, activation, alpha, has_bias, need_dx)
 
     def _activation_forward(self, x, activation, alpha):
         self._threads()
-        return activations.forward(x, ACTIVATION_CODES[activation], alpha)
+        return activations.forward(x, activation, alpha)
 
     def _activation_backward(self, dy, saved, activation, alpha):
         self._threads()
-        return activations.backward(dy, saved, ACTIVATION_CODES[activation], alpha)
+        return activations.backward(dy, saved, activation, alpha)
 
     def _softmax(self, x):
         self._threads()

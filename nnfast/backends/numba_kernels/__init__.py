@@ -7,7 +7,11 @@ Modules:
   epilogue; transposed operands read in place.
 * :mod:`.linear` -- linear forward / backward on top of the GEMM, with the
   ``dz`` / ``db`` pass fused.
-* :mod:`.activations` -- element-wise forward / backward of every activation.
+* :mod:`.activation_math` -- the scalar formulas of every activation of the
+  activation table (the Numba backend's one place for them).
+* :mod:`.activations` -- one compiled forward / backward loop per activation
+  and dtype, made from those formulas on first use; :mod:`._calls` calls a
+  loop through its address (the GEMM epilogue, the linear backward).
 * :mod:`.softmax_ce` -- online-softmax row kernels: fused cross-entropy,
   softmax, log-softmax.
 * :mod:`.optim` -- one-pass SGD and Adam / AdamW updates.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..base import ACTIVATIONS
+from ...activations import ACTIVATIONS
 
 
 def _drop_stale_cache() -> None:

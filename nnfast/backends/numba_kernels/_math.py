@@ -1,4 +1,4 @@
-"""Scalar math shared by the kernels: dtype-specialised exp/erf and every activation.
+"""Scalar math shared by the kernels: dtype-specialised exp, erf, tanh and the sigmoid.
 
 float64 uses the C library (``math.exp``, ``math.erf``, ...), so results
 match the NumPy reference to rounding. LLVM cannot vectorise those libm calls
@@ -35,20 +35,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ..base import ACTIVATION_CODES
 from ._simd import f32_from_bits
-
-# Activation codes (base.ACTIVATION_CODES), as compile-time constants.
-IDENTITY = ACTIVATION_CODES["identity"]
-RELU = ACTIVATION_CODES["relu"]
-LEAKY_RELU = ACTIVATION_CODES["leaky_relu"]
-SIGMOID = ACTIVATION_CODES["sigmoid"]
-TANH = ACTIVATION_CODES["tanh"]
-GELU = ACTIVATION_CODES["gelu"]
-GELU_TANH = ACTIVATION_CODES["gelu_tanh"]
-SILU = ACTIVATION_CODES["silu"]
-SOFTPLUS = ACTIVATION_CODES["softplus"]
-ELU = ACTIVATION_CODES["elu"]
 
 _f = np.float32
 _EXP_HI = _f(88.3)
@@ -181,105 +168,10 @@ def _like_impl(x, value):
     return lambda x, value: np.float64(value)
 
 
-# ------------------------------------------------------------ activations
-# One small function per activation and direction; the element-wise kernels
-# call them from a loop specialised per activation so that LLVM inlines and
-# vectorises each loop separately. Constants go through :func:`like` so that
-# float32 stays float32.
-
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = 0.044715
-_SOFTPLUS_THRESHOLD = 20.0
-
-
+# ------------------------------------------------------------ sigmoid
 @njit(cache=True, error_model="numpy", fastmath={"contract"})
 def sigmoid(x):
     one = like(x, 1.0)
     e = fexp(-abs(x))
     r = one / (one + e)
     return r if x >= 0 else e * r
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def gelu_fwd(x):
-    return like(x, 0.5) * x * (like(x, 1.0) + ferf(x * like(x, _SQRT1_2)))
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def _gelu_grad_exact(x):
-    cdf = like(x, 0.5) * (like(x, 1.0) + ferf(x * like(x, _SQRT1_2)))
-    pdf = like(x, _INV_SQRT_2PI) * fexp(like(x, -0.5) * x * x)
-    return cdf + x * pdf
-
-
-# Abramowitz & Stegun 7.1.26: erf(z) = 1 - t P(t) e^{-z^2}, t = 1 / (1 + p z),
-# |error| < 1.5e-7. With z = x / sqrt(2), e^{-z^2} is the exp the normal pdf
-# needs anyway, so the float32 GELU derivative costs one exp, not exp + erf.
-_AS_P = _f(0.3275911)
-_AS_A1, _AS_A2, _AS_A3 = _f(0.254829592), _f(-0.284496736), _f(1.421413741)
-_AS_A4, _AS_A5 = _f(-1.453152027), _f(1.061405429)
-_F_SQRT1_2 = _f(1.0 / math.sqrt(2.0))
-_F_INV_SQRT_2PI = _f(1.0 / math.sqrt(2.0 * math.pi))
-_F_MHALF = _f(-0.5)
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def _gelu_grad32(x):
-    e = _exp32(_F_MHALF * x * x)
-    t = _ONE32 / (_ONE32 + _AS_P * _F_SQRT1_2 * abs(x))
-    p = _AS_A5 * t + _AS_A4
-    p = p * t + _AS_A3
-    p = p * t + _AS_A2
-    p = p * t + _AS_A1
-    tail = _HALF32 * (t * p) * e  # Phi(-|x|) = erfc(|x| / sqrt 2) / 2
-    cdf = _ONE32 - tail if x >= _ZERO32 else tail
-    return cdf + x * (_F_INV_SQRT_2PI * e)
-
-
-def gelu_grad(x):
-    """d gelu / dx = Phi(x) + x phi(x) (one-exp A&S form for float32, libm for float64)."""
-    return _gelu_grad_exact(x)
-
-
-@overload(gelu_grad)
-def _gelu_grad_impl(x):
-    if x == types.float32:
-        return lambda x: _gelu_grad32(x)
-    return lambda x: _gelu_grad_exact(x)
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def gelu_tanh_fwd(x):
-    inner = like(x, _SQRT_2_OVER_PI) * (x + like(x, _GELU_TANH_C) * x * x * x)
-    return like(x, 0.5) * x * (like(x, 1.0) + ftanh(inner))
-
-
-@njit(cache=True, error_model="numpy", fastmath={"contract"})
-def gelu_tanh_grad(x):
-    # As the reference: beyond |x| = 10 the derivative is exactly 0 or 1;
-    # clipping keeps x * (1 - t * t) from becoming inf * 0 = NaN.
-    x = min(max(x, like(x, -10.0)), like(x, 10.0))
-    one = like(x, 1.0)
-    inner = like(x, _SQRT_2_OVER_PI) * (x + like(x, _GELU_TANH_C) * x * x * x)
-    th = ftanh(inner)
-    d_inner = like(x, _SQRT_2_OVER_PI) * (one + like(x, 3.0 * _GELU_TANH_C) * x * x)
-    return like(x, 0.5) * (one + th) + like(x, 0.5) * x * (one - th * th) * d_inner
-
-
-@njit(cache=True, error_model="numpy")
-def softplus_fwd(x):
-    thr = like(x, _SOFTPLUS_THRESHOLD)
-    return x if x > thr else math.log1p(fexp(min(x, thr)))
-
-
-@njit(cache=True, error_model="numpy")
-def softplus_grad(x):
-    return like(x, 1.0) if x > like(x, _SOFTPLUS_THRESHOLD) else sigmoid(x)
-
-
-@njit(cache=True, error_model="numpy")
-def elu_fwd(x, alpha):
-    t = like(x, 0.0)
-    return x if x > t else alpha * math.expm1(min(x, t))

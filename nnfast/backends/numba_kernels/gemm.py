@@ -28,8 +28,9 @@ Structure (the GotoBLAS / BLIS loop nest)::
   registers (``+ C`` of earlier K blocks, ``+ bias``, ``max(., 0)``) and
   stored straight into C, with the C lines prefetched (``prefetchw``) before
   the K loop. Other activations (and edge tiles) go through a scratch tile
-  and the vectorised loops of :func:`.activations.forward_range`, a tile at
-  a time while it is in L1.
+  and the activation's vectorised loop (:mod:`.activations`, called through
+  its address, so this GEMM is compiled once per dtype for every
+  activation), a tile at a time while it is in L1.
 * **Micro-kernel**: MR = 6 rows x NR = two SIMD vectors (16 float32 or 8
   float64). The 12 accumulators are explicit ``ymm`` values (see
   :mod:`._simd`); per K step it loads two B vectors, broadcasts six A values
@@ -61,9 +62,9 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from ._math import IDENTITY, RELU
-from .activations import forward_range
+from ._calls import call_forward, ptr_at
 from ._simd import addr, prefetch, vadd, vbroadcast, vfma, vlanes, vload, vrelu, vstore, vzero
+from .activations import forward_kernel
 
 #: Rows of the register tile.
 MR = 6
@@ -278,9 +279,10 @@ def _pack_b(B, trans, p0, kc, j0, nc, Bp):
 
 
 @njit(cache=True, error_model="numpy")
-def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, code, alpha, Z, save_z):
+def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, act, alpha, Z, save_z):
     """Write the valid mr x nr part of the tile: accumulate over K blocks, and on
-    the last one add the bias, keep the pre-activation if asked, apply act."""
+    the last one add the bias, keep the pre-activation if asked, apply the
+    activation whose forward loop is at address ``act`` (0: none)."""
     NR = _nr(T)
     for i in range(mr):
         crow = C[ci + i, cj:cj + nr]
@@ -297,13 +299,13 @@ def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, code, alpha, 
             for j in range(nr):
                 zrow[j] = t[j]
     src = 0
-    if last and code != IDENTITY:
+    if last and act != 0:
         # The whole tile at once (padding included, then dropped) with the
-        # vectorised loops of activations.forward_range, into the second half
-        # of the scratch (in place, LLVM's overlap check would fall back to
-        # scalar code).
+        # activation's vectorised loop, into the second half of the scratch
+        # (in place, LLVM's overlap check would fall back to scalar code).
         src = MR * NR
-        forward_range(T[:src], T[src:2 * src], 0, src, code, alpha)
+        pT = addr(T)
+        call_forward(act, pT, ptr_at(pT, src), src, alpha)
     for i in range(mr):
         crow = C[ci + i, cj:cj + nr]
         t = T[src + i * NR:src + i * NR + nr]
@@ -312,7 +314,7 @@ def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, code, alpha, 
 
 
 @njit(cache=True, error_model="numpy")
-def _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, Ap, Bp, T,
+def _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, Ap, Bp, T,
           K, mcb, ncb, kcb, nnb, mg):
     """One task: columns ``[jc, jc + ncb)`` of C for the rows ``[m0, m0 + mg)``.
 
@@ -337,7 +339,7 @@ def _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, Ap, Bp, T,
         first = kb == 0
         last = kb == nkb - 1
         # Full tiles finish in registers unless the epilogue needs the scalar path.
-        fast_epilogue = not last or (not save_z and (code == IDENTITY or code == RELU))
+        fast_epilogue = not last or (not save_z and (act == 0 or relu))
         _pack_b(B, tb, pc, kc, jc, nc, Bp)
         for ic in range(m0, m1, mcb):
             mc = min(mcb, m1 - ic)
@@ -351,28 +353,28 @@ def _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, Ap, Bp, T,
                     i = ic + ip * MR
                     if fast_epilogue and mr == MR and nr == NR:
                         _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * N + j, N,
-                               True, not first, pbias, jb, last and code == RELU)
+                               True, not first, pbias, jb, last and relu)
                     else:
                         _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, 0, N,
                                False, False, pbias, -1, False)
                         _store_tile(T, C, i, j, mr, nr, first, last,
-                                    bias, has_bias, code, alpha, Z, save_z)
+                                    bias, has_bias, act, alpha, Z, save_z)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _gemm_parallel(A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, wsA, wsB, wsT,
+def _gemm_parallel(A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, wsA, wsB, wsT,
                    K, mcb, ncb, kcb, nnb, mg, ntasks):
     for t in prange(ntasks):
         tid = numba.get_thread_id()
-        _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z,
+        _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z,
               wsA[tid], wsB[tid], wsT[tid], K, mcb, ncb, kcb, nnb, mg)
 
 
 @njit(cache=True, error_model="numpy")
-def _gemm_serial(A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z, wsA, wsB, wsT,
+def _gemm_serial(A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, wsA, wsB, wsT,
                  K, mcb, ncb, kcb, nnb, mg, ntasks):
     for t in range(ntasks):
-        _task(t, A, ta, B, tb, C, bias, has_bias, code, alpha, Z, save_z,
+        _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z,
               wsA[0], wsB[0], wsT[0], K, mcb, ncb, kcb, nnb, mg)
 
 
@@ -410,7 +412,7 @@ _DUMMY = {np.dtype(np.float32): (np.zeros(1, np.float32), np.zeros((1, 1), np.fl
 
 
 def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
-         bias: np.ndarray | None = None, code: int = IDENTITY, alpha: float = 0.0,
+         bias: np.ndarray | None = None, activation: str = "identity", alpha: float = 0.0,
          save_z: bool = False, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``act(op(a) @ op(b) + bias)``; returns ``(y, z)`` with ``z`` the
     pre-activation when ``save_z`` (else None).
@@ -444,8 +446,10 @@ def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool =
     kcb, _ = _split(K, KC, 1)
     ws = _workspace(dtype, numba.config.NUMBA_NUM_THREADS)
     kernel = _gemm_parallel if parallel else _gemm_serial
+    # ReLU is finished in registers; every other activation runs its own loop on the tile.
+    act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
     kernel(a, bool(trans_a), b, bool(trans_b), y,
-           dummy_b if bias is None else bias, bias is not None, code, float(alpha),
+           dummy_b if bias is None else bias, bias is not None, act, activation == "relu", dtype.type(alpha),
            dummy_z if z is None else z, z is not None, ws[0], ws[1], ws[2],
            K, mcb, ncb, kcb, nnb, mg, nnb * groups)
     return y, z

@@ -1,0 +1,64 @@
+"""``nnfast bench``: per-kernel timings against NumPy, PyTorch and the machine's limits.
+
+For every kernel (an op of the backend contract, or a whole training step),
+shape and dtype, each backend is timed side by side in one run: the samples
+of the NumPy reference, the fast backends, PyTorch (when it imports) and the
+machine-limit yardstick of that kernel are taken in turn, round after round,
+so that a shared, noisy machine slows them all alike and their ratios stay
+meaningful. A figure is the median of the samples taken after warm-up; a
+sample is the mean of enough calls to last ``min_time``.
+
+The cases come from the op table (:mod:`nnfast.ops`): every op row with a
+``bench`` declaration is a case family (its shapes, work model, inputs and
+PyTorch equivalent), plus a whole training step (:mod:`.cases`).
+
+Work models
+-----------
+Each kernel states the work it is credited with (its row's ``model``),
+counted on the ideal algorithm, not on what an implementation happens to do:
+
+* ``linear_forward``  ``y = act(x @ W + b)``, x (B, I), W (I, O):
+  ``2·B·I·O`` flop (the GEMM; bias and activation epilogue not counted).
+* ``linear_backward`` ``dW = xᵀ·dz``, ``dx = dz·Wᵀ``, ``db = Σ dz``:
+  ``4·B·I·O`` flop (two GEMMs).
+* ``activation_forward``  reads x, writes y: ``2·n·s`` bytes
+  (n elements, s bytes per element).
+* ``activation_backward`` reads dy and the saved tensor, writes dx: ``3·n·s`` bytes.
+* ``softmax`` / ``log_softmax`` (B, C): reads x, writes y: ``2·B·C·s`` bytes.
+* ``softmax_cross_entropy`` (B, C): reads logits and int64 labels, writes
+  dlogits: ``2·B·C·s + 8·B`` bytes (the loss itself is negligible).
+* ``sgd_update`` (momentum): reads p, g, v, writes p, v: ``5·n·s`` bytes.
+* ``adam_update``: reads p, g, m, v, writes p, m, v: ``7·n·s`` bytes.
+* ``train_step`` (MLP forward, softmax-CE, backward, SGD step):
+  ``6·B·Σ(in·out)`` flop (2 forward + 4 backward per weight and sample).
+
+Machine limits, measured in the same run
+----------------------------------------
+* CPU GEMM: NumPy's ``matmul`` (its BLAS, e.g. OpenBLAS) at the kernel's own
+  shape for the linear kernels, at 1024³ for the training step; ``2·M·N·K``
+  flop.
+* CPU memory: ``numpy.copyto`` of a 64 MiB array, credited ``2·size`` bytes
+  (read + write), the same way the kernels' byte models count.
+* GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes (4096³
+  for the training step), and a device-to-device ``cupy.copyto`` of 256 MiB.
+
+Each row's limit is sampled in the same rounds as the row's kernels; the
+report's run-level limits (GEMM 1024³, memory copy) are measured once, first.
+The fraction of the limit is the kernel's rate divided by the limit's rate.
+Memory-bound kernels on small shapes run from cache, so their fraction of
+the DRAM copy rate can exceed 1; that is a property of the shape, not an
+error.
+
+Modules: :mod:`.cases` (what is measured), :mod:`.timing` (clocks and
+sampling), :mod:`.machine` (machine info and limits), :mod:`.report` (tables),
+:mod:`.plot` (charts), :mod:`.command` (the options and the run).
+"""
+
+from __future__ import annotations
+
+from .cases import DTYPES, GEMM_REF, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, make_nnfast, make_torch, work
+from .command import SCHEMA, add_arguments, main, run
+from .report import render_markdown, render_text
+
+__all__ = ["DTYPES", "GEMM_REF", "LayerAPIMissing", "OPS", "OP_GROUPS", "OpSpec", "SCHEMA", "add_arguments", "main",
+           "make_nnfast", "make_torch", "render_markdown", "render_text", "run", "work"]

@@ -1,0 +1,165 @@
+"""The report as text: aligned tables for the terminal, Markdown for the README."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..ops import SGD_LR, SGD_MOMENTUM
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} µs"
+    if seconds < 1.0:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_rate(rate: float, metric: str) -> str:
+    unit = "GF/s" if metric == "GFLOP/s" else "GB/s"
+    if rate >= 100:
+        return f"{rate:.0f} {unit}"
+    if rate >= 10:
+        return f"{rate:.1f} {unit}"
+    return f"{rate:.2f} {unit}"
+
+
+def _fmt_percent(fraction: float) -> str:
+    percent = fraction * 100
+    return f"{percent:.0f}%" if percent >= 10 else f"{percent:.2g}%"
+
+
+def _limit_cell(device: str, limit: dict[str, Any]) -> str:
+    """Short text of a row's limit: 'GEMM 132 GF/s' or 'copy 26.2 GB/s' (GPU prefixed)."""
+    prefix = "GPU " if device == "gpu" else ""
+    if "matmul" in limit["what"]:
+        return f"{prefix}GEMM {_fmt_rate(limit['rate'], 'GFLOP/s')}"
+    return f"{prefix}copy {_fmt_rate(limit['rate'], 'GB/s')}"
+
+
+def impl_order(report: dict[str, Any]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in report["results"]:
+        for key in row["impls"]:
+            seen.setdefault(key, None)
+    nnfast_keys = [k for k in report["settings"]["backends"] if k in seen]
+    others = [k for k in seen if k not in nnfast_keys]
+    return nnfast_keys + others
+
+
+def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of one table (kernel rows or training-step rows)."""
+    order = [k for k in impl_order(report) if any(k in r["impls"] for r in rows)]
+    fast = [k for k in order if k != "numpy" and any(r["impls"].get(k, {}).get("kind") == "nnfast" for r in rows)]
+    has_torch = [k for k in order if k.startswith("torch")]
+    nnfast_keys = [k for k in order if not k.startswith("torch")]
+    header = ["MLP (SGD)" if train else "kernel", "shape" if not train else "batch", "dtype"]
+    header += [f"{k} ms/step" if train else k for k in order]
+    header += [f"{k} vs numpy" for k in fast]
+    if has_torch:
+        header += [f"{k} vs torch" for k in fast]
+    header += [f"{k} % limit" for k in nnfast_keys]
+    header.append("limit")
+    cells: list[list[str]] = []
+    for r in rows:
+        if train:
+            line = ["[" + ",".join(map(str, r["shape"]["sizes"])) + "]", str(r["shape"]["batch"]), r["dtype"]]
+        else:
+            name = r["op"] + (f" {r['variant']}" if r["variant"] else "")
+            line = [name, r["label"], r["dtype"]]
+        for k in order:
+            f = r["impls"].get(k)
+            if f is None:
+                line.append("–")
+            elif train:
+                line.append(f"{f['median_s'] * 1e3:.3g}")
+            else:
+                line.append(f"{_fmt_time(f['median_s'])} · {_fmt_rate(f['rate'], r['metric'])}")
+        for k in fast:
+            f = r["impls"].get(k, {})
+            line.append(f"{f['speedup_vs_numpy']:.2f}×" if "speedup_vs_numpy" in f else "–")
+        if has_torch:
+            for k in fast:
+                f = r["impls"].get(k, {})
+                line.append(f"{f['speedup_vs_torch']:.2f}×" if "speedup_vs_torch" in f else "–")
+        for k in nnfast_keys:
+            f = r["impls"].get(k, {})
+            line.append(_fmt_percent(f["limit_fraction"]) if "limit_fraction" in f else "–")
+        line.append("; ".join(_limit_cell(device, v) for device, v in r["limits"].items()) or "–")
+        cells.append(line)
+    return header, cells
+
+
+def _sections(report: dict[str, Any], rows: list[dict[str, Any]] | None = None,
+              ) -> list[tuple[str, bool, list[dict[str, Any]]]]:
+    rows = report["results"] if rows is None else rows
+    kernels = [r for r in rows if r["op"] != "train_step"]
+    train = [r for r in rows if r["op"] == "train_step"]
+    out = []
+    if kernels:
+        out.append(("Kernels", False, kernels))
+    if train:
+        out.append((f"Training step: MLP, ReLU, softmax-CE, SGD (lr {SGD_LR}, momentum {SGD_MOMENTUM})",
+                    True, train))
+    return out
+
+
+def machine_line(report: dict[str, Any]) -> str:
+    """One line naming the machine, threads and versions of a report."""
+    m = report["machine"]
+    threads = ", ".join(f"{k} {v}" for k, v in m.get("threads", {}).items())
+    cores = m.get("physical_cores") or m.get("logical_cpus")
+    parts = [f"{m['cpu']} ({cores} cores, {m.get('logical_cpus')} logical)"]
+    if m.get("gpu"):
+        parts.append(f"GPU {m['gpu'].get('name')}")
+    if threads:
+        parts.append(f"threads: {threads}")
+    parts.append(", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v))
+    return " · ".join(parts)
+
+
+def limits_line(report: dict[str, Any]) -> str:
+    """One line with the machine limits measured in the run."""
+    parts = []
+    for device, lim in report["limits"].items():
+        gemm = "; ".join(f"{v['what']} {v['rate']:.0f} GFLOP/s" for v in lim["gemm"].values())
+        parts.append(f"{device.upper()}: {gemm}; {lim['copy']['what']} {lim['copy']['rate']:.1f} GB/s")
+    return " · ".join(parts)
+
+
+def render_text(report: dict[str, Any]) -> str:
+    """The report as aligned plain-text tables."""
+    out = [f"nnfast bench · {report['created']}", machine_line(report), "limits: " + limits_line(report),
+           "times are medians; 'vs' columns are speedups measured side by side in this run"]
+    for title, train, rows in _sections(report):
+        header, cells = table(report, rows, train)
+        widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
+        out += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+                "  ".join("-" * w for w in widths)]
+        out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join(out)
+
+
+def render_markdown(report: dict[str, Any], heading_level: int = 3,
+                    rows: list[dict[str, Any]] | None = None) -> str:
+    """The report (or the given ``rows`` of it) as Markdown tables, with machine, limits and work models."""
+    h = "#" * heading_level
+    load = report["machine"].get("load_average_1min")
+    busy = f" (1-minute load average at the start: {load:.1f})" if load is not None else ""
+    out = [f"Measured {report['created'][:10]} on {machine_line(report)}{busy}.", "",
+           f"Machine limits measured in the same run: {limits_line(report)}.", "",
+           "Times are medians after warm-up; speedups are measured side by side in the same run; "
+           "'% limit' is the rate over the GEMM (GFLOP/s kernels) or memory-copy (GB/s kernels) rate.", ""]
+    for title, train, section_rows in _sections(report, rows):
+        header, cells = table(report, section_rows, train)
+        out += [f"{h} {title}", "", "| " + " | ".join(header) + " |",
+                "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+        out += ["| " + " | ".join(line) + " |" for line in cells]
+        out.append("")
+    models = report.get("models", {})
+    if models:
+        out.append("Work models: " + "; ".join(f"{k} {v['work']}" for k, v in models.items())
+                   + " (s = bytes per element).")
+        out.append("")
+    out.append(f"Reproduce: `{report['command']}`")
+    return "\n".join(out) + "\n"
