@@ -893,7 +893,8 @@ class _Device:
     sm_count = 132
 
     def __init__(self, *args: Any):
-        self.attributes = {"MultiProcessorCount": _Device.sm_count}
+        # an sm_90 device: 227 KiB of shared memory per block once a kernel's limit is raised
+        self.attributes = {"MultiProcessorCount": _Device.sm_count, "MaxSharedMemoryPerBlockOptin": 232448}
         self.compute_capability = "90"
 
 
