@@ -50,7 +50,8 @@ def _read_env() -> str:
     raw = os.environ.get(ENV)
     if raw is None or not raw.strip():
         return "highest"
-    return _checked(raw.strip().lower(), ENV)
+    value = raw.strip().lower()  # as NNFAST_BACKEND: case and surrounding blanks do not matter
+    return value if value in PRECISIONS else _checked(raw, ENV)
 
 
 #: The error of a bad ``NNFAST_MATMUL_PRECISION``, set aside for the ``nnfast`` command to report (its

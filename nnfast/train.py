@@ -37,6 +37,7 @@ from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .paths import check_output_path
+from .precision import get_matmul_precision
 from .serialization import load, save
 
 #: Learning rate used when none is given, per optimizer.
@@ -205,6 +206,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
+        + (f", matmul precision {get_matmul_precision()}" if get_matmul_precision() != "highest" else "")
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
     for epoch in range(start_epoch, cfg.epochs):

@@ -22,9 +22,9 @@ from ..errors import BackendError
 #: What the tensor-core GEMM's ``#include <mma.h>`` needs on the include path.
 NEEDED = ("mma.h", "crt/mma.h", "cuda_fp16.h")
 
-INSTALL_HINT = ('pip install nvidia-cuda-runtime nvidia-cuda-crt (CUDA 13 headers; the "cuda13" and "test" '
-                'extras bring them), pip install nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 (CUDA 12: the '
-                '"cuda12" extra), or set CUDA_PATH to a CUDA toolkit')
+INSTALL_HINT = ('pip install nvidia-cuda-runtime nvidia-cuda-crt (CUDA 13 headers: the "cuda13" extra brings '
+                'them), pip install nvidia-cuda-runtime-cu12 nvidia-cuda-nvcc-cu12 (CUDA 12: the "cuda12" and '
+                '"test" extras), or set CUDA_PATH to a CUDA toolkit')
 
 
 def _wheel_roots() -> list[Path]:

@@ -18,14 +18,30 @@ CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
 
 
-def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str) -> Callable[[], Any]:
-    """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS)."""
+def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str, tf32: bool = False) -> Callable[[], Any]:
+    """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS).
+
+    ``tf32``: a float32 product on the tensor cores in TF32 (CuPy's compute type for float32 set to
+    TF32 for the call, then put back): the measured tensor-core rate the TF32 kernels are compared with.
+    """
     m, k, n = dims
     rng = np.random.default_rng(1)
     a = xp.asarray(rng.standard_normal((m, k)).astype(dtype))
     b = xp.asarray(rng.standard_normal((k, n)).astype(dtype))
     out = xp.empty((m, n), dtype=dtype)
-    return lambda: xp.matmul(a, b, out=out)
+    if not tf32:
+        return lambda: xp.matmul(a, b, out=out)
+    from cupy._core import _routines_linalg as linalg
+
+    def matmul_tf32() -> Any:
+        before = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            return xp.matmul(a, b, out=out)
+        finally:
+            linalg.set_compute_type(np.float32, before)
+
+    return matmul_tf32
 
 
 def make_copy(xp: Any, nbytes: int) -> Callable[[], Any]:
@@ -182,7 +198,8 @@ class ThreadLimits:
 
 
 def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict[str, Any]:
-    """The machine's GEMM (1024³, per dtype) and memory-copy rates, measured now."""
+    """The machine's GEMM (:data:`GEMM_REF` per device and dtype; on a GPU float32 in TF32 too, as
+    ``"float32 TF32"``) and memory-copy rates, measured now."""
     limits: dict[str, Any] = {}
     devices = [("cpu", np, Clock(), CPU_COPY_BYTES)]
     if gpu:
@@ -193,6 +210,8 @@ def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict
         copy = Timed("copy", make_copy(xp, nbytes), clock)
         ref = GEMM_REF[device]
         gemms = {dt: Timed(f"gemm {dt}", make_gemm(xp, ref, dt), clock) for dt in dtypes}
+        if device == "gpu" and "float32" in dtypes:  # the tensor cores' TF32 rate (matmul precision "high")
+            gemms["float32 TF32"] = Timed("gemm float32 TF32", make_gemm(xp, ref, "float32", tf32=True), clock)
         measure([copy, *gemms.values()], settings)
         what = "numpy.copyto" if device == "cpu" else "cupy.copyto (device to device)"
         limits[device] = {
