@@ -111,6 +111,19 @@ def test_tf32_gemm_runs_on_the_tensor_cores(name):
         f"{name}: {loop.fmas} HMMA in the main loop, expected {per_step} per 8 k")
 
 
+@needs_tools
+def test_tf32_tiles_get_the_resident_blocks_the_plan_counts_on():
+    """The cost model's blocks per SM (TensorCoreTile.blocks) fit the registers ptxas gave each instantiation."""
+    res = cuda_sass.resources("linear_tf32.cu")
+    for name in TF32_GEMMS:
+        tile = next(t for t in cuda_launch.GEMM_TILES["tf32"].values()
+                    if name.startswith(f"gemm_tf32<{t.bm}, {t.bn}, "))
+        regs = -(-res[name]["REG"] // 8) * 8  # allocated in steps of 8 a thread (256 a warp)
+        assert tile.blocks * tile.threads * regs <= 65536, (
+            f"{name}: {regs} registers a thread leave room for {65536 // (tile.threads * regs)} blocks of "
+            f"{tile.threads} threads per SM, the plan counts on {tile.blocks}")
+
+
 def _float32_kernels(file: str) -> list[str]:
     return [n for n in cuda_launch.name_expressions(file) if "double" not in n]
 

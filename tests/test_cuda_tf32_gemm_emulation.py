@@ -149,6 +149,20 @@ def test_float64_and_highest_are_untouched(tf32_module):
             assert same == (dtype == np.float64), f"{np.dtype(dtype).name}: 'high' changed the result: {not same}"
 
 
+def test_a_device_without_tf32_runs_float32_under_high(tf32_module, monkeypatch):
+    """Before compute capability 8.0 "high" allows what the device lacks: the float32 kernels run (PyTorch's
+    meaning), bit for bit as under "highest"."""
+    monkeypatch.setattr(emu._Device, "compute_capability", "75")
+    x, W, b, dy = random_case(np.random.default_rng(17), (40, 36, 20), np.float32)
+    with emu.emulated_cupy_backend() as gpu:
+        emu.launched.clear()
+        with nf.matmul_precision("high"):
+            high = linear_outputs(gpu, x, W, b, "relu", dy)
+        highest = linear_outputs(gpu, x, W, b, "relu", dy)
+    assert "linear_tf32.cu" not in emu.launched
+    assert all(high[k].tobytes() == highest[k].tobytes() for k in high)
+
+
 def test_layer_api_linear_and_mlp_train_under_high(tf32_module):
     """nf.Linear with a fused activation and nf.MLP, forward and backward, through the public API."""
     rng = np.random.default_rng(16)

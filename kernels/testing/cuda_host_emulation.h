@@ -821,6 +821,19 @@ inline void wmma_check_memory(const Thread& t, int kind, int layout) {
                static_cast<long>(lo - rt.dyn_begin), static_cast<long>(hi - rt.dyn_begin), rt.dyn_size);
 }
 
+// The matrix of multiplicand fragment `kind` (matrix_a or matrix_b, slot 1 or 2 of mma_sync), row-major,
+// every element checked to be a tf32 value.
+inline void wmma_multiplicand(unsigned base, const Thread& first, int kind, float* out) {
+  const int cols = wmma_cols(kind);
+  for (int e = 0; e < wmma_rows(kind) * cols; ++e) {
+    const float v = out[e] = wmma_element(base, kind == kFragA ? 1 : 2, kind, e);
+    if (!is_tf32(v))
+      wmma_error(kErrTrap, first, "%s element (%d, %d) = %.9g is not a tf32 value (its low 13 bits are set): "
+                 "convert every element of a tf32 fragment with wmma::__float_to_tf32 before mma_sync",
+                 kind == kFragA ? "matrix_a" : "matrix_b", e / cols, e % cols, static_cast<double>(v));
+  }
+}
+
 // Perform the wmma collective of warp `base / 32`, whose lanes all wait at the same call.
 inline void wmma_complete(unsigned base, unsigned need, const Thread& first) {
   if (need != 0xffffffffu)
@@ -863,25 +876,14 @@ inline void wmma_complete(unsigned base, unsigned need, const Thread& first) {
       break;
     }
     case kWmmaMma: {
-      float a[kWmmaM][kWmmaK], b[kWmmaK][kWmmaN];
-      for (int e = 0; e < kWmmaM * kWmmaK; ++e) {
-        const float v = a[e / kWmmaK][e % kWmmaK] = wmma_element(base, 1, kFragA, e);
-        if (!is_tf32(v))
-          wmma_error(kErrTrap, first, "matrix_a element (%d, %d) = %.9g is not a tf32 value (its low 13 bits are "
-                     "set): convert every element of a tf32 fragment with wmma::__float_to_tf32 before mma_sync",
-                     e / kWmmaK, e % kWmmaK, static_cast<double>(v));
-      }
-      for (int e = 0; e < kWmmaK * kWmmaN; ++e) {
-        const float v = b[e / kWmmaN][e % kWmmaN] = wmma_element(base, 2, kFragB, e);
-        if (!is_tf32(v))
-          wmma_error(kErrTrap, first, "matrix_b element (%d, %d) = %.9g is not a tf32 value (its low 13 bits are "
-                     "set): convert every element of a tf32 fragment with wmma::__float_to_tf32 before mma_sync",
-                     e / kWmmaN, e % kWmmaN, static_cast<double>(v));
-      }
+      float a[kWmmaM * kWmmaK], b[kWmmaK * kWmmaN];  // row-major
+      wmma_multiplicand(base, first, kFragA, a);
+      wmma_multiplicand(base, first, kFragB, b);
       float d[kWmmaM * kWmmaN];
       for (int e = 0; e < kWmmaM * kWmmaN; ++e) {
         double s = 0.0;
-        for (int k = 0; k < kWmmaK; ++k) s += static_cast<double>(a[e / kWmmaN][k]) * b[k][e % kWmmaN];
+        const int r = e / kWmmaN, c = e % kWmmaN;
+        for (int k = 0; k < kWmmaK; ++k) s += static_cast<double>(a[r * kWmmaK + k]) * b[k * kWmmaN + c];
         d[e] = static_cast<float>(s + static_cast<double>(wmma_element(base, 3, kFragAcc, e)));
       }
       for (int e = 0; e < kWmmaM * kWmmaN; ++e) wmma_element(base, 0, kFragAcc, e) = d[e];  // d may be c

@@ -244,6 +244,10 @@ class CupyBackend(Backend):
             self._max_shared = int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
         except Exception:
             self._max_shared = cuda_launch.DEFAULT_SHARED_MEM
+        try:  # TF32 tensor cores (and cp.async) from compute capability 8.0 on
+            self._tf32 = int(cupy.cuda.Device().compute_capability) >= 80
+        except Exception:
+            self._tf32 = False
         self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
         self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._memory: dict[int, int] = {}
@@ -297,9 +301,11 @@ class CupyBackend(Backend):
         return y, (z if z is not None else y)
 
     def _gemm_plan(self, M: int, N: int, K: int, dtype: Any, **kwargs: Any) -> cuda_launch.GemmPlan:
-        """The GEMM's launch plan on this device, at the matmul precision in force (TF32 tensor cores for
-        float32 under "high")."""
-        return cuda_launch.gemm_launch(M, N, K, dtype, precision=get_matmul_precision(), sm_count=self._sm_count,
+        """The GEMM's launch plan on this device, at the matmul precision in force: TF32 tensor cores for
+        float32 under "high", on a device that has them (before compute capability 8.0 "high" allows
+        what the device does not offer, and float32 runs, as in PyTorch)."""
+        precision = get_matmul_precision() if self._tf32 else "highest"
+        return cuda_launch.gemm_launch(M, N, K, dtype, precision=precision, sm_count=self._sm_count,
                                        max_shared=self._max_shared, **kwargs)
 
     def _gemm(self, plan, C, Z, A, B, bias, M, N, K, alpha=0.0):
