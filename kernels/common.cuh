@@ -106,11 +106,12 @@ __device__ __forceinline__ T sigmoid(T x) {
 }
 
 // ------------------------------------------------------------ shared memory
-// The block's dynamic shared memory (16-byte aligned; its size is the launch's
-// shared_mem, see cuda_launch.py). Declared once, in a non-template function,
-// so every kernel and every instantiation names the same array.
+// The block's dynamic shared memory (128-byte aligned: wmma fragments load from
+// 32-byte aligned addresses; its size is the launch's shared_mem, see
+// cuda_launch.py). Declared once, in a non-template function, so every kernel
+// and every instantiation names the same array.
 __device__ __forceinline__ float4* dynamic_smem_base() {
-    extern __shared__ float4 nnf_dynamic_smem[];
+    extern __shared__ float4 __align__(128) nnf_dynamic_smem[];
     return nnf_dynamic_smem;
 }
 

@@ -20,19 +20,15 @@
 // is used WN / 8 (or WM / 4) times from a register.
 //
 // Pipeline. K is walked in BK-deep slices through a ring of STAGES shared-memory
-// stages, both operands stored k-major ([k][m] and [k][n]). The slices are
-// moved with cp.async (async_copy.cuh), and the copies of slice t + STAGES - 1
-// are issued before the arithmetic on slice t: STAGES - 1 slices are in flight
-// behind the math, one barrier per slice. No register holds a loaded value, so
-// the compiler cannot sink the loads below the math (it did with plain loads
-// into registers: a double buffer that no longer overlapped anything). An
-// operand stored with m (or n) contiguous is copied in 16-byte pieces when VEC
-// (every leading dimension a multiple of W, every pointer 16-byte aligned:
-// decided by the launcher), element by element otherwise; an operand stored
-// with k contiguous is transposed on the way in, element by element, its rows
-// padded by W so that the eight k of a warp's writes land in distinct banks.
-// Elements outside the matrix are zero-filled by the copy and outputs outside
-// it are never stored, so any M, N, K works.
+// stages (gemm_staging.cuh: SliceRing), both operands stored k-major ([k][m]
+// and [k][n]), moved with cp.async, STAGES - 1 slices in flight behind the
+// math. An operand stored with m (or n) contiguous is copied in 16-byte pieces
+// when VEC (every leading dimension a multiple of W, every pointer 16-byte
+// aligned: decided by the launcher), element by element otherwise; an operand
+// stored with k contiguous is transposed on the way in, element by element,
+// its rows padded by W so that the eight k of a warp's writes land in distinct
+// banks. Elements outside the matrix are zero-filled by the copy and outputs
+// outside it are never stored, so any M, N, K works.
 //
 // Split K. With gridDim.z = S > 1, block z takes only its share of the slices
 // (cdiv(cdiv(K, BK), S) of them) and stores its raw partial product at
@@ -48,72 +44,7 @@
 // bias_act_backward<T, ACT> fuses dz = dy * act'(saved) with the column sums
 // of dz (the bias gradient), in row splits whose partial sums column_sum<T>
 // adds in a fixed order (deterministic, no atomics).
-#include "async_copy.cuh"
-#include "common.cuh"
-
-namespace {
-
-// The copies of one operand's BK x BX slices, global -> shared memory, stored
-// k-major: stage[k * PITCH + x]. The operand element (x, k) lives at
-// src[x * ld + k] when K_CONTIG and at src[k * ld + x] otherwise; elements with
-// x >= xmax or k >= kmax are zero-filled. The copies of a slice, V consecutive
-// elements each, are numbered along the contiguous axis of the source (a warp
-// reads whole 32-byte sectors) and thread t moves copies t, t + NT, ...: its
-// copies sit at the same x (k-contiguous: the same k) a fixed distance apart,
-// so everything but one pointer per slice is worked out once, here.
-template <typename T, int BX, int BK, int NT, bool K_CONTIG, bool VEC>
-struct OperandCopier {
-    static constexpr int W = nnf::Vec<T>::width;
-    static constexpr int V = (VEC && !K_CONTIG) ? W : 1;     // elements per copy
-    static constexpr int PITCH = BX + (K_CONTIG ? W : 0);    // transposed rows are padded
-    static constexpr int SIZE = BK * PITCH;                  // elements of one stage
-    static constexpr int PER_ROW = (K_CONTIG ? BK : BX) / V;  // copies per contiguous source row
-    static constexpr int ITEMS = BX * BK / V / NT;             // copies per thread and slice
-    static constexpr int ROWS = NT / PER_ROW;                  // source rows between a thread's copies
-    static_assert(BX % V == 0 && (BX * BK / V) % NT == 0 && NT % PER_ROW == 0, "copies must tile the slice");
-    static_assert(ITEMS <= 32, "one bit of x_in per copy");
-
-    const T* next;  // the thread's first copy of the next slice
-    int ld;
-    unsigned x_in;  // bit i: copy i has x < xmax
-
-    // The thread's first copy: its x and k in the slice.
-    static __device__ __forceinline__ int first_x() {
-        return K_CONTIG ? (int)threadIdx.x / PER_ROW : ((int)threadIdx.x % PER_ROW) * V;
-    }
-    static __device__ __forceinline__ int first_k() {
-        return K_CONTIG ? (int)threadIdx.x % PER_ROW : (int)threadIdx.x / PER_ROW;
-    }
-
-    __device__ __forceinline__ OperandCopier(const T* src, int ld_, int x0, int xmax, int k0) : ld(ld_), x_in(0) {
-        const int x = x0 + first_x(), k = k0 + first_k();
-        next = K_CONTIG ? src + (long long)x * ld + k : src + (long long)k * ld + x;
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-            // With VEC, xmax is a multiple of V: a copy is entirely in range or entirely out.
-            if (x + (K_CONTIG ? i * ROWS : 0) < xmax) x_in |= 1u << i;
-        }
-    }
-
-    // Issue the copies of the slice that starts at k0 (the slice after the previous call's) into
-    // `stage`; `src` is the operand's first element, the address given to zero fills (which read
-    // nothing, but get a valid address all the same). The few registers kept between slices are
-    // what lets the large tile hold its 64 accumulators without spilling.
-    __device__ __forceinline__ void copy(T* __restrict__ stage, const T* src, int k0, int kmax) {
-        const T* p = next;
-        const int k = k0 + first_k();
-        T* dst = stage + first_k() * PITCH + first_x();
-#pragma unroll
-        for (int i = 0; i < ITEMS; ++i) {
-            const bool in = (x_in >> i & 1u) && k + (K_CONTIG ? 0 : i * ROWS) < kmax;
-            nnf::cp_async<V * (int)sizeof(T)>(dst + i * (K_CONTIG ? ROWS : ROWS * PITCH), in ? p : src, in);
-            p += (long long)ROWS * ld;
-        }
-        next += K_CONTIG ? (long long)BK : (long long)BK * ld;
-    }
-};
-
-}  // namespace
+#include "gemm_staging.cuh"
 
 // Registers are capped at 128 a thread (65536 / (threads * 128) blocks per SM):
 // two 256-thread blocks of the large tile per SM, none spilled.
@@ -127,16 +58,13 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
     constexpr int TN = WN / 8;  // ... and columns
     constexpr int RM = TM / W;  // as runs of W, 4 W rows apart
     constexpr int RN = TN / W;  // and 8 W columns apart
-    static_assert(STAGES >= 2, "a pipeline needs two stages");
     static_assert(BM % WM == 0 && BN % WN == 0, "warps must tile the block");
     static_assert(TM % W == 0 && TN % W == 0, "a lane's rows and columns are whole vectors");
 
     // A element (m, k) is at A[m * K + k] (not TA) or A[k * M + m] (TA);
     // B element (n, k) is at B[k * N + n] (not TB) or B[n * K + k] (TB).
-    typedef OperandCopier<T, BM, BK, NT, !TA, VEC> CopyA;
-    typedef OperandCopier<T, BN, BK, NT, TB, VEC> CopyB;
-    T* As = nnf::dynamic_smem<T>();      // [STAGES][BK][CopyA::PITCH]
-    T* Bs = As + STAGES * CopyA::SIZE;   // [STAGES][BK][CopyB::PITCH]
+    typedef nnf::OperandCopier<T, BM, BK, NT, !TA, VEC, true, TA ? 0 : W> CopyA;
+    typedef nnf::OperandCopier<T, BN, BK, NT, TB, VEC, true, TB ? W : 0> CopyB;
 
     // Row tiles along x (up to 2^31 - 1 blocks: any batch), column tiles along y, K splits along z.
     const int m0 = blockIdx.x * BM;
@@ -145,15 +73,8 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
     const int am = (warp / (BN / WN)) * WM + (lane / 8) * W;  // the lane's first row in the block tile
     const int bn = (warp % (BN / WN)) * WN + (lane % 8) * W;  // and its first column
 
-    // This block's share of the K slices: [s0, s0 + count), elements [s0 * BK, kend).
-    const int slices = (int)(((long long)K + BK - 1) / BK);
-    const int per = (slices + (int)gridDim.z - 1) / (int)gridDim.z;
-    const int s0 = (int)blockIdx.z * per;
-    const int count = max(0, min(slices - s0, per));
-    const int kbeg = s0 * BK;
-    const int kend = (int)min((long long)K, (long long)(s0 + count) * BK);
-    CopyA copy_a(A, TA ? M : K, m0, M, kbeg);
-    CopyB copy_b(B, TB ? K : N, n0, N, kbeg);
+    // The ring of stages, this block's share of the K slices (all of them without split K).
+    nnf::SliceRing<T, CopyA, CopyB, STAGES, BK> ring(A, TA ? M : K, m0, M, B, TB ? K : N, n0, N, nnf::k_share<BK>(K));
 
     T acc[TM][TN];
 #pragma unroll
@@ -161,28 +82,12 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
 #pragma unroll
         for (int j = 0; j < TN; ++j) acc[i][j] = T(0);
 
-    // Prologue: slices 0 .. STAGES - 2 in flight, one commit group each (empty past the end).
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < count) {
-            copy_a.copy(As + s * CopyA::SIZE, A, kbeg + s * BK, kend);
-            copy_b.copy(Bs + s * CopyB::SIZE, B, kbeg + s * BK, kend);
-        }
-        nnf::cp_async_commit();
-    }
-
-    int read = 0, write = STAGES - 1;
+    ring.prologue();
 #pragma unroll 1
-    for (int t = 0; t < count; ++t) {
-        nnf::cp_async_wait<STAGES - 2>();  // this thread's copies of slice t have landed;
-        __syncthreads();                   // everyone's have, and nobody reads slice t - 1 any more
-        if (t + STAGES - 1 < count) {      // refill slice t - 1's stage before the math on slice t
-            copy_a.copy(As + write * CopyA::SIZE, A, kbeg + (t + STAGES - 1) * BK, kend);
-            copy_b.copy(Bs + write * CopyB::SIZE, B, kbeg + (t + STAGES - 1) * BK, kend);
-        }
-        nnf::cp_async_commit();
-        const T* as = As + read * CopyA::SIZE + am;
-        const T* bs = Bs + read * CopyB::SIZE + bn;
+    for (int t = 0; t < ring.count; ++t) {
+        ring.wait_and_refill(t);
+        const T* as = ring.a_stage(am);
+        const T* bs = ring.b_stage(bn);
 #pragma unroll
         for (int k = 0; k < BK; ++k) {
             T a[TM], b[TN];
@@ -203,8 +108,7 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
 #pragma unroll
                 for (int j = 0; j < TN; ++j) acc[i][j] += a[i] * b[j];
         }
-        read = read == STAGES - 1 ? 0 : read + 1;
-        write = write == STAGES - 1 ? 0 : write + 1;
+        ring.advance();
     }
 
     // Epilogue: bias, pre-activation (when saved), activation, one store.
@@ -216,34 +120,16 @@ gemm(T* __restrict__ C, T* __restrict__ Z, const T* __restrict__ A, const T* __r
         const int col = n0 + bn + q * 8 * W;
         if (col >= N) break;  // columns grow with q
         T bv[W];
-#pragma unroll
-        for (int l = 0; l < W; ++l) bv[l] = (bias != nullptr && col + l < N) ? bias[col + l] : T(0);
+        nnf::load_bias(bv, bias, col, N);
 #pragma unroll
         for (int i = 0; i < TM; ++i) {
             const int row = m0 + am + (i / W) * 4 * W + i % W;
             if (row >= M) break;  // rows grow with i
-            T* crow = C + (long long)row * N;
-            T* zrow = Z != nullptr ? Z + (long long)row * N : nullptr;
-            if (VEC) {  // N is a multiple of W: the whole vector is in range
-                typename nnf::Vec<T>::type zv, yv;
+            T z[W];
 #pragma unroll
-                for (int l = 0; l < W; ++l) {
-                    const T z = acc[i][q * W + l] + bv[l];
-                    nnf::lane<T>(zv, l) = z;
-                    nnf::lane<T>(yv, l) = nnf::Act<T, ACT>::fwd(z, alpha);
-                }
-                if (zrow != nullptr) nnf::store_vec(zrow + col, zv);
-                nnf::store_vec(crow + col, yv);
-            } else {
-#pragma unroll
-                for (int l = 0; l < W; ++l) {
-                    if (col + l < N) {
-                        const T z = acc[i][q * W + l] + bv[l];
-                        if (zrow != nullptr) zrow[col + l] = z;
-                        crow[col + l] = nnf::Act<T, ACT>::fwd(z, alpha);
-                    }
-                }
-            }
+            for (int l = 0; l < W; ++l) z[l] = acc[i][q * W + l] + bv[l];
+            nnf::store_run<T, ACT, VEC>(C + (long long)row * N, Z != nullptr ? Z + (long long)row * N : nullptr,
+                                        col, N, z, alpha);
         }
     }
 }

@@ -3,6 +3,9 @@
 One layer API over three interchangeable backends, chosen with the
 ``NNFAST_BACKEND`` environment variable (``numpy``, ``numba``, ``cupy`` or
 ``auto``) or at run time with :func:`set_backend` / :func:`use_backend`.
+Float32 matmuls may run on TF32 tensor cores on the GPU with
+:func:`set_matmul_precision` / :func:`matmul_precision` ``("high")`` or
+``NNFAST_MATMUL_PRECISION`` (:mod:`nnfast.precision`).
 
 Importing nnfast is cheap: Numba and CuPy are imported only when their
 backend is first used.
@@ -27,6 +30,7 @@ from .errors import BackendError
 from .layers import MLP, Linear, Module, Parameter, Sequential
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
+from .precision import get_matmul_precision, matmul_precision, set_matmul_precision
 from .serialization import load, save
 from .train_step import TrainStep
 
@@ -71,9 +75,12 @@ __all__ = [
     "asarray",
     "available_backends",
     "get_backend",
+    "get_matmul_precision",
     "load",
+    "matmul_precision",
     "save",
     "set_backend",
+    "set_matmul_precision",
     "to_numpy",
     "use_backend",
 ]

@@ -11,9 +11,10 @@ import sys
 import threading
 from typing import Sequence
 
-from . import _command
+from . import _command, precision
 from .activations import ACTIVATIONS
 from .errors import BackendError
+from .precision import PRECISIONS, matmul_precision
 
 
 def _sizes(text: str) -> tuple[int, ...]:
@@ -105,6 +106,10 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], default=d.on_nonfinite,
                    help="on a NaN/Inf loss: stop with an error, or skip that step (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--matmul-precision", choices=PRECISIONS, default=None,
+                   help="'high': float32 matmuls on the GPU run on TF32 tensor cores (about 3e-4 relative error, "
+                        "like torch.set_float32_matmul_precision('high')); no effect on the CPU backends "
+                        "(default: NNFAST_MATMUL_PRECISION, else highest)")
     p.add_argument("--distributed", action="store_true",
                    help="data parallel over the ranks of an MPI job: mpiexec -n N nnfast train --distributed "
                         "(MPI for numpy/numba, NCCL for cupy; --batch-size is the global batch; needs nnfast[mpi])")
@@ -137,8 +142,10 @@ def _run_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     # In a distributed run a rank that fails for any other reason ends the whole job.
     guard = parallel.abort_on_error((Interrupted, NonFiniteLossError)) if parallel else contextlib.nullcontext()
+    precision = (contextlib.nullcontext() if args.matmul_precision is None
+                 else matmul_precision(args.matmul_precision))
     try:
-        with guard:
+        with guard, precision:
             result = train(cfg, log=lambda line: print(line, flush=True), stop=stop, parallel=parallel)
     except Interrupted as err:
         if speaks:
@@ -178,6 +185,8 @@ def info_lines() -> list[str]:
     lines.append(f"cpu cores: {os.cpu_count()}")
     lines.append(f"NNFAST_BACKEND={os.environ.get('NNFAST_BACKEND', '(unset: auto)')}")
     lines.append(f"NNFAST_NUM_THREADS={os.environ.get('NNFAST_NUM_THREADS', '(unset: all cores)')}")
+    lines.append(f"matmul precision: {precision.get_matmul_precision()} "
+                 f"(NNFAST_MATMUL_PRECISION={os.environ.get(precision.ENV, '(unset: highest)')})")
     for name in BACKEND_NAMES:
         reason = _unavailable_reason(name)
         lines.append(f"backend {name}: " + ("available" if reason is None else f"unavailable: {reason}"))
@@ -213,18 +222,23 @@ def _numba_ran() -> bool:
         return False
 
 
-def _backend_on_command_line(argv: Sequence[str]) -> bool:
-    """``--backend`` (or an abbreviation argparse accepts: ``--bac`` and longer; ``--ba`` may be ``--batch-size``)."""
-    return any(len(flag) >= 5 and "--backend".startswith(flag)
+def _on_command_line(argv: Sequence[str], option: str, shortest: int) -> bool:
+    """``option`` or an abbreviation argparse accepts (at least ``shortest`` characters: ``--bac`` for
+    ``--backend``, as ``--ba`` may be ``--batch-size``; ``--ma`` for ``--matmul-precision``, as ``--m`` may be
+    ``--momentum``)."""
+    return any(len(flag) >= shortest and option.startswith(flag)
                for flag in (arg.split("=", 1)[0] for arg in argv if arg.startswith("--")))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _command.deferred_error is not None and not _backend_on_command_line(argv):
-        # NNFAST_BACKEND is bad and nothing overrides it: one line, whatever the command (--help too).
-        print(f"nnfast: error: {_command.deferred_error}", file=sys.stderr)
-        return 2
+    # A bad NNFAST_BACKEND / NNFAST_MATMUL_PRECISION that nothing on the command line overrides: one line,
+    # whatever the command (--help too).
+    for error, option, shortest in ((_command.deferred_error, "--backend", 5),
+                                    (precision.deferred_error, "--matmul-precision", 4)):
+        if error is not None and not _on_command_line(argv, option, shortest):
+            print(f"nnfast: error: {error}", file=sys.stderr)
+            return 2
     parser = argparse.ArgumentParser(prog="nnfast", description="Train and benchmark small neural networks "
                                      "on NumPy, Numba (CPU) or CUDA (CuPy) kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -107,7 +107,16 @@ class Op:
     #: Order of the checks (argument names and relations); default: the arguments in order.
     order: tuple[Step, ...] = ()
     bench: Benchmark | None = None
-    cuda: Cuda | None = None
+    #: The kernels of the op: one file's, or a tuple of several files' (a file compiled only for
+    #: some settings, like the tensor-core GEMMs of matmul precision "high").
+    cuda: Cuda | tuple[Cuda, ...] | None = None
+
+    @property
+    def kernel_files(self) -> tuple[Cuda, ...]:
+        """The op's :class:`Cuda` entries, one per kernel file (none for an op without kernels)."""
+        if self.cuda is None:
+            return ()
+        return self.cuda if isinstance(self.cuda, tuple) else (self.cuda,)
 
     @property
     def steps(self) -> tuple[Step, ...]:

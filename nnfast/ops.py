@@ -31,6 +31,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 #: The kernels' GEMM template (``kernels/linear.cu``), shared by the forward and backward rows.
 GEMM = "gemm<{T}, {TILE}, {TA}, {TB}, {ACT}, {VEC}>"
+#: The tensor-core GEMM (``kernels/linear_tf32.cu``): float32 with matmul precision "high"; its
+#: scalar path (VEC false) has the tiles marked ``scalar`` only.
+GEMM_TF32 = "gemm_tf32<{TF32_TILE}, {TA}, {TB}, {ACT}, {VEC}>"
+GEMM_TF32_SCALAR = "gemm_tf32<{TF32_SCALAR_TILE}, {TA}, {TB}, {ACT}, {VEC}>"
+
+
+def _tf32_gemms(**fixed: Any) -> tuple[Kernel, Kernel]:
+    return (Kernel(GEMM_TF32, {**fixed, "VEC": True}), Kernel(GEMM_TF32_SCALAR, {**fixed, "VEC": False}))
 
 #: Hyper-parameters of the optimizer benchmarks.
 SGD_LR, SGD_MOMENTUM = 1e-3, 0.9
@@ -242,7 +250,8 @@ OPS: dict[str, Op] = {op.name: op for op in (
        bench=Benchmark("linear", _FLOP, "gemm", "2·B·I·O flop", lambda d, s: 2.0 * math.prod(d), LINEAR_SHAPES,
                        _linear_inputs, _torch_linear_forward, variants=("relu",)),
        # A K dimension split over several blocks ends in one reduction pass that applies the epilogue.
-       cuda=Cuda("linear.cu", (Kernel(GEMM, {"TA": False, "TB": False}), Kernel("gemm_splitk_reduce<{T}, {ACT}>")))),
+       cuda=(Cuda("linear.cu", (Kernel(GEMM, {"TA": False, "TB": False}), Kernel("gemm_splitk_reduce<{T}, {ACT}>"))),
+             Cuda("linear_tf32.cu", _tf32_gemms(TA=False, TB=False)))),
     Op("linear_backward", """Backward of :meth:`linear_forward`.
 
 Computes ``dz = dy * act'(.)`` (from ``saved``), ``dW = x.T @ dz``,
@@ -257,9 +266,11 @@ Computes ``dz = dy * act'(.)`` (from ``saved``), ``dW = x.T @ dz``,
        order=("activation", "alpha", "x", "W", _inner_dims_match, "dy", "saved", "has_bias", "need_dx"),
        bench=Benchmark("linear", _FLOP, "gemm", "4·B·I·O flop", lambda d, s: 4.0 * math.prod(d), LINEAR_SHAPES,
                        lambda *a: _linear_inputs(*a, backward=True), _torch_linear_backward, variants=("relu",)),
-       cuda=Cuda("linear.cu", (Kernel(GEMM, {"TA": True, "TB": False, "ACT": "identity"}),
-                               Kernel(GEMM, {"TA": False, "TB": True, "ACT": "identity"}),
-                               Kernel("bias_act_backward<{T}, {ACT}>"), Kernel("column_sum<{T}>")))),
+       cuda=(Cuda("linear.cu", (Kernel(GEMM, {"TA": True, "TB": False, "ACT": "identity"}),
+                                Kernel(GEMM, {"TA": False, "TB": True, "ACT": "identity"}),
+                                Kernel("bias_act_backward<{T}, {ACT}>"), Kernel("column_sum<{T}>"))),
+             Cuda("linear_tf32.cu", (*_tf32_gemms(TA=True, TB=False, ACT="identity"),
+                                     *_tf32_gemms(TA=False, TB=True, ACT="identity"))))),
     Op("activation_forward", "Apply an activation element-wise; returns a new array of the shape of ``x``.",
        args=(Arg("x", Array()), *_activation_args()),
        order=("activation", "alpha", "x"),
@@ -333,4 +344,4 @@ it is Adam's ``g += wd * p``.
 )}
 
 
-__all__ = ["GEMM", "OPS", "REDUCTIONS", "mlp_param_shapes"]
+__all__ = ["GEMM", "GEMM_TF32", "GEMM_TF32_SCALAR", "OPS", "REDUCTIONS", "mlp_param_shapes"]

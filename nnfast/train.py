@@ -40,6 +40,7 @@ from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .paths import check_output_path
+from .precision import get_matmul_precision
 from .serialization import load, save
 from .train_step import TrainStep
 
@@ -210,6 +211,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     step = _step_function(model, loss_fn, opt, x_train, y_train, dist)
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
+        + (f", matmul precision {get_matmul_precision()}" if get_matmul_precision() != "highest" else "")
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
     for epoch in range(start_epoch, cfg.epochs):

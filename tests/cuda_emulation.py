@@ -891,10 +891,11 @@ class _Stream:
 
 class _Device:
     sm_count = 132
+    compute_capability = "90"  # what CuPy reports for an H100 / H200
 
     def __init__(self, *args: Any):
-        self.attributes = {"MultiProcessorCount": _Device.sm_count}
-        self.compute_capability = "90"
+        # an sm_90 device: 227 KiB of shared memory per block once a kernel's limit is raised
+        self.attributes = {"MultiProcessorCount": _Device.sm_count, "MaxSharedMemoryPerBlockOptin": 232448}
 
 
 class _CudaNamespace:

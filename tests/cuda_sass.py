@@ -13,7 +13,7 @@ i.e. the K loop with its unrolled inner product.
 Run as a script to print, per GEMM instantiation, where the first global load
 of the main loop sits among its FMAs, with registers and local memory::
 
-    python tests/cuda_sass.py            # every GEMM of kernels/linear.cu
+    python tests/cuda_sass.py            # every GEMM of kernels/linear.cu and linear_tf32.cu
     python tests/cuda_sass.py --dump 'gemm<float, 128, 128, 8, 32, 64, 4, false, false, 1, true>'
 """
 
@@ -28,6 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from nnfast.backends import cuda_launch
 
@@ -159,6 +160,11 @@ def is_fma(ins: Instruction) -> bool:
     return ins.base in ("FFMA", "DFMA")
 
 
+def is_mma(ins: Instruction) -> bool:
+    """A tensor-core instruction: HMMA (mma.sync, what wmma compiles to) or HGMMA (wgmma)."""
+    return ins.base in ("HMMA", "HGMMA")
+
+
 def is_global_load(ins: Instruction) -> bool:
     """LDG (a load into registers) or LDGSTS (cp.async), not LDGDEPBAR (a commit)."""
     return ins.base in ("LDG", "LDGSTS")
@@ -201,35 +207,47 @@ class MainLoop:
                 f"({self.first_load.opcode}); {self.loads} global loads in the loop")
 
 
-def main_loop(code: list[Instruction]) -> MainLoop | None:
-    """The loop holding the most FMAs (the innermost of equals), or None when no loop has one."""
+def main_loop(code: list[Instruction], is_math: Callable[[Instruction], bool] = is_fma) -> MainLoop | None:
+    """The loop holding the most FMAs, or None when no loop has one. Of equals, one that issues
+    global loads (a K loop around a loop of its own over the steps of a slice holds the same
+    math), then the innermost.
+
+    ``is_math``: what counts as the loop's math (:func:`is_mma` for a tensor-core GEMM: its
+    ``fmas`` are then HMMAs).
+    """
     best = None
     for first, last in loops(code):
         body = code[first:last + 1]
-        fmas = sum(map(is_fma, body))
-        if fmas and (best is None or (fmas, -(last - first)) > (best[0], -(best[2] - best[1]))):
-            best = (fmas, first, last)
+        key = (sum(map(is_math, body)), any(map(is_global_load, body)), -(last - first))
+        if key[0] and (best is None or key > best[0]):
+            best = (key, first, last)
     if best is None:
         return None
-    fmas, first, last = best
+    (fmas, _, _), first, last = best
     before, load, loads = 0, None, 0
     for ins in code[first:last + 1]:
         if is_global_load(ins):
             loads += 1
             if load is None:
                 load = ins
-        elif is_fma(ins) and load is None:
+        elif is_math(ins) and load is None:
             before += 1
     return MainLoop(first, last, fmas, loads, before if load is not None else None, load)
 
 
 def gemm_names(file: str = "linear.cu") -> list[str]:
-    return [n for n in cuda_launch.name_expressions(file) if n.startswith("gemm<")]
+    """The GEMM instantiations of ``file``: ``gemm<...>`` (linear.cu), ``gemm_tf32<...>`` (linear_tf32.cu)."""
+    return [n for n in cuda_launch.name_expressions(file) if n.startswith(("gemm<", "gemm_tf32<"))]
+
+
+def math_of(name: str) -> Callable[[Instruction], bool]:
+    """What the main loop of GEMM ``name`` computes with: tensor-core MMAs or FMAs."""
+    return is_mma if name.startswith("gemm_tf32<") else is_fma
 
 
 def report(file: str = "linear.cu") -> list[tuple[str, MainLoop | None, dict[str, int]]]:
     code, res = sass(file), resources(file)
-    return [(name, main_loop(code[name]), res.get(name, {})) for name in gemm_names(file)]
+    return [(name, main_loop(code[name], math_of(name)), res.get(name, {})) for name in gemm_names(file)]
 
 
 def main(argv: list[str]) -> int:
@@ -239,11 +257,12 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) >= 2 and argv[0] == "--dump":
         for name in argv[1:]:
-            for ins in sass("linear.cu")[name]:
+            file = "linear_tf32.cu" if name.startswith("gemm_tf32<") else "linear.cu"
+            for ins in sass(file)[name]:
                 print(ins)
         return 0
-    print(f"{'GEMM instantiation':72s} {'FMAs':>5s} {'1st load after':>14s} {'regs':>5s} {'local':>5s}")
-    for name, loop, res in report():
+    print(f"{'GEMM instantiation':72s} {'math':>5s} {'1st load after':>14s} {'regs':>5s} {'local':>5s}")
+    for name, loop, res in report() + report("linear_tf32.cu"):
         where = "-" if loop is None or loop.fmas_before_load is None else str(loop.fmas_before_load)
         print(f"{name:72s} {loop.fmas if loop else 0:5d} {where:>14s} {res.get('REG', 0):5d} "
               f"{res.get('LOCAL', 0):5d}")

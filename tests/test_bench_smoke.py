@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -231,12 +232,18 @@ def _fake_cupy():
     return cupy
 
 
-def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch):
+def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch, capsys):
     from nnfast import backends
     from nnfast.backends.numpy_backend import NumpyBackend
 
     cupy = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
+    # CuPy's float32 compute type, which the TF32 limit sets to TF32 around its cuBLAS call
+    compute_types: list[int] = []
+    linalg = types.SimpleNamespace(COMPUTE_TYPE_TF32=7, get_compute_type=lambda dtype: 0,
+                                   set_compute_type=lambda dtype, kind: compute_types.append(kind))
+    monkeypatch.setitem(sys.modules, "cupy._core", types.SimpleNamespace(_routines_linalg=linalg))
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
     monkeypatch.setattr(bench_machine, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
     monkeypatch.setitem(bench.GEMM_REF, "gpu", (256, 256, 256))
 
@@ -260,4 +267,14 @@ def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch):
         fig = row["impls"]["cupy"]
         assert fig["device"] == "gpu" and fig["limit_fraction"] > 0 and fig["speedup_vs_numpy"] > 0
         assert row["limits"]["gpu"]["what"].startswith("cupy.")
+        # A float32 GEMM row also runs at matmul precision "high", against cuBLAS in TF32.
+        gemm_row = row["op"] == "linear_forward"
+        assert ("cupy-tf32" in row["impls"]) == gemm_row
+        if gemm_row:
+            tf32 = row["impls"]["cupy-tf32"]
+            assert tf32["device"] == "gpu-tf32" and tf32["limit_fraction"] > 0
+            assert row["limits"]["gpu-tf32"]["what"].endswith("float32 TF32")
+    assert report["limits"]["gpu"]["gemm"]["float32 TF32"]["rate"] > 0
+    assert compute_types and set(compute_types[0::2]) == {7} and set(compute_types[1::2]) == {0}  # set, put back
+    assert "GPU TF32 GEMM" in capsys.readouterr().out
     _check_figures(report)

@@ -97,7 +97,7 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.COMPILE_OPTIONS, *CUPY_RUNTIME_OPTIONS])
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.compile_options(file), *CUPY_RUNTIME_OPTIONS])
             ok = True
         except nvrtc.NVRTCError:
             ok = False
@@ -150,38 +150,58 @@ def test_reduction_codes_match_the_kernel():
 INLINE_PTX_FILES = ("async_copy.cuh",)
 
 
+#: The one system header allowed, in the tensor-core files only (cuda_launch.MMA_FILES), and only
+#: outside the CPU emulation, which brings its own nvcuda::wmma.
+MMA_INCLUDE = "#ifndef NNFAST_CUDA_HOST_EMULATION\n#include <mma.h>\n#endif"
+
+
 def test_sources_are_self_contained():
-    """No CUDA system header, inline PTX only in async_copy.cuh, no static shared memory (portability rules)."""
+    """No CUDA system header (but <mma.h> in the tensor-core files), inline PTX only in async_copy.cuh,
+    no static shared memory (portability rules)."""
     for path in sorted(cuda_launch.kernel_dir().glob("*.cu*")):
         text = path.read_text()
+        if path.name in cuda_launch.MMA_FILES:
+            assert MMA_INCLUDE in text, f"{path.name}: <mma.h> included outside the emulation guard"
+            text = text.replace(MMA_INCLUDE, "")
         for include in re.findall(r'#\s*include\s*([<"][^>"]+[>"])', text):
             assert include.startswith('"') and include.endswith('.cuh"'), f"{path.name}: {include}"
         if path.name not in INLINE_PTX_FILES:
             assert "asm(" not in text and "asm volatile" not in text, f"{path.name}: inline PTX"
         for line in text.splitlines():
             if "__shared__" in line and not line.lstrip().startswith("//"):
-                assert "extern __shared__ float4" in line, f"{path.name}: static shared memory: {line}"
+                assert "extern __shared__ float4 " in line, f"{path.name}: static shared memory: {line}"
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_launch_configurations_are_valid(dtype):
+@pytest.mark.parametrize("dtype,precision", [("float32", "highest"), ("float32", "high"), ("float64", "highest"),
+                                             ("float64", "high")])
+def test_launch_configurations_are_valid(dtype, precision):
     names = {f: set(cuda_launch.name_expressions(f)) for f in cuda_launch.KERNEL_FILES}
+    tensor_cores = precision == "high" and dtype == "float32"
 
     def check(launch):
         assert launch.kernel in names[launch.file], launch
         threads = launch.block[0] * launch.block[1] * launch.block[2]
         assert 32 <= threads <= 1024 and threads % 32 == 0, launch
         assert all(g >= 1 for g in launch.grid) and launch.grid[1] < 65536, launch
-        assert 0 <= launch.shared_mem <= 48 * 1024, launch
+        # Only the tensor-core GEMM goes past the default (the backend raises its kernel's limit).
+        limit = cuda_launch.DEFAULT_MAX_SHARED_MEM if launch.file in cuda_launch.MMA_FILES else 48 * 1024
+        assert 0 <= launch.shared_mem <= limit, launch
+
+    def gemm(*args, **kwargs):
+        plan = cuda_launch.gemm_launch(*args, precision=precision, **kwargs)
+        assert (plan.file == "linear_tf32.cu") == tensor_cores, plan
+        if plan.reduce is not None:
+            check(plan.reduce)
+        return plan
 
     for shape in [(1, 1, 1), (3, 5, 7), (64, 784, 256), (4096, 4096, 4096), (257, 10, 1000),
                   (5_000_000, 7, 3)]:
         M, N, K = shape
         for act in activations.ACTIVATIONS:
             for aligned in (False, True):
-                check(cuda_launch.gemm_launch(M, N, K, dtype, activation=act, aligned=aligned))
-        check(cuda_launch.gemm_launch(M, N, K, dtype, trans_a=True, aligned=True))
-        check(cuda_launch.gemm_launch(M, N, K, dtype, trans_b=True, aligned=True))
+                check(gemm(M, N, K, dtype, activation=act, aligned=aligned))
+        check(gemm(M, N, K, dtype, trans_a=True, aligned=True))
+        check(gemm(M, N, K, dtype, trans_b=True, aligned=True))
         for act in activations.ACTIVATIONS:
             plan = cuda_launch.bias_act_backward_launch(M, N, dtype, act, has_bias=True)
             check(plan.main)
@@ -288,9 +308,13 @@ def ptxas_report(file: str) -> list[dict]:
     return rows
 
 
+#: Kernel families that are float32 whatever their template arguments.
+FLOAT32_KERNELS = ("gemm_tf32",)
+
+
 def _is_hot(kernel: str) -> bool:
     family = kernel.split("<", 1)[0]
-    return family in HOT_KERNELS and "<float," in kernel.replace("<float>", "<float,")
+    return family in FLOAT32_KERNELS or (family in HOT_KERNELS and "<float," in kernel.replace("<float>", "<float,"))
 
 
 @pytest.mark.parametrize("file", cuda_launch.KERNEL_FILES)

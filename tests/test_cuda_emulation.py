@@ -792,7 +792,8 @@ def _softmax(b, rng, shape):
 
 MUTANTS = [
     # id, file, function, text, replacement, occurrence, run, shape
-    ("gemm-no-barrier-after-first-tile", "linear.cu", "gemm", "__syncthreads();", "", 0, _linear_forward, (37, 20, 45)),
+    ("gemm-no-barrier-after-first-tile", "gemm_staging.cuh", "wait_and_refill", "__syncthreads();", "", 0, _linear_forward,
+     (37, 20, 45)),
     ("bias-grad-no-barrier", "linear.cu", "bias_act_backward", "__syncthreads();", "", 0, _linear_backward,
      (40, 8, 12)),
     ("block-reduce-no-barrier", "common.cuh", "block_max_sum", "__syncthreads();", "", 1, _softmax, (3, 1029)),

@@ -123,17 +123,18 @@ def test_results_do_not_depend_on_the_thread_schedule(linear_module, monkeypatch
 
 # --------------------------------------------------------------------- mutants
 # A copy of kernels/ with one bug put into the GEMM: each must fail (a wrong result, a NaN
-# from a stage read before its copy landed, or a fault).
-BARRIER = "__syncthreads();                   // everyone's have, and nobody reads slice t - 1 any more"
-MUTANTS = [  # id, [(text in kernels/linear.cu, its replacement), ...]
-    ("no-barrier", [(BARRIER, "// (barrier removed)")]),
-    ("wait-one-group-short", [("nnf::cp_async_wait<STAGES - 2>();", "nnf::cp_async_wait<STAGES - 1>();")]),
-    ("refill-before-the-barrier", [(BARRIER, "// (barrier moved below the refill)"),
-                                   ("        }\n        nnf::cp_async_commit();\n        const T* as",
-                                    "        }\n        __syncthreads();\n        nnf::cp_async_commit();\n"
-                                    "        const T* as")]),
-    ("copy-bound-off-by-one", [("< kmax;", "<= kmax;")]),
-    ("split-share-off-by-one", [("const int count = max(0, min(slices - s0, per));",
+# from a stage read before its copy landed, or a fault). The pipeline, the copies and the
+# share of K are gemm_staging.cuh's (the TF32 GEMM's too: test_cuda_tf32_gemm_emulation.py).
+STAGING = "gemm_staging.cuh"
+BARRIER = "__syncthreads();              // everyone's have, and nobody reads slice t - 1 any more"
+MUTANTS = [  # id, [(file of kernels/, text in it, its replacement), ...]
+    ("no-barrier", [(STAGING, BARRIER, "// (barrier removed)")]),
+    ("wait-one-group-short", [(STAGING, "cp_async_wait<STAGES - 2>();", "cp_async_wait<STAGES - 1>();")]),
+    ("refill-before-the-barrier", [(STAGING, BARRIER, "// (barrier moved below the refill)"),
+                                   (STAGING, "        }\n        cp_async_commit();\n    }",
+                                    "        }\n        __syncthreads();\n        cp_async_commit();\n    }")]),
+    ("copy-bound-off-by-one", [(STAGING, "< kmax;", "<= kmax;")]),
+    ("split-share-off-by-one", [(STAGING, "const int count = max(0, min(slices - s0, per));",
                                  "const int count = max(0, min(slices - s0, per - 1));")]),
 ]
 
@@ -143,12 +144,11 @@ MUTANTS = [  # id, [(text in kernels/linear.cu, its replacement), ...]
 def test_a_bug_put_into_the_gemm_is_caught(tmp_path, edits):
     directory = tmp_path / "kernels"
     shutil.copytree(cuda_launch.kernel_dir(), directory, ignore=shutil.ignore_patterns("testing"))
-    source = directory / "linear.cu"
-    text = source.read_text()
-    for old, new in edits:
-        assert text.count(old) == 1, f"the mutation site moved: {old!r} is not once in kernels/linear.cu"
-        text = text.replace(old, new)
-    source.write_text(text)
+    for file, old, new in edits:
+        source = directory / file
+        text = source.read_text()
+        assert text.count(old) == 1, f"the mutation site moved: {old!r} is not once in kernels/{file}"
+        source.write_text(text.replace(old, new))
     # 200 inputs: 13 slices of 16, 7 and 6 per split, so every stage of the ring is refilled.
     x, W, b, dy = random_case(np.random.default_rng(3), (37, 200, 45), np.float32)
     expected = linear_outputs(gemm_cases.REFERENCE, x, W, b, "relu", dy)

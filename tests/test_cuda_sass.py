@@ -1,11 +1,15 @@
 """What the GPU would run: the sm_90 machine code (SASS) of the kernels, read without a GPU.
 
 * In the main loop of every GEMM instantiation (the loop with the most FFMA /
-  DFMA: K slices, inner product unrolled) the first global load (LDG, or
-  LDGSTS for cp.async) must come before a quarter of the FMAs: the next
+  DFMA: K slices, inner product unrolled; for the tensor-core GEMM of
+  linear_tf32.cu the loop with the most HMMA) the first global load (LDG, or
+  LDGSTS for cp.async) must come before a quarter of the math: the next
   slices are then in flight while the math runs. A compiler that sinks the
   loads below the math (as it did with plain loads into registers: after 510
   of 512 FFMAs) turns the pipeline back into load-then-compute.
+* The TF32 GEMMs run on the tensor cores: their main loop is HMMA.*.F32.TF32
+  and nothing else (no FFMA, no double-precision or half tensor op), with the
+  16 mma_sync of a 64 x 64 warp tile per 8 k (4 HMMA.1684 each on sm_90).
 * The vector path really moves 16 bytes per copy and per store.
 * No float32 kernel of any kernels/*.cu uses local memory (LDL / STL: spills or
   a register array indexed at run time).
@@ -27,7 +31,7 @@ from test_cuda_compile import CUPY_RUNTIME_OPTIONS
 REASON = cuda_sass.unavailable_reason()
 needs_tools = pytest.mark.skipif(REASON is not None, reason=f"cannot produce SASS here: {REASON}")
 
-GEMMS = gemm_names()
+GEMMS = gemm_names() + gemm_names("linear_tf32.cu")
 
 
 def _excerpt(code: list[Instruction], at: int, before: int = 3, after: int = 3) -> str:
@@ -35,20 +39,32 @@ def _excerpt(code: list[Instruction], at: int, before: int = 3, after: int = 3) 
 
 
 def _gemm_flags(name: str) -> tuple[bool, bool, bool]:
-    """(TA, TB, VEC) of a gemm<...> name expression."""
+    """(TA, TB, VEC) of a gemm<...> / gemm_tf32<...> name expression (its last four arguments are TA, TB,
+    ACT, VEC)."""
     args = [a.strip() for a in name[name.index("<") + 1:name.rindex(">")].split(",")]
-    return args[7] == "true", args[8] == "true", args[10] == "true"
+    return args[-4] == "true", args[-3] == "true", args[-1] == "true"
+
+
+def _file(name: str) -> str:
+    return "linear_tf32.cu" if name.startswith("gemm_tf32<") else "linear.cu"
+
+
+def _math(name: str) -> str:
+    """The one instruction a GEMM's main loop computes with."""
+    return "HMMA" if name.startswith("gemm_tf32<") else "DFMA" if name.startswith("gemm<double") else "FFMA"
 
 
 @needs_tools
 @pytest.mark.parametrize("name", GEMMS)
 def test_gemm_main_loop_issues_the_next_loads_before_the_math(name):
-    code = sass("linear.cu")[name]
-    loop = main_loop(code)
-    assert loop is not None, f"{name}: no loop holding FFMA/DFMA in its SASS; the K loop is gone or fully unrolled"
-    fma = "DFMA" if name.startswith("gemm<double") else "FFMA"
-    assert all(ins.base == fma for ins in code[loop.first:loop.last + 1] if cuda_sass.is_fma(ins)), (
-        f"{name}: the main loop computes with the wrong precision (expected {fma} only)")
+    code = sass(_file(name))[name]
+    loop = main_loop(code, cuda_sass.math_of(name))
+    fma = _math(name)
+    assert loop is not None, f"{name}: no loop holding {fma} in its SASS; the K loop is gone or fully unrolled"
+    body = code[loop.first:loop.last + 1]
+    assert all(ins.base == fma for ins in body if cuda_sass.is_fma(ins) or cuda_sass.is_mma(ins)), (
+        f"{name}: the main loop computes with the wrong precision (expected {fma} only): "
+        f"{sorted({i.opcode for i in body if cuda_sass.is_fma(i) or cuda_sass.is_mma(i)})}")
     assert loop.first_load is not None, (
         f"{name}: the main loop ({loop.fmas} {fma}, {code[loop.first].address:#x}..{code[loop.last].address:#x}) "
         "issues no global load: nothing is fetched while the math runs")
@@ -64,14 +80,48 @@ def test_gemm_main_loop_issues_the_next_loads_before_the_math(name):
 @pytest.mark.parametrize("name", [n for n in GEMMS if _gemm_flags(n)[2]])
 def test_gemm_vector_path_moves_16_bytes(name):
     ta, tb, _ = _gemm_flags(name)
-    code = sass("linear.cu")[name]
-    loop = main_loop(code)
+    code = sass(_file(name))[name]
+    loop = main_loop(code, cuda_sass.math_of(name))
     wide_copies = [i for i in code[loop.first:loop.last + 1] if cuda_sass.is_global_load(i) and "128" in i.opcode]
-    if not tb or ta:  # an operand stored with m or n contiguous: copied 16 bytes at a time
+    if not tb or ta or name.startswith("gemm_tf32<"):  # the tensor-core stages copy k-contiguous rows as they are
         assert wide_copies, (f"{name}: no 16-byte global load in the main loop: "
                              f"{sorted({i.opcode for i in code[loop.first:loop.last + 1] if cuda_sass.is_global_load(i)})}")
     stores = {i.opcode for i in code if i.base == "STG"}
     assert any(op.endswith(".128") for op in stores), f"{name}: the epilogue stores no 16-byte vector: {stores}"
+
+
+TF32_GEMMS = gemm_names("linear_tf32.cu")
+
+
+@needs_tools
+@pytest.mark.parametrize("name", TF32_GEMMS)
+def test_tf32_gemm_runs_on_the_tensor_cores(name):
+    """HMMA with TF32 inputs and a float accumulator, 16 mma_sync (4 HMMA.1684 each) per warp tile of 64 x 64
+    and 8 k; no FFMA left in the main loop (the math did not fall back to the FMA pipes)."""
+    tile = next(t for t in cuda_launch.GEMM_TILES["tf32"].values() if name.startswith(f"gemm_tf32<{t.bm}, {t.bn}, "))
+    code = sass("linear_tf32.cu")[name]
+    mmas = [i for i in code if cuda_sass.is_mma(i)]
+    assert mmas and all(i.opcode == "HMMA.1684.F32.TF32" for i in mmas), sorted({i.opcode for i in mmas})
+    loop = main_loop(code, cuda_sass.is_mma)
+    body = code[loop.first:loop.last + 1]
+    assert not any(cuda_sass.is_fma(i) for i in body), f"{name}: FFMA in the tensor-core main loop"
+    unrolled = _gemm_flags(name)[2]  # the scalar path runs the k-steps of a slice in a loop of its own
+    per_step = (tile.wm // 16) * (tile.wn // 16) * 4
+    assert loop.fmas == (per_step * tile.bk // 8 if unrolled else per_step), (
+        f"{name}: {loop.fmas} HMMA in the main loop, expected {per_step} per 8 k")
+
+
+@needs_tools
+def test_tf32_tiles_get_the_resident_blocks_the_plan_counts_on():
+    """The cost model's blocks per SM (TensorCoreTile.blocks) fit the registers ptxas gave each instantiation."""
+    res = cuda_sass.resources("linear_tf32.cu")
+    for name in TF32_GEMMS:
+        tile = next(t for t in cuda_launch.GEMM_TILES["tf32"].values()
+                    if name.startswith(f"gemm_tf32<{t.bm}, {t.bn}, "))
+        regs = -(-res[name]["REG"] // 8) * 8  # allocated in steps of 8 a thread (256 a warp)
+        assert tile.blocks * tile.threads * regs <= 65536, (
+            f"{name}: {regs} registers a thread leave room for {65536 // (tile.threads * regs)} blocks of "
+            f"{tile.threads} threads per SM, the plan counts on {tile.blocks}")
 
 
 def _float32_kernels(file: str) -> list[str]:

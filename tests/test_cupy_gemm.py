@@ -1,4 +1,4 @@
-"""The pipelined GEMM of kernels/linear.cu on a real GPU, every path pinned in turn, against NumPy.
+"""The pipelined GEMMs of kernels/linear.cu and linear_tf32.cu on a real GPU, every path pinned, against NumPy.
 
 Marked ``gpu``: skipped (with the reason) where CuPy finds no usable device.
 ``cuda_launch.forced_gemm`` pins the tile and the split-K factor, so the
@@ -18,6 +18,7 @@ from gemm_cases import check_linear
 from nnfast.backends import backend_for, cuda_launch
 from nnfast.activations import ACTIVATIONS
 from nnfast.backends.cupy_backend import cupy_unavailable_reason
+from nnfast.precision import matmul_precision
 
 REASON = cupy_unavailable_reason()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(REASON is not None, reason=f"no usable GPU: {REASON}")]
@@ -71,3 +72,39 @@ def test_the_default_plans_at_training_shapes(gb, shape):
 
 def test_every_gemm_instantiation(gb):
     gemm_cases.run_every_gemm(gb)
+
+
+# --------------------------------------------------------------------- TF32 tensor cores
+@pytest.mark.parametrize("tile", list(cuda_launch.GEMM_TILES["tf32"]))
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu", "hardswish"])
+def test_tf32_tiles_forward_dw_dx(gb, tile, activation):
+    """matmul precision "high": every TF32 tile, element by element within the TF32 bound."""
+    with matmul_precision("high"), cuda_launch.forced_gemm(tile=tile, splits=1):
+        gemm_cases.check_linear_tf32(gb, np.random.default_rng(4), LARGE_VECTOR, activation, what=f"tf32 {tile}")
+
+
+@pytest.mark.parametrize("shape", [(128, 784, 256), (1024, 256, 256), (256, 784, 1024), (1024, 784, 512),
+                                   (8192, 256, 10), (63, 999, 131), (4096, 4096, 4096)])
+def test_tf32_default_plans_at_training_shapes(gb, shape):
+    with matmul_precision("high"):
+        gemm_cases.check_linear_tf32(gb, np.random.default_rng(5), shape, "relu", what="tf32 default plan")
+
+
+def test_tf32_is_near_cublas_tf32(gb):
+    """The same product through cuBLAS in TF32 (torch.matmul with TF32 allowed, when torch imports): both
+    round the operands to tf32, so they agree far better than either agrees with float32."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA device")
+    rng = np.random.default_rng(6)
+    x, W = rng.standard_normal((512, 1024)).astype(np.float32), rng.standard_normal((1024, 768)).astype(np.float32)
+    with matmul_precision("high"):
+        ours = gb.to_numpy(gb.linear_forward(gb.asarray(x), gb.asarray(W), None, "identity")[0]).astype(np.float64)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        theirs = (torch.from_numpy(x).cuda() @ torch.from_numpy(W).cuda()).cpu().numpy().astype(np.float64)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    exact = x.astype(np.float64) @ W
+    assert np.linalg.norm(ours - theirs) < 2 * np.linalg.norm(theirs - exact)

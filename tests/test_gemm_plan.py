@@ -122,3 +122,55 @@ def test_tiles_fit_the_launch_limits(c):
         assert (tile.wm // 4) % w == 0 and (tile.wn // 8) % w == 0, "a lane's rows and columns are whole vectors"
         for ta, tb in [(False, False), (True, False), (False, True)]:
             assert tile.shared_mem(itemsize, w, trans_a=ta, trans_b=tb) <= 48 * 1024
+
+
+# --------------------------------------------------------------------- TF32 (matmul precision "high")
+TF32 = GEMM_TILES["tf32"]
+#: Shared memory of one sm_90 multiprocessor, and what each resident block reserves of it.
+SM90_SHARED, BLOCK_RESERVED = 233472, 1024
+
+
+def test_the_large_square_tf32_gemm_takes_the_large_tensor_core_tile():
+    plan = cuda_launch.gemm_launch(4096, 4096, 4096, np.float32, activation="relu", aligned=True, precision="high")
+    assert plan.file == "linear_tf32.cu"
+    assert plan.kernel == "gemm_tf32<128, 256, 32, 64, 64, 3, false, false, 1, true>"
+    assert plan.grid == (32, 16, 1) and plan.splits == 1 and plan.block == (256, 1, 1)
+    assert plan.shared_mem == 3 * (128 * (32 + 4) + 32 * (256 + 8)) * 4  # A [m][k] + B [k][n], 3 stages
+
+
+def test_tf32_tiles_fit_the_launch_limits_and_their_occupancy():
+    for name, tile in TF32.items():
+        assert tile.threads % 32 == 0 and tile.threads <= 1024
+        assert tile.wm % 16 == 0 and tile.wn % 16 == 0 and tile.bk % 8 == 0, "whole m16n16k8 fragments"
+        assert (tile.bm * tile.bn // 4) % tile.threads == 0, "the epilogue's runs of 4 columns tile the block"
+        for ta, tb in [(False, False), (True, False), (False, True)]:
+            smem = tile.shared_mem(4, 4, trans_a=ta, trans_b=tb)
+            assert smem <= cuda_launch.DEFAULT_MAX_SHARED_MEM
+            assert tile.blocks * (smem + BLOCK_RESERVED) <= SM90_SHARED, f"{name}: {tile.blocks} blocks do not fit"
+    assert [n for n, t in TF32.items() if t.scalar] == ["small"]
+
+
+@pytest.mark.parametrize("max_shared,tiles", [(232448, {"large"}), (166912, {"large"}),
+                                              (101376, {"small"})])
+def test_tf32_plans_respect_the_devices_shared_memory(max_shared, tiles):
+    """sm_90 (227 KiB a block), sm_80 (163 KiB), sm_86 / sm_89 (99 KiB)."""
+    plan = cuda_launch.gemm_launch(4096, 4096, 4096, np.float32, aligned=True, precision="high",
+                                   max_shared=max_shared)
+    assert plan.shared_mem <= max_shared
+    assert next(n for n, t in TF32.items() if plan.kernel.startswith(f"gemm_tf32<{t.bm}, {t.bn}, ")) in tiles
+    with pytest.raises(ValueError, match="no tf32 GEMM tile can run this product"):
+        cuda_launch.gemm_launch(64, 64, 64, np.float32, aligned=True, precision="high", max_shared=48 * 1024)
+    with cuda_launch.forced_gemm(tile="large"), pytest.raises(ValueError, match="bytes of shared memory"):
+        cuda_launch.gemm_launch(64, 64, 64, np.float32, aligned=True, precision="high", max_shared=101376)
+
+
+@pytest.mark.parametrize("batch", [2048, 8192])
+@pytest.mark.parametrize("inputs,outputs", [(784, 1024), (1024, 1024), (4096, 4096), (784, 4096)])
+def test_tf32_training_shapes_fill_the_device(batch, inputs, outputs):
+    """Products of a GFLOP and more get a block on three quarters of the multiprocessors at least (smaller ones
+    last a few microseconds, where a second launch for split K costs more than idle multiprocessors)."""
+    for name, dims, kwargs in (("forward", (batch, outputs, inputs), {}), ("dW", (inputs, outputs, batch),
+                                                                           {"trans_a": True}),
+                               ("dx", (batch, inputs, outputs), {"trans_b": True})):
+        plan = cuda_launch.gemm_launch(*dims, np.float32, aligned=True, precision="high", **kwargs)
+        assert _blocks(plan) >= 0.75 * SM, f"{name} of {batch} x {inputs} -> {outputs}: {plan}"

@@ -23,6 +23,10 @@
 //   * asynchronous copies (cp.async, __pipeline_memcpy_async) land in shared memory
 //     when the issuing thread waits for their group and read as poison until then
 //     (section "asynchronous copies");
+//   * the tensor-core fragment API nvcuda::wmma (m16n16k8, tf32 multiplicands, float
+//     accumulators) runs as warp collectives over whole warps, with an element -> lane
+//     mapping of the fragments drawn at random per launch, alignment and ldm checks, and
+//     multiplicands that must have been rounded to tf32 (section "tensor cores");
 //   * `__syncthreads()` reached by only part of a block (others returned, or wait
 //     at another barrier), warp collectives that never complete, and every other
 //     deadlock are reported instead of hanging;
@@ -40,8 +44,9 @@
 //
 // Not emulated: timing-dependent races that barriers do not order, the CUDA memory
 // model (fences, volatile, acquire/release between blocks), spin-waits on other
-// threads or blocks (they time out), textures, tensor cores, inline PTX, half
-// types, cooperative groups, performance.
+// threads or blocks (they time out), textures, tensor cores other than the wmma
+// subset above (mma.sync, wgmma), inline PTX, half types, cooperative groups,
+// performance.
 
 #ifndef NNFAST_CUDA_HOST_EMULATION_H
 #define NNFAST_CUDA_HOST_EMULATION_H
@@ -146,14 +151,17 @@ enum State : int { kRunnable = 0, kAtBarrier = 1, kAtWarp = 2, kDone = 3 };
 enum BarrierKind : int { kSync = 0, kSyncCount = 1, kSyncAnd = 2, kSyncOr = 3 };
 enum WarpOp : int {
   kShflIdx = 0, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncWarp,
-  kReduceAdd, kReduceMin, kReduceMax, kReduceMinS, kReduceMaxS, kMatchAny
+  kReduceAdd, kReduceMin, kReduceMax, kReduceMinS, kReduceMaxS, kMatchAny,
+  kWmmaFill, kWmmaLoad, kWmmaStore, kWmmaMma  // the tensor-core fragment API (section "tensor cores")
 };
 inline const char* warp_op_name(int op) {
   static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
                                 "__ballot_sync", "__any_sync", "__all_sync", "__syncwarp",
                                 "__reduce_add_sync", "__reduce_min_sync", "__reduce_max_sync",
-                                "__reduce_min_sync", "__reduce_max_sync", "__match_any_sync"};
-  return (op >= 0 && op <= kMatchAny) ? names[op] : "?";
+                                "__reduce_min_sync", "__reduce_max_sync", "__match_any_sync",
+                                "wmma::fill_fragment", "wmma::load_matrix_sync", "wmma::store_matrix_sync",
+                                "wmma::mma_sync"};
+  return (op >= 0 && op <= kWmmaMma) ? names[op] : "?";
 }
 
 // Error codes returned by cuemu_launch (mirrored in tests/cuda_emulation.py).
@@ -179,6 +187,12 @@ struct Thread {
   unsigned w_mask;
   bool w_done;
   uint64_t w_val, w_result;
+  // wmma collective: the lane's fragments (d, a, b, c for mma_sync; the one fragment otherwise)
+  // and the memory operand, which must be the same for every lane
+  void* w_frag[4];
+  const void* w_mem;
+  unsigned w_ldm;
+  int w_layout;
 };
 
 // The order in which the runnable threads of a block run (tests/cuda_emulation.py SCHEDULES).
@@ -587,6 +601,8 @@ inline unsigned live_lanes(unsigned w) {
 
 inline uint64_t poison_bits(int size) { return size >= 8 ? ~uint64_t(0) : ((uint64_t(1) << (8 * size)) - 1); }
 
+inline void wmma_complete(unsigned base, unsigned need, const Thread& first);  // section "tensor cores"
+
 // Complete the warp collectives of warp w whose participants have all arrived.
 inline void try_complete_warp(unsigned w) {
   unsigned base = w * kWarpSize;
@@ -618,6 +634,7 @@ inline void try_complete_warp(unsigned w) {
       }
     }
     ++rt.stats.warp_collectives;
+    if (first.w_op >= kWmmaFill) wmma_complete(base, need, first);  // fails the launch, or completes it
     int op = first.w_op;
     uint64_t ballot = 0, sum = 0;
     uint64_t umin = ~uint64_t(0), umax = 0;
@@ -707,6 +724,189 @@ inline uint64_t warp_collective(int op, unsigned mask, uint64_t value, int b, in
   t->state = kRunnable;
   return t->w_result;
 }
+
+// ------------------------------------------------------------ tensor cores (wmma)
+// nvcuda::wmma for the shape a kernel here uses: m16n16k8 with tf32 multiplicands and a float
+// accumulator. A fragment is a per-warp object: each lane holds num_elements values of it in
+// `x`, and which matrix element sits in which lane's x[i] is unspecified by CUDA. The emulation
+// draws that mapping at random at every launch (a permutation per kind of fragment), so a
+// kernel is right only if it treats x[] as the opaque bag CUDA says it is (an element-wise
+// conversion or scaling of every x[i] is fine; reading x[i] as "row lane / 4" is not).
+//
+// fill_fragment, load_matrix_sync, store_matrix_sync and mma_sync are warp collectives over
+// the whole warp, as on a GPU: every one of the 32 lanes must call the same function, with the
+// same pointer, ldm and layout (a warp with a lane that returned or does not exist fails the
+// launch). load_ / store_matrix_sync check what the CUDA programming guide requires: a
+// pointer aligned to 256 bits and an ldm that is a multiple of 16 bytes (4 floats); shared
+// memory accesses must lie inside the launch's dynamic size. mma_sync requires its tf32
+// operands to be tf32 values (the low 13 bits of every finite element zero): CUDA asks
+// kernels to convert the elements with __float_to_tf32 (cvt.rna.tf32.f32: round to nearest,
+// ties away from zero). A GPU does not check it; its tensor cores ignore the low 13 bits (the
+// value is truncated, not rounded), which biases every product towards zero. Here an element
+// that was not converted fails the launch, so the missing conversion cannot pass unnoticed.
+// The product is computed exactly (a tf32 x tf32 product fits a double), summed over k in
+// double and rounded to float once, with the accumulator added: at least as accurate as the
+// hardware's float accumulation, so results agree with a GPU to rounding, not bit for bit.
+enum WmmaKind : int { kFragA = 0, kFragB = 1, kFragAcc = 2 };
+enum WmmaLayout : int { kRowMajor = 0, kColMajor = 1, kNoLayout = 2 };
+constexpr int kWmmaM = 16, kWmmaN = 16, kWmmaK = 8;
+
+constexpr int wmma_rows(int kind) { return kind == kFragB ? kWmmaK : kWmmaM; }
+constexpr int wmma_cols(int kind) { return kind == kFragA ? kWmmaK : kWmmaN; }
+constexpr int wmma_elements(int kind) { return wmma_rows(kind) * wmma_cols(kind) / kWarpSize; }
+constexpr int wmma_code(int kind, int layout) { return kind * 4 + layout; }  // Thread::w_size
+
+// g_wmma_slot[kind][r * cols + c]: the slot lane * elements + i holding matrix element (r, c).
+inline unsigned g_wmma_slot[3][kWmmaM * kWmmaN];
+inline uint64_t g_wmma_launches = 0;
+
+inline void wmma_new_mapping(uint64_t seed) {
+  uint64_t s = seed ^ (0x5851f42d4c957f2dull * ++g_wmma_launches);
+  for (int kind = 0; kind < 3; ++kind) {
+    const unsigned n = static_cast<unsigned>(wmma_rows(kind) * wmma_cols(kind));
+    for (unsigned i = 0; i < n; ++i) g_wmma_slot[kind][i] = i;
+    for (unsigned i = n; i > 1; --i) {
+      uint64_t z = (s += 0x9e3779b97f4a7c15ull);  // splitmix64
+      z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+      z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+      std::swap(g_wmma_slot[kind][i - 1], g_wmma_slot[kind][(z ^ (z >> 31)) % i]);
+    }
+  }
+}
+
+inline float& wmma_element(unsigned base, int frag, int kind, int e) {
+  const unsigned slot = g_wmma_slot[kind][e], per = static_cast<unsigned>(wmma_elements(kind));
+  return static_cast<float*>(rt.threads[base + slot / per].w_frag[frag])[slot % per];
+}
+
+inline bool is_tf32(float v) {
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return (u & 0x7f800000u) == 0x7f800000u || (u & 0x1fffu) == 0;  // NaN and Inf pass as they are
+}
+
+// Fail the launch from a wmma collective, naming the lane that completed it and the call.
+[[noreturn]] inline void wmma_error(int code, const Thread& t, const char* fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+inline void wmma_error(int code, const Thread& t, const char* fmt, ...) {
+  char what[1024], w[160], s[256];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  where(w, sizeof w, &t);
+  set_error(code, "%s: %s (warp %u, %s, at %s)", warp_op_name(t.w_op), what, t.warp, w,
+            site_name(t.w_file, t.w_line, s, sizeof s));
+  abort_launch();
+}
+
+// Element (r, c) of a rows x cols matrix at p with leading dimension ldm.
+inline size_t wmma_offset(int layout, int r, int c, unsigned ldm) {
+  return layout == kRowMajor ? size_t(r) * ldm + c : size_t(c) * ldm + r;
+}
+
+inline void wmma_check_memory(const Thread& t, int kind, int layout) {
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.w_mem);
+  if (p % 32 != 0)
+    wmma_error(kErrFault, t, "the matrix pointer %p is not 256-bit (32-byte) aligned", t.w_mem);
+  if (t.w_ldm % 4 != 0 || t.w_ldm == 0)
+    wmma_error(kErrTrap, t, "ldm %u is not a positive multiple of 16 bytes (4 floats)", t.w_ldm);
+  const size_t last = wmma_offset(layout, wmma_rows(kind) - 1, wmma_cols(kind) - 1, t.w_ldm);
+  const unsigned char* lo = static_cast<const unsigned char*>(t.w_mem);
+  const unsigned char* hi = lo + (last + 1) * sizeof(float);
+  const bool in_dynamic_area = hi > rt.dyn_begin && lo < rt.dyn_begin + kMaxDynamicSmem + kSmemTail;
+  if (in_dynamic_area && (lo < rt.dyn_begin || hi > rt.dyn_begin + rt.dyn_size))
+    wmma_error(kErrSharedOverflow, t,
+               "the matrix spans dynamic shared memory bytes [%ld, %ld), outside the %zu bytes given at launch",
+               static_cast<long>(lo - rt.dyn_begin), static_cast<long>(hi - rt.dyn_begin), rt.dyn_size);
+}
+
+// The matrix of multiplicand fragment `kind` (matrix_a or matrix_b, slot 1 or 2 of mma_sync), row-major,
+// every element checked to be a tf32 value.
+inline void wmma_multiplicand(unsigned base, const Thread& first, int kind, float* out) {
+  const int cols = wmma_cols(kind);
+  for (int e = 0; e < wmma_rows(kind) * cols; ++e) {
+    const float v = out[e] = wmma_element(base, kind == kFragA ? 1 : 2, kind, e);
+    if (!is_tf32(v))
+      wmma_error(kErrTrap, first, "%s element (%d, %d) = %.9g is not a tf32 value (its low 13 bits are set): "
+                 "convert every element of a tf32 fragment with wmma::__float_to_tf32 before mma_sync",
+                 kind == kFragA ? "matrix_a" : "matrix_b", e / cols, e % cols, static_cast<double>(v));
+  }
+}
+
+// Perform the wmma collective of warp `base / 32`, whose lanes all wait at the same call.
+inline void wmma_complete(unsigned base, unsigned need, const Thread& first) {
+  if (need != 0xffffffffu)
+    wmma_error(kErrWarpDivergence, first,
+               "a warp-wide operation: all 32 lanes must call it, but only lanes 0x%08x do (the others %s)", need,
+               rt.nthreads < base + kWarpSize ? "do not exist: the block is not a whole number of warps"
+                                              : "have returned");
+  const int kind = first.w_size / 4, layout = first.w_size % 4;
+  for (unsigned j = 1; j < kWarpSize; ++j) {
+    const Thread& o = rt.threads[base + j];
+    const bool same = first.w_op == kWmmaMma || first.w_op == kWmmaFill
+                          ? true
+                          : o.w_mem == first.w_mem && o.w_ldm == first.w_ldm && o.w_layout == first.w_layout;
+    if (!same)
+      wmma_error(kErrWarpDivergence, o, "lane %u passes (%p, ldm %u, layout %d), lane 0 (%p, ldm %u, layout %d): "
+                 "the matrix must be the same for the whole warp", j, o.w_mem, o.w_ldm, o.w_layout, first.w_mem,
+                 first.w_ldm, first.w_layout);
+    if (first.w_op == kWmmaFill && o.w_val != first.w_val)
+      wmma_error(kErrWarpDivergence, o, "lane %u fills with another value than lane 0: with the element mapping "
+                 "unspecified, the fragment would hold an unspecified matrix", j);
+  }
+  const int rows = wmma_rows(kind), cols = wmma_cols(kind), n = rows * cols;
+  switch (first.w_op) {
+    case kWmmaFill: {
+      float v;
+      memcpy(&v, &first.w_val, 4);
+      for (unsigned l = 0; l < kWarpSize; ++l)
+        for (int i = 0; i < wmma_elements(kind); ++i) static_cast<float*>(rt.threads[base + l].w_frag[0])[i] = v;
+      break;
+    }
+    case kWmmaLoad: case kWmmaStore: {
+      const int mem_layout = kind == kFragAcc ? first.w_layout : layout;
+      wmma_check_memory(first, kind, mem_layout);
+      float* p = static_cast<float*>(const_cast<void*>(first.w_mem));
+      for (int e = 0; e < n; ++e) {
+        float* at = p + wmma_offset(mem_layout, e / cols, e % cols, first.w_ldm);
+        if (first.w_op == kWmmaLoad) wmma_element(base, 0, kind, e) = *at;
+        else *at = wmma_element(base, 0, kind, e);
+      }
+      break;
+    }
+    case kWmmaMma: {
+      float a[kWmmaM * kWmmaK], b[kWmmaK * kWmmaN];  // row-major
+      wmma_multiplicand(base, first, kFragA, a);
+      wmma_multiplicand(base, first, kFragB, b);
+      float d[kWmmaM * kWmmaN];
+      for (int e = 0; e < kWmmaM * kWmmaN; ++e) {
+        double s = 0.0;
+        const int r = e / kWmmaN, c = e % kWmmaN;
+        for (int k = 0; k < kWmmaK; ++k) s += static_cast<double>(a[r * kWmmaK + k]) * b[k * kWmmaN + c];
+        d[e] = static_cast<float>(s + static_cast<double>(wmma_element(base, 3, kFragAcc, e)));
+      }
+      for (int e = 0; e < kWmmaM * kWmmaN; ++e) wmma_element(base, 0, kFragAcc, e) = d[e];  // d may be c
+      break;
+    }
+    default: break;
+  }
+}
+
+// A lane's side of a wmma collective: record what it passes, wait for the whole warp.
+inline void wmma_collective(int op, int code, void* d, const void* a, const void* b, const void* c,
+                            const void* mem, unsigned ldm, int layout, uint32_t value, const char* file, int line) {
+  Thread* t = rt.cur;
+  t->w_frag[0] = d;
+  t->w_frag[1] = const_cast<void*>(a);
+  t->w_frag[2] = const_cast<void*>(b);
+  t->w_frag[3] = const_cast<void*>(c);
+  t->w_mem = mem;
+  t->w_ldm = ldm;
+  t->w_layout = layout;
+  warp_collective(op, 0xffffffffu, value, 0, 0, code, file, line);
+}
+// ------------------------------------------------------------ end of tensor cores
 
 inline int block_barrier(int kind, int pred, const char* file, int line) {
   Thread* t = rt.cur;
@@ -1194,6 +1394,104 @@ __attribute__((noinline)) unsigned __match_any_sync(unsigned mask, T v, CUEMU_SI
                                                         sizeof(T), cuemu_file, cuemu_line));
 }
 
+// ---------------------------------------------------------------- tensor cores: nvcuda::wmma
+// The fragment API for m16n16k8 with tf32 multiplicands and a float accumulator (see the
+// runtime's section "tensor cores"). A kernel includes <mma.h> only when not emulated.
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major = 0, mem_col_major = 1 };
+
+template <class Use> struct cuemu_use;
+template <> struct cuemu_use<matrix_a> { static constexpr int kind = ::cuemu::kFragA; };
+template <> struct cuemu_use<matrix_b> { static constexpr int kind = ::cuemu::kFragB; };
+template <> struct cuemu_use<accumulator> { static constexpr int kind = ::cuemu::kFragAcc; };
+template <class Layout> struct cuemu_layout { static constexpr int code = -1; };
+template <> struct cuemu_layout<row_major> { static constexpr int code = ::cuemu::kRowMajor; };
+template <> struct cuemu_layout<col_major> { static constexpr int code = ::cuemu::kColMajor; };
+template <> struct cuemu_layout<void> { static constexpr int code = ::cuemu::kNoLayout; };
+
+template <class Use, int M, int N, int K, class T, class Layout = void>
+class fragment {
+  static constexpr int kind = cuemu_use<Use>::kind;
+  static_assert(M == ::cuemu::kWmmaM && N == ::cuemu::kWmmaN && K == ::cuemu::kWmmaK,
+                "the CUDA emulation has the wmma shape m16n16k8 only");
+  static_assert(kind == ::cuemu::kFragAcc
+                    ? std::is_same_v<T, float> && std::is_void_v<Layout>
+                    : std::is_same_v<T, precision::tf32> && cuemu_layout<Layout>::code >= 0,
+                "the CUDA emulation has tf32 matrix_a / matrix_b fragments (row_major or col_major) and float "
+                "accumulators only");
+
+ public:
+  typedef float element_type;
+  typedef float storage_element_type;
+  enum { num_elements = ::cuemu::wmma_elements(kind) };
+  float x[num_elements];
+  static constexpr int cuemu_code = ::cuemu::wmma_code(kind, cuemu_layout<Layout>::code);
+};
+
+typedef fragment<accumulator, 16, 16, 8, float> cuemu_accumulator;
+
+template <class Use, int M, int N, int K, class T, class Layout>
+__attribute__((noinline)) void fill_fragment(fragment<Use, M, N, K, T, Layout>& f, float v, CUEMU_SITE) {
+  uint32_t bits;
+  memcpy(&bits, &v, 4);
+  ::cuemu::wmma_collective(::cuemu::kWmmaFill, f.cuemu_code, f.x, nullptr, nullptr, nullptr, nullptr, 0, 0, bits,
+                           cuemu_file, cuemu_line);
+}
+
+template <class Use, class Layout>
+__attribute__((noinline)) void load_matrix_sync(fragment<Use, 16, 16, 8, precision::tf32, Layout>& f,
+                                                const float* p, unsigned ldm, CUEMU_SITE) {
+  ::cuemu::wmma_collective(::cuemu::kWmmaLoad, f.cuemu_code, f.x, nullptr, nullptr, nullptr, p, ldm,
+                           cuemu_layout<Layout>::code, 0, cuemu_file, cuemu_line);
+}
+
+__attribute__((noinline)) inline void load_matrix_sync(cuemu_accumulator& f, const float* p, unsigned ldm,
+                                                       layout_t layout, CUEMU_SITE) {
+  ::cuemu::wmma_collective(::cuemu::kWmmaLoad, f.cuemu_code, f.x, nullptr, nullptr, nullptr, p, ldm,
+                           static_cast<int>(layout), 0, cuemu_file, cuemu_line);
+}
+
+__attribute__((noinline)) inline void store_matrix_sync(float* p, const cuemu_accumulator& f, unsigned ldm,
+                                                        layout_t layout, CUEMU_SITE) {
+  ::cuemu::wmma_collective(::cuemu::kWmmaStore, f.cuemu_code, const_cast<float*>(f.x), nullptr, nullptr, nullptr, p,
+                           ldm, static_cast<int>(layout), 0, cuemu_file, cuemu_line);
+}
+
+template <class LayoutA, class LayoutB>
+__attribute__((noinline)) void mma_sync(cuemu_accumulator& d, const fragment<matrix_a, 16, 16, 8, precision::tf32, LayoutA>& a,
+                                        const fragment<matrix_b, 16, 16, 8, precision::tf32, LayoutB>& b,
+                                        const cuemu_accumulator& c, CUEMU_SITE) {
+  ::cuemu::wmma_collective(::cuemu::kWmmaMma, d.cuemu_code, d.x, a.x, b.x, c.x, nullptr, 0, 0, 0, cuemu_file,
+                           cuemu_line);
+}
+
+// cvt.rna.tf32.f32: the float rounded to 10 mantissa bits, to nearest with ties away from zero
+// (adding half an ulp of tf32 to the magnitude carries into the exponent as it should; the
+// largest floats round to infinity), its low 13 bits zero. Inf stays Inf; NaN stays a quiet NaN.
+inline float __float_to_tf32(float in) {
+  uint32_t u;
+  memcpy(&u, &in, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) {
+    if (u & 0x007fffffu) u = (u | 0x00400000u) & ~0x1fffu;
+  } else {
+    u = (u + 0x1000u) & ~0x1fffu;
+  }
+  float out;
+  memcpy(&out, &u, 4);
+  return out;
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 // ---------------------------------------------------------------- traps, assert
 [[noreturn]] inline void __trap() { ::cuemu::fail_in_thread(::cuemu::kErrTrap, "__trap()"); }
 [[noreturn]] inline void __brkpt() { ::cuemu::fail_in_thread(::cuemu::kErrTrap, "__brkpt()"); }
@@ -1511,6 +1809,7 @@ __attribute__((visibility("default"), used)) int cuemu_launch(int index, const u
   rt.stats = Stats{};
   rt.opt = *options;
   rt.rng = options->seed;
+  wmma_new_mapping(options->seed);  // a new element -> lane mapping of the wmma fragments
   int code = kOk;
   auto finish = [&](int c) {
     if (message && message_len) snprintf(message, message_len, "%s", rt.message);

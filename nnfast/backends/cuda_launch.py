@@ -27,15 +27,27 @@ import numpy as np
 
 from ..activations import CODES as ACTIVATION_CODES
 from ..op_spec import Kernel
-from ..ops import GEMM, OPS
-from . import gemm_plan
+from ..ops import GEMM, GEMM_TF32, OPS
+from ..precision import PRECISIONS
+from . import cuda_headers, gemm_plan
 from .gemm_plan import GEMM_TILES, GemmTile
 
 #: The kernel sources, one CuPy ``RawModule`` each: every file of the op table.
-KERNEL_FILES = tuple(dict.fromkeys(op.cuda.file for op in OPS.values() if op.cuda is not None))
+KERNEL_FILES = tuple(dict.fromkeys(cuda.file for op in OPS.values() for cuda in op.kernel_files))
 
-#: NVRTC options used for every file (the test adds ``-arch``).
+#: NVRTC options used for every file (the test adds ``-arch``); see :func:`compile_options`.
 COMPILE_OPTIONS = ("--std=c++17",)
+
+#: Kernel files that include a CUDA header NVRTC does not bring (``<mma.h>``): compiled only
+#: when used (matmul precision "high"), with the include directories of
+#: :func:`nnfast.backends.cuda_headers.mma_include_dirs`.
+MMA_FILES = ("linear_tf32.cu",)
+
+#: Dynamic shared memory a block may use without raising its kernel's limit, and the most
+#: assumed when the caller does not pass the device's opt-in limit (sm_90: 227 KiB).
+DEFAULT_SHARED_MEM = 48 * 1024
+DEFAULT_MAX_SHARED_MEM = 232448
+
 
 #: Streaming multiprocessors assumed when the caller does not pass the device's
 #: count (an H100 SXM has 132). Only grid sizes of grid-stride kernels and the
@@ -117,6 +129,8 @@ def _row_scratch(rt: int, c: str) -> int:
 
 # ------------------------------------------------------------------ the instantiations
 def _gemm_name(c: str, t: GemmTile, ta: bool, tb: bool, act: int, vec: bool) -> str:
+    if c == "tf32":
+        return _format(GEMM_TF32, TF32_TILE=t, TA=ta, TB=tb, ACT=act, VEC=vec)  # = GEMM_TF32_SCALAR's
     return _format(GEMM, T=c, TILE=t, TA=ta, TB=tb, ACT=act, VEC=vec)
 
 
@@ -140,6 +154,8 @@ def _format(template: str, **values: Any) -> str:
 #: Every value a template placeholder ranges over, per C type, unless the op fixes it.
 AXES: dict[str, Callable[[str], Sequence[Any]]] = {
     "TILE": lambda c: list(GEMM_TILES[c].values()),
+    "TF32_TILE": lambda c: list(GEMM_TILES["tf32"].values()),
+    "TF32_SCALAR_TILE": lambda c: [t for t in GEMM_TILES["tf32"].values() if t.scalar],
     "ACT": lambda c: list(ACTIVATION_CODES.values()),
     "VEC": lambda c: (False, True),
     "ROWS": lambda c: [rt for _, rt in ROW_THREADS],
@@ -169,9 +185,17 @@ def name_expressions(file: str) -> list[str]:
     """Every template instantiation compiled from ``kernels/<file>``: the kernels of the op table's rows."""
     if file not in KERNEL_FILES:
         raise ValueError(f"file: expected one of {KERNEL_FILES}, got {file!r}")
-    names = [name for op in OPS.values() if op.cuda is not None and op.cuda.file == file
-             for kernel in op.cuda.kernels for name in expand(kernel)]
+    names = [name for op in OPS.values() for cuda in op.kernel_files if cuda.file == file
+             for kernel in cuda.kernels for name in expand(kernel)]
     return list(dict.fromkeys(names))
+
+
+def compile_options(file: str) -> tuple[str, ...]:
+    """NVRTC options of ``kernels/<file>`` (the architecture aside): the include directories of
+    ``<mma.h>`` for :data:`MMA_FILES` (``BackendError`` when they are missing)."""
+    if file in MMA_FILES:
+        return COMPILE_OPTIONS + tuple(f"-I{d}" for d in cuda_headers.mma_include_dirs())
+    return COMPILE_OPTIONS
 
 
 def all_name_expressions() -> dict[str, list[str]]:
@@ -260,17 +284,23 @@ forced_gemm = gemm_plan.forced
 
 
 def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, trans_b: bool = False,
-                activation: str = "identity", aligned: bool = False,
-                sm_count: int = DEFAULT_SM_COUNT) -> GemmPlan:
+                activation: str = "identity", aligned: bool = False, precision: str = "highest",
+                sm_count: int = DEFAULT_SM_COUNT, max_shared: int = DEFAULT_MAX_SHARED_MEM) -> GemmPlan:
     """``C[M, N] = act(op(A) @ op(B) + bias)`` (see ``kernels/linear.cu``).
 
     ``aligned``: every pointer (A, B, C and Z) is 16-byte aligned. Vector
     copies and stores are used when that holds and every leading dimension is
     a multiple of the vector width. Transposed operands take the identity
-    epilogue only. The tile and the split-K factor come from
-    :func:`gemm_plan.choose` (or :func:`forced_gemm`).
+    epilogue only. ``precision`` "high" runs a float32 GEMM on the tensor cores
+    in TF32 (``kernels/linear_tf32.cu``); float64 ignores it. The tile and the
+    split-K factor come from :func:`gemm_plan.choose` (or :func:`forced_gemm`),
+    among the tiles whose shared memory fits ``max_shared`` bytes (the device's
+    opt-in limit per block); a launch above :data:`DEFAULT_SHARED_MEM` needs
+    its kernel's limit raised first.
     """
     c = ctype(dtype)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     if (trans_a or trans_b) and activation != "identity":
         raise ValueError("gemm: transposed-operand variants have the identity epilogue only")
     if trans_a and trans_b:
@@ -281,21 +311,33 @@ def gemm_launch(M: int, N: int, K: int, dtype: Any, *, trans_a: bool = False, tr
     lda = M if trans_a else K
     ldb = K if trans_b else N
     vec = bool(aligned) and lda % w == 0 and ldb % w == 0 and N % w == 0
-    name, splits = gemm_plan.choose(M, N, K, c, _ITEMSIZE[c], sm_count)
-    tile = GEMM_TILES[c][name]
+    kind = "tf32" if precision == "high" and c == "float" else c
+
+    def shared(tile: GemmTile) -> int:
+        return tile.shared_mem(_ITEMSIZE[c], w, trans_a=trans_a, trans_b=trans_b)
+
+    def unusable(tile: GemmTile) -> str | None:
+        if shared(tile) > max_shared:
+            return f"{shared(tile)} bytes of shared memory, the device gives a block {max_shared}"
+        if kind == "tf32" and not vec and not tile.scalar:
+            return "no scalar-path instantiation (operands misaligned or sizes not multiples of 4)"
+        return None
+
+    name, splits = gemm_plan.choose(M, N, K, kind, _ITEMSIZE[c], sm_count, unusable)
+    tile = GEMM_TILES[kind][name]
     if _cdiv(N, tile.bn) > 65535:
         raise ValueError(f"gemm: {N} output columns exceed the {65535 * tile.bn} one launch covers")
     act = _act_code(activation)
-    smem = tile.shared_mem(_ITEMSIZE[c], w, trans_a=trans_a, trans_b=trans_b)
     grid = (_cdiv(M, tile.bm), _cdiv(N, tile.bn), splits)
-    main = dict(file="linear.cu", grid=grid, block=(tile.threads, 1, 1), shared_mem=smem)
+    main = dict(file="linear_tf32.cu" if kind == "tf32" else "linear.cu", grid=grid, block=(tile.threads, 1, 1),
+                shared_mem=shared(tile))
     if splits == 1:
-        return GemmPlan(kernel=_gemm_name(c, tile, trans_a, trans_b, act, vec), **main)
+        return GemmPlan(kernel=_gemm_name(kind, tile, trans_a, trans_b, act, vec), **main)
     # Second pass: threads along the columns of a row, rows grid-striding along y.
     gx = _cdiv(N, _ELEMENTWISE_THREADS)
     gy = max(1, min(M, 65535, _cdiv(sm_count * 8, gx)))
     reduce = Launch("linear.cu", f"gemm_splitk_reduce<{c}, {act}>", (gx, gy, 1), (_ELEMENTWISE_THREADS, 1, 1))
-    return GemmPlan(kernel=_gemm_name(c, tile, trans_a, trans_b, 0, vec), **main, splits=splits, reduce=reduce,
+    return GemmPlan(kernel=_gemm_name(kind, tile, trans_a, trans_b, 0, vec), **main, splits=splits, reduce=reduce,
                     workspace_shape=(splits, M, N))
 
 
@@ -393,17 +435,21 @@ def total_instantiations() -> int:
 
 __all__ = [
     "COMPILE_OPTIONS",
+    "DEFAULT_MAX_SHARED_MEM",
+    "DEFAULT_SHARED_MEM",
     "DEFAULT_SM_COUNT",
     "GEMM_TILES",
     "GemmPlan",
     "KERNEL_FILES",
     "Launch",
+    "MMA_FILES",
     "OPTIM_CHUNK",
     "REDUCTION_CODES",
     "ROW_THREADS",
     "activation_launch",
     "all_name_expressions",
     "bias_act_backward_launch",
+    "compile_options",
     "cross_entropy_launches",
     "ctype",
     "forced_gemm",

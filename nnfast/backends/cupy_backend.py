@@ -31,6 +31,7 @@ import numpy as np
 
 from . import cuda_launch
 from ..activations import saves_input
+from ..precision import get_matmul_precision
 from .base import Backend, bad_label_error
 
 _INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
@@ -106,7 +107,7 @@ def _function(file: str, kernel: str) -> Any:
 
             module = cupy.RawModule(
                 code=cuda_launch.load_source(file),
-                options=cuda_launch.COMPILE_OPTIONS,
+                options=cuda_launch.compile_options(file),
                 name_expressions=cuda_launch.name_expressions(file),
             )
             _modules[file] = module
@@ -116,7 +117,10 @@ def _function(file: str, kernel: str) -> Any:
 
 
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
-    _function(launch.file, launch.kernel)(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+    fn = _function(launch.file, launch.kernel)
+    if launch.shared_mem > cuda_launch.DEFAULT_SHARED_MEM and fn.max_dynamic_shared_size_bytes < launch.shared_mem:
+        fn.max_dynamic_shared_size_bytes = launch.shared_mem  # a block above 48 KiB must be allowed first
+    fn(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
 
 
 _NULL = np.uint64(0)
@@ -236,6 +240,14 @@ class CupyBackend(Backend):
             self._sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
         except Exception:
             self._sm_count = cuda_launch.DEFAULT_SM_COUNT
+        try:  # the shared memory a block may have once its kernel's limit is raised
+            self._max_shared = int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+        except Exception:
+            self._max_shared = cuda_launch.DEFAULT_SHARED_MEM
+        try:  # TF32 tensor cores (and cp.async) from compute capability 8.0 on
+            self._tf32 = int(cupy.cuda.Device().compute_capability) >= 80
+        except Exception:
+            self._tf32 = False
         self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
         self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._memory: dict[int, int] = {}
@@ -284,10 +296,17 @@ class CupyBackend(Backend):
         N = W.shape[1]
         y = cp.empty((M, N), dtype=x.dtype)
         z = cp.empty((M, N), dtype=x.dtype) if saves_input(activation) else None
-        plan = cuda_launch.gemm_launch(M, N, K, x.dtype, activation=activation,
-                                       aligned=_aligned(x, W, y, z), sm_count=self._sm_count)
+        plan = self._gemm_plan(M, N, K, x.dtype, activation=activation, aligned=_aligned(x, W, y, z))
         self._gemm(plan, y, z, x, W, b, M, N, K, alpha)
         return y, (z if z is not None else y)
+
+    def _gemm_plan(self, M: int, N: int, K: int, dtype: Any, **kwargs: Any) -> cuda_launch.GemmPlan:
+        """The GEMM's launch plan on this device, at the matmul precision in force: TF32 tensor cores for
+        float32 under "high", on a device that has them (before compute capability 8.0 "high" allows
+        what the device does not offer, and float32 runs, as in PyTorch)."""
+        precision = get_matmul_precision() if self._tf32 else "highest"
+        return cuda_launch.gemm_launch(M, N, K, dtype, precision=precision, sm_count=self._sm_count,
+                                       max_shared=self._max_shared, **kwargs)
 
     def _gemm(self, plan, C, Z, A, B, bias, M, N, K, alpha=0.0):
         """Run a :class:`cuda_launch.GemmPlan`: one launch, or with split K the partial products then their sum."""
@@ -320,15 +339,13 @@ class CupyBackend(Backend):
                 _launch(plan.reduce, db, partial, np.int32(plan.splits), np.int32(N))
         # dW[K, N] = x^T @ dz: x is read as the transposed operand in place.
         dW = cp.empty((K, N), dtype=dtype)
-        plan = cuda_launch.gemm_launch(K, N, M, dtype, trans_a=True, aligned=_aligned(x, dz, dW),
-                                       sm_count=self._sm_count)
+        plan = self._gemm_plan(K, N, M, dtype, trans_a=True, aligned=_aligned(x, dz, dW))
         self._gemm(plan, dW, None, x, dz, None, K, N, M)
         dx = None
         if need_dx:
             # dx[M, K] = dz @ W^T: W is read as the transposed operand in place.
             dx = cp.empty((M, K), dtype=dtype)
-            plan = cuda_launch.gemm_launch(M, K, N, dtype, trans_b=True, aligned=_aligned(dz, W, dx),
-                                           sm_count=self._sm_count)
+            plan = self._gemm_plan(M, K, N, dtype, trans_b=True, aligned=_aligned(dz, W, dx))
             self._gemm(plan, dx, None, dz, W, None, M, K, N)
         return dx, dW, db
 

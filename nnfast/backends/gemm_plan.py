@@ -1,4 +1,4 @@
-"""How a GEMM of ``kernels/linear.cu`` is cut into blocks: tiles, and the split-K factor.
+"""How a GEMM of ``kernels/linear.cu`` / ``linear_tf32.cu`` is cut into blocks: tiles, and the split-K factor.
 
 :data:`GEMM_TILES` holds the tile configurations the kernels are instantiated
 with; :func:`choose` picks one of them and a split-K factor for a product of a
@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 def cdiv(a: int, b: int) -> int:
@@ -56,6 +56,31 @@ class GemmTile:
         return max(1, cdiv(K, self.bk))
 
 
+@dataclass(frozen=True)
+class TensorCoreTile(GemmTile):
+    """A tile of the tensor-core GEMM ``gemm_tf32<BM, BN, BK, WM, WN, STAGES, ...>`` (float only).
+
+    Its stages keep each operand's layout, rows of k padded by 4 floats and
+    rows of m or n by 8, and the epilogue's C tile (``BM x (BN + 8)`` floats)
+    reuses them; the kernel may use up to 255 registers, so ``blocks`` (resident
+    blocks per multiprocessor) is given, from its registers (``ptxas -v``) and
+    shared memory.
+    """
+
+    blocks: int = 1
+    #: Instantiated for the scalar path too (VEC false: misaligned operands, sizes not multiples of 4).
+    scalar: bool = False
+
+    @property
+    def blocks_per_sm(self) -> int:
+        return self.blocks
+
+    def shared_mem(self, itemsize: int, vec_width: int, *, trans_a: bool, trans_b: bool) -> int:
+        a = self.bk * (self.bm + 8) if trans_a else self.bm * (self.bk + 4)  # [k][m] or [m][k]
+        b = self.bn * (self.bk + 4) if trans_b else self.bk * (self.bn + 8)  # [n][k] or [k][n]
+        return max(self.stages * (a + b), self.bm * (self.bn + 8)) * itemsize
+
+
 #: Tile configurations per C type, largest first. float: 128 x 128 with 8 x 8
 #: per thread (two 256-thread blocks per SM), 64 x 64 and 32 x 32 for grids that
 #: the large tile would leave mostly empty; double: 64 x 64 and 32 x 32.
@@ -69,6 +94,17 @@ GEMM_TILES: dict[str, dict[str, GemmTile]] = {
         "large": GemmTile(64, 64, 8, 32, 32, 4, efficiency=1.0),
         "small": GemmTile(32, 32, 16, 16, 32, 3, efficiency=0.7),
     },
+    # float32 on the tensor cores (matmul precision "high"): 64 x 64 per warp (16 mma_sync per
+    # 8 k, each fragment read from shared memory feeding four of them), 8 warps in 128 x 256
+    # (one block per SM: 255 registers a thread, 156 KiB of stages), 4 in 128 x 128 (two per
+    # SM), 32 x 32 per warp in 64 x 64 for small grids. Only the smallest has the scalar path
+    # (misaligned or odd sizes, like a 10-class output layer: small products), which keeps
+    # NVRTC's time for the file down.
+    "tf32": {
+        "large": TensorCoreTile(128, 256, 32, 64, 64, 3, efficiency=1.0, blocks=1),
+        "medium": TensorCoreTile(128, 128, 32, 64, 64, 3, efficiency=0.9, blocks=2),
+        "small": TensorCoreTile(64, 64, 32, 32, 32, 3, efficiency=0.6, blocks=3, scalar=True),
+    },
 }
 
 #: Split-K factors tried, and the fewest K slices one split may get.
@@ -80,7 +116,9 @@ MAX_WORKSPACE_BYTES = 256 << 20
 # The cost model's device, per multiprocessor (an H100 / H200: 67 TFLOP/s FP32, 34 FP64 and
 # about 3.5 TB/s sustained over 132 SMs), and the fixed costs of a second launch and of
 # filling a block's pipeline from device memory.
-_FLOPS_PER_SM = {"float": 0.5e12, "double": 0.25e12}
+# TF32: mma.sync (what wmma compiles to) is taken at about 330 TFLOP/s, two thirds of the dense
+# peak that only wgmma reaches.
+_FLOPS_PER_SM = {"float": 0.5e12, "double": 0.25e12, "tf32": 2.5e12}
 _BYTES_PER_SM = 27e9
 _LAUNCH_S = 3e-6
 _FILL_S = 0.5e-6
@@ -108,7 +146,7 @@ def cost(tile: GemmTile, c: str, M: int, N: int, K: int, splits: int, sm_count: 
     round_s = resident * 2.0 * tile.bm * tile.bn * per * tile.bk / rate + _FILL_S
     seconds = cdiv(on_busiest, resident) * round_s
     if splits > 1:  # write the partial products, read them back, write C
-        itemsize = 4 if c == "float" else 8
+        itemsize = 8 if c == "double" else 4
         seconds += (2 * splits + 1) * M * N * itemsize / (_BYTES_PER_SM * sm_count) + _LAUNCH_S
     return seconds
 
@@ -136,20 +174,27 @@ def forced(tile: str | None = None, splits: int | None = None) -> Iterator[None]
         _forced.reset(token)
 
 
-def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int) -> tuple[str, int]:
-    """``(tile name, splits)`` for ``C[M, N] = A[M, K] @ B[K, N]`` with C type ``c``.
+def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int,
+           unusable: Callable[[GemmTile], str | None] | None = None) -> tuple[str, int]:
+    """``(tile name, splits)`` for ``C[M, N] = A[M, K] @ B[K, N]`` with C type ``c`` (or ``"tf32"``).
 
     The cheapest pair by :func:`cost`, preferring larger tiles and fewer splits
     on ties. A split gets at least :data:`MIN_SLICES_PER_SPLIT` K slices and the
-    workspace at most :data:`MAX_WORKSPACE_BYTES`.
+    workspace at most :data:`MAX_WORKSPACE_BYTES`. Tiles for which
+    ``unusable(tile)`` gives a reason (too much shared memory for the device,
+    no instantiation for the path) are left out; a forced one raises
+    ``ValueError`` with that reason.
     """
     tiles = GEMM_TILES[c]
     want_tile, want_splits = _forced.get()
     if want_tile is not None and want_tile not in tiles:
         raise ValueError(f"forced GEMM tile {want_tile!r} does not exist for {c}: {sorted(tiles)}")
+    reasons = {name: unusable(tile) if unusable is not None else None for name, tile in tiles.items()}
+    if want_tile is not None and reasons[want_tile]:
+        raise ValueError(f"forced GEMM tile {want_tile!r} of {c} cannot run this product: {reasons[want_tile]}")
     best: tuple[float, str, int] | None = None
     for name, tile in tiles.items():
-        if want_tile is not None and name != want_tile:
+        if (want_tile is not None and name != want_tile) or reasons[name]:
             continue
         slices = tile.slices(K)
         if want_splits is not None:
@@ -162,9 +207,10 @@ def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int) -> tupl
             t = cost(tile, c, M, N, K, splits, sm_count)
             if best is None or t < best[0]:
                 best = (t, name, splits)
-    assert best is not None
+    if best is None:
+        raise ValueError(f"no {c} GEMM tile can run this product: {'; '.join(f'{n}: {r}' for n, r in reasons.items())}")
     return best[1], best[2]
 
 
-__all__ = ["GEMM_TILES", "GemmTile", "MAX_WORKSPACE_BYTES", "MIN_SLICES_PER_SPLIT", "SPLITS", "choose", "cost",
-           "effective_splits", "forced"]
+__all__ = ["GEMM_TILES", "GemmTile", "MAX_WORKSPACE_BYTES", "MIN_SLICES_PER_SPLIT", "SPLITS", "TensorCoreTile", "choose",
+           "cost", "effective_splits", "forced"]

@@ -45,6 +45,12 @@ Machine limits, measured in the same run
   at 100 % does nothing but move its bytes.
 * GPU (CuPy backend): ``cupy.matmul`` (cuBLAS) at the same shapes (4096³
   for the training step), and a device-to-device ``cupy.copyto`` of 256 MiB.
+* GPU, matmul precision "high": the float32 GEMM-bound rows (linear layers,
+  training step) run twice on the GPU, as ``cupy`` at "highest" and as
+  ``cupy-tf32`` at "high" (TF32 tensor cores), PyTorch beside each at its
+  matching ``torch.set_float32_matmul_precision`` (``torch-cuda``,
+  ``torch-cuda-tf32``); the "high" rows' limit is ``cupy.matmul`` with CuPy's
+  float32 compute type set to TF32: the measured tensor-core rate.
 
 Each row's limit is sampled in the same rounds as the row's kernels; the
 report's run-level limits (GEMM 1024³, a 64 MiB copy on every thread) are

@@ -147,6 +147,27 @@ def make_torch(torch: Any, device: str, spec: OpSpec, variant: str, shape: Shape
     return spec.bench.torch(torch, args)
 
 
+def at_precision(fn: Callable[[], Any], precision: str) -> Callable[[], Any]:
+    """``fn`` run at nnfast's matmul precision ``precision`` ("high": float32 GEMMs on TF32 tensor cores)."""
+    from ..precision import matmul_precision
+
+    def call() -> Any:
+        with matmul_precision(precision):
+            return fn()
+
+    return call
+
+
+def torch_at_precision(torch: Any, fn: Callable[[], Any], precision: str) -> Callable[[], Any]:
+    """``fn`` run at PyTorch's matching setting: ``torch.set_float32_matmul_precision(precision)``
+    ("high" sets ``torch.backends.cuda.matmul.allow_tf32``), set before every call (it is process-wide)."""
+    def call() -> Any:
+        torch.set_float32_matmul_precision(precision)
+        return fn()
+
+    return call
+
+
 def _convert(value: Any, to_array: Callable[[np.ndarray], Any]) -> Any:
     if isinstance(value, np.ndarray):
         return to_array(value)

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..op_spec import Shape
 from ..paths import check_output_path
-from .cases import DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, make_nnfast, make_torch, shape_record, work
+from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, at_precision, make_nnfast, make_torch,
+                    shape_record, torch_at_precision, work)
 from .contention import Spinner
 from .machine import ThreadLimits, limit_candidates, load_average, machine_info, measure_limits
 from .plot import plot
@@ -315,24 +316,34 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
         timed.append(Timed(key, fn, clock))
         kinds[key] = (kind, device)
 
+    # A float32 GEMM-bound case on the GPU runs at both matmul precisions, PyTorch at the matching setting:
+    # "highest" on the "gpu" device, "high" (TF32 tensor cores) on "gpu-tf32", each with its own GEMM limit.
+    precisions = (("", "gpu", "highest"), ("-tf32", "gpu-tf32", "high")) if (
+        dtype == "float32" and spec.metric == "GFLOP/s") else (("", "gpu", None),)
     gpu_clock = None
     for name, be in backends.items():
         on_gpu = getattr(be, "xp", np) is not np
         if on_gpu and gpu_clock is None:
             gpu_clock = CupyClock()
-        add(name, "nnfast", "gpu" if on_gpu else "cpu",
-            lambda be=be: make_nnfast(be, spec, variant, shape, dtype), gpu_clock if on_gpu else Clock())
+        for suffix, device, precision in (precisions if on_gpu else (("", "cpu", None),)):
+            add(name + suffix, "nnfast", device,
+                lambda be=be, p=precision: _at(at_precision, make_nnfast(be, spec, variant, shape, dtype), p),
+                gpu_clock if on_gpu else Clock())
     for device in torch_devices:
-        key = "torch" if device == "cpu" else "torch-cuda"
-        add(key, "torch", "gpu" if device == "cuda" else "cpu",
-            lambda device=device: make_torch(torch, device, spec, variant, shape, dtype),
-            TorchCudaClock(torch) if device == "cuda" else Clock())
+        if device == "cpu":
+            add("torch", "torch", "cpu", lambda: make_torch(torch, "cpu", spec, variant, shape, dtype), Clock())
+            continue
+        for suffix, row_device, precision in precisions:
+            add("torch-cuda" + suffix, "torch", row_device,
+                lambda p=precision: _at(lambda fn, q: torch_at_precision(torch, fn, q),
+                                        make_torch(torch, "cuda", spec, variant, shape, dtype), p),
+                TorchCudaClock(torch))
     if not any(kinds[t.key][0] == "nnfast" for t in timed):
         return None
     # The machine limit of this kernel, measured side by side with it on each device in the row.
     limit_keys: dict[str, list[tuple[str, str, float]]] = {}  # device -> [(key, what, work of one call)]
     for device in sorted({kinds[t.key][1] for t in timed}):
-        clock = (gpu_clock or CupyClock()) if device == "gpu" else Clock()
+        clock = (gpu_clock or CupyClock()) if device != "cpu" else Clock()
         for key, what, amount, build in limit_candidates(spec, shape, dtype, device):
             limit_keys.setdefault(device, []).append((key, what, amount))
             add(key, "limit", device, build, clock)
@@ -384,7 +395,7 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
     for fig in impls.values():
         if ref is not None:
             fig["speedup_vs_numpy"] = ref["median_s"] / fig["median_s"]
-        torch_key = "torch" if fig["device"] == "cpu" else "torch-cuda"
+        torch_key = {"cpu": "torch", "gpu": "torch-cuda", "gpu-tf32": "torch-cuda-tf32"}[fig["device"]]
         if torch_key in impls and fig["kind"] == "nnfast":
             fig["speedup_vs_torch"] = impls[torch_key]["median_s"] / fig["median_s"]
             if "contended" in fig and "contended" in impls[torch_key]:
@@ -405,6 +416,12 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
         "limits": row_limits,
         "impls": impls,
     }
+
+
+def _at(wrap: Callable[[Callable[[], Any], str], Callable[[], Any]], fn: Callable[[], Any],
+        precision: str | None) -> Callable[[], Any]:
+    """``fn`` wrapped to run at ``precision`` (None: as it is)."""
+    return fn if precision is None else wrap(fn, precision)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,14 +19,30 @@ CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
 
 
-def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str) -> Callable[[], Any]:
-    """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS)."""
+def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str, tf32: bool = False) -> Callable[[], Any]:
+    """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS).
+
+    ``tf32``: a float32 product on the tensor cores in TF32 (CuPy's compute type for float32 set to
+    TF32 for the call, then put back): the measured tensor-core rate the TF32 kernels are compared with.
+    """
     m, k, n = dims
     rng = np.random.default_rng(1)
     a = xp.asarray(rng.standard_normal((m, k)).astype(dtype))
     b = xp.asarray(rng.standard_normal((k, n)).astype(dtype))
     out = xp.empty((m, n), dtype=dtype)
-    return lambda: xp.matmul(a, b, out=out)
+    if not tf32:
+        return lambda: xp.matmul(a, b, out=out)
+    from cupy._core import _routines_linalg as linalg
+
+    def matmul_tf32() -> Any:
+        before = linalg.get_compute_type(np.float32)
+        linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32)
+        try:
+            return xp.matmul(a, b, out=out)
+        finally:
+            linalg.set_compute_type(np.float32, before)
+
+    return matmul_tf32
 
 
 def make_copy(xp: Any, nbytes: int) -> Callable[[], Any]:
@@ -187,7 +203,8 @@ class ThreadLimits:
 
 
 def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict[str, Any]:
-    """The machine's GEMM (1024³, per dtype) and memory-copy rates, measured now."""
+    """The machine's GEMM (:data:`GEMM_REF` per device and dtype; on a GPU float32 in TF32 too, as
+    ``"float32 TF32"``) and memory-copy rates, measured now."""
     limits: dict[str, Any] = {}
     devices = [("cpu", np, Clock(), CPU_COPY_BYTES)]
     if gpu:
@@ -203,6 +220,8 @@ def measure_limits(dtypes: Sequence[str], gpu: bool, settings: Settings) -> dict
             what = "cupy.copyto (device to device)"
         ref = GEMM_REF[device]
         gemms = {dt: Timed(f"gemm {dt}", make_gemm(xp, ref, dt), clock) for dt in dtypes}
+        if device == "gpu" and "float32" in dtypes:  # the tensor cores' TF32 rate (matmul precision "high")
+            gemms["float32 TF32"] = Timed("gemm float32 TF32", make_gemm(xp, ref, "float32", tf32=True), clock)
         measure([copy, *gemms.values()], settings)
         limits[device] = {
             "copy": {"what": f"{what}, {nbytes // 2**20} MiB, read + write", "bytes": 2 * nbytes,
@@ -226,17 +245,18 @@ def limit_candidates(spec: OpSpec, shape: Any, dtype: str, device: str) -> list[
     cuBLAS) GEMM at the kernel's shape (at the reference shape for the
     training step). GB/s kernels on the CPU: the op's memory traffic
     (:mod:`.stream`) at the case's size, on every thread and on one; on a
-    GPU, a device-to-device copy.
+    GPU, a device-to-device copy; ``gpu-tf32``: cuBLAS with TF32 tensor cores.
     """
     if spec.metric == "GFLOP/s":
-        m, k, n = gemm_dims(spec, shape, device)
+        m, k, n = gemm_dims(spec, shape, "cpu" if device == "cpu" else "gpu")
         lib = "numpy" if device == "cpu" else "cupy"
         xp: Any = np
-        if device == "gpu":
+        if device != "cpu":
             import cupy as xp
-        return [(f"limit-{device}", f"{lib}.matmul {m}×{k}×{n} {dtype}", 2.0 * m * k * n,
-                 lambda: make_gemm(xp, (m, k, n), dtype))]
-    if device == "gpu":
+        tf32 = device == "gpu-tf32"  # the tensor-core rate that matmul precision "high" is compared with
+        return [(f"limit-{device}", f"{lib}.matmul {m}×{k}×{n} {dtype}{' TF32' if tf32 else ''}", 2.0 * m * k * n,
+                 lambda: make_gemm(xp, (m, k, n), dtype, tf32))]
+    if device != "cpu":
         import cupy
 
         return [(f"limit-{device}", f"cupy.copyto {GPU_COPY_BYTES // 2**20} MiB, device to device, read + write",

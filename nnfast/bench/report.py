@@ -31,7 +31,7 @@ def _fmt_percent(fraction: float) -> str:
 
 def _limit_cell(device: str, limit: dict[str, Any]) -> str:
     """Short text of a row's limit: 'GEMM 132 GF/s', 'stream 2R 1W 41.2 GB/s', 'copy 26.2 GB/s' (GPU prefixed)."""
-    prefix = "GPU " if device == "gpu" else ""
+    prefix = {"gpu": "GPU ", "gpu-tf32": "GPU TF32 "}.get(device, "")
     if "matmul" in limit["what"]:
         return f"{prefix}GEMM {_fmt_rate(limit['rate'], 'GFLOP/s')}"
     if limit["what"].startswith("stream "):  # 'stream 2R 1W, 3 × 4194304 float32 (48 MiB), every thread'

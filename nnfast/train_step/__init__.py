@@ -26,8 +26,8 @@ understands (an MLP: ``Sequential`` of ``Linear`` layers with fused
 activations): on the GPU a step captured once as a CUDA graph and replayed, on
 the CPU one fused call. Plans are made on the first call with a given batch
 size and kept (the last batch of an epoch is often smaller); they are made
-anew when the parameters' or the optimizer's arrays are replaced (``nf.load``)
-or a hyperparameter changes.
+anew when the parameters' or the optimizer's arrays are replaced (``nf.load``),
+a hyperparameter changes, or the matmul precision does.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from ..layers import Linear, Sequential
 from ..losses import SoftmaxCrossEntropy
 from ..module import Module
 from ..optim import Optimizer
+from ..precision import get_matmul_precision
 from .eager import EagerPlan
 from .plan import Plan, PlanKey
 
@@ -131,11 +132,12 @@ class TrainStep:
         return EagerPlan(self.model, self.loss_fn, self.optimizer, key)
 
     def _current_signature(self) -> tuple[Any, ...]:
-        """What a plan may have captured: the arrays' identities and the optimizer's settings."""
+        """What a plan may have captured: the arrays' identities, the optimizer's settings and the
+        matmul precision (which GEMM kernels run)."""
         opt = self.optimizer
         return (tuple(id(p.data) for p in opt.params),
                 tuple(id(a) for name in opt.state_names for a in opt.state[name]),
-                tuple(sorted(opt.hyperparameters().items())))
+                tuple(sorted(opt.hyperparameters().items())), get_matmul_precision())
 
     @property
     def plan_names(self) -> list[str]:
