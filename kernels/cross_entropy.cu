@@ -115,9 +115,12 @@ ce_rows(T* __restrict__ grad, T* __restrict__ row_loss, const T* __restrict__ lo
         const T max_less_mean = nnf::m_abs(above) <= -nnf::Constants<T>::lowest() ? above - acc.sx
                                                                                   : acc.m - (acc.pivot + acc.sx);
         const T smooth = max_less_mean + log_s;
-        // Without smoothing the smooth term is left out, not multiplied by 0:
-        // a logit spread beyond the float range makes it inf, and 0 * inf is NaN.
-        row_loss[row] = smoothing != T(0) ? (T(1) - smoothing) * nll + smoothing * smooth : nll;
+        // A term of weight 0 (no smoothing, or full smoothing) is left out, not multiplied
+        // by 0: a logit spread beyond the float range makes it inf, and 0 * inf is NaN.
+        const T hit = T(1) - smoothing;
+        row_loss[row] = smoothing == T(0) ? nll
+                        : hit == T(0)     ? smoothing * smooth
+                                          : hit * nll + smoothing * smooth;
     }
 
     CeGrad<T> g;

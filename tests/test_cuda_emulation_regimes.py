@@ -38,6 +38,7 @@ HUGE_PROPERTY_CASES = (
     + [("test_cross_entropy_with_huge_logits_matches_reference", ()),
        ("test_cross_entropy_with_huge_logits_is_never_nan", ())]
     + [("test_cross_entropy_edge_rows_are_never_nan", (r,)) for r in ("mean", "sum", "none")]
+    + [("test_full_smoothing_of_an_overflowing_row_is_not_nan", (r,)) for r in ("mean", "sum", "none")]
 )
 
 

@@ -60,12 +60,6 @@ every_backend = pytest.mark.parametrize("name", AVAILABLE)
 # Each is an expected failure (not strict: the test passes by itself once the kernel is fixed, and
 # the entry goes).
 KNOWN_ISSUES: dict[tuple[str, str, str], str] = {
-    ("cupy", "softmax_cross_entropy", "full smoothing"):
-        "ce_rows weighs the nll term by 1 - s = 0 instead of leaving it out: 0 * inf is NaN when the "
-        "logit spread overflows (seen on the CPU emulation of kernels/cross_entropy.cu)",
-    ("numba", "softmax_cross_entropy", "full smoothing"):
-        "float64: the fused kernel weighs the nll term by 1 - s = 0 instead of leaving it out: 0 * inf is NaN "
-        "when the logit spread overflows float64 (float32 is computed in float64 and stays inf)",
 }
 
 
@@ -483,14 +477,21 @@ def test_cross_entropy_edge_rows_are_never_nan(name, reduction):
                                               if (key := (n, "softmax_cross_entropy", "full smoothing")) in KNOWN_ISSUES
                                               else []) for n in AVAILABLE])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_full_smoothing_of_an_overflowing_row_is_inf_not_nan(name, reduction):
-    """Label smoothing 1 gives the nll term weight 0: leaving it out (not 0 * inf) keeps the loss inf, not NaN."""
+def test_full_smoothing_of_an_overflowing_row_is_not_nan(name, reduction):
+    """Label smoothing 1 gives the nll term weight 0: leaving it out (not 0 * inf) keeps the loss a number.
+
+    Row [big, -big] with label 1: the nll (2 big) overflows; the smoothing term, mean(M - x) + log s = big,
+    does not, though a kernel may reach it through M - x = -2 big and give inf (as the reference does).
+    """
     backend = backend_for(name)
     for dtype, big in ((np.float32, 3e38), (np.float64, 1.7e308)):
         with np.errstate(all="ignore"):
             loss, grad = _ce_run(backend, np.array([[big, -big], [0.5, -0.5]], dtype=dtype), np.array([1, 0]),
                                  {"label_smoothing": 1.0, "reduction": reduction})
-        assert not np.isnan(loss).any() and np.isinf(loss.reshape(-1)[0]), (dtype, loss)
+        first = float(loss.reshape(-1)[0])
+        truth = {"mean": big / 2, "sum": big, "none": big}[reduction]  # the second row's 0.81 is below big's ulp
+        assert not np.isnan(loss).any(), (dtype, loss)
+        assert first == np.inf or abs(first - truth) <= 1e-6 * truth, (dtype, loss)
         assert np.isfinite(grad).all(), (dtype, grad)
 
 

@@ -180,9 +180,14 @@ def _ce_rows(logits, labels, r0, r1, eps, ignore_index, use_ignore, scale, loss,
         # -log p[y] = log s + (M - x[y]) and -mean(log p) = log s - mean(x - M):
         # no term is the difference of two huge numbers.
         log_s = math.log(np.float64(s))
-        loss[i] = (1.0 - eps) * (log_s + (np.float64(m) - np.float64(x[y])))
-        if eps != 0.0:  # left out, not multiplied by 0: the mean may be -inf (0 * inf = NaN)
-            loss[i] += eps * (log_s - mean_d)
+        # A term of weight 0 is left out, not multiplied by 0: the nll is inf when the logits' spread
+        # overflows, and the mean may be -inf (0 * inf = NaN).
+        row_loss = 0.0
+        if eps != 1.0:
+            row_loss = (1.0 - eps) * (log_s + (np.float64(m) - np.float64(x[y])))
+        if eps != 0.0:
+            row_loss += eps * (log_s - mean_d)
+        loss[i] = row_loss
         _rescale(g, mb, m, like(m, 1.0) / s * like(m, scale), like(m, eps / classes * scale))
         g[y] -= like(m, (1.0 - eps) * scale)
 
