@@ -874,6 +874,8 @@ def _device_of(a: EmulatedArray) -> DeviceArray | None:
 
 
 class _Event:
+    """Launches and copies run when they are made: every event has completed."""
+
     def __init__(self, *args: Any, **kwargs: Any):
         self.done = True
 
@@ -885,7 +887,23 @@ class _Event:
 
 
 class _Stream:
+    """One stream for everything (work runs at once, in order); ``ptr`` 0 as the null stream."""
+
+    ptr = 0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
     def synchronize(self) -> None:
+        pass
+
+    def wait_event(self, event: _Event) -> None:
+        pass
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
         pass
 
 
@@ -893,13 +911,36 @@ class _Device:
     sm_count = 132
 
     def __init__(self, *args: Any):
+        self.id = 0
         self.attributes = {"MultiProcessorCount": _Device.sm_count}
         self.compute_capability = "90"
+
+
+class _Runtime:
+    """``cupy.cuda.runtime``: the one device, and copies (made at once: every stream is synchronous)."""
+
+    memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
+
+    @staticmethod
+    def getDevice() -> int:
+        return 0
+
+    @staticmethod
+    def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None:
+        ctypes.memmove(dst, src, size)
+
+
+def _alloc_pinned_memory(size: int) -> Any:
+    """Host memory standing in for pinned memory: a buffer NumPy can view and memcpyAsync can address."""
+    return (ctypes.c_ubyte * max(int(size), 1))()
 
 
 class _CudaNamespace:
     Event = _Event
     Device = _Device
+    Stream = _Stream
+    runtime = _Runtime
+    alloc_pinned_memory = staticmethod(_alloc_pinned_memory)
 
     @staticmethod
     def get_current_stream() -> _Stream:
@@ -941,6 +982,7 @@ def make_emulated_cupy(sm_count: int = 132) -> Any:
 
     m.empty, m.zeros, m.empty_like, m.zeros_like = empty, zeros, empty_like, zeros_like
     m.asarray, m.array, m.ascontiguousarray = asarray, lambda a, dtype=None: _device_copy(a, dtype), ascontiguousarray
+    m.shares_memory, m.may_share_memory = np.shares_memory, np.may_share_memory
     cuda = _CudaNamespace()
     m.cuda = cuda
     _Device.sm_count = sm_count
@@ -998,7 +1040,7 @@ class emulated_cupy_backend:
         from nnfast.backends import cupy_backend
 
         self._module = cupy_backend
-        self._saved = (cupy_backend._function, cupy_backend._checked_class, dict(_source_override))
+        self._saved = (cupy_backend._function, dict(_source_override))
         if self.kernel_dir is not None:  # a modified copy of kernels/: build only what runs
             _source_override.update(dir=Path(self.kernel_dir), per_kernel=True)
         fake = make_emulated_cupy(self.sm_count)
@@ -1012,11 +1054,10 @@ class emulated_cupy_backend:
             else:
                 sys.modules["cupy"] = previous
         cupy_backend._function = emulated_function
-        cupy_backend._checked_class = None
         self.backend = backend
         return backend
 
     def __exit__(self, *exc: Any) -> None:
-        self._module._function, self._module._checked_class, saved = self._saved
+        self._module._function, saved = self._saved
         _source_override.clear()
         _source_override.update(saved)

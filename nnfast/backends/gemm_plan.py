@@ -136,6 +136,11 @@ def forced(tile: str | None = None, splits: int | None = None) -> Iterator[None]
         _forced.reset(token)
 
 
+def forced_now() -> tuple[str | None, int | None]:
+    """The ``(tile, splits)`` pinned by :func:`forced` here and now (``(None, None)``: none)."""
+    return _forced.get()
+
+
 def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int) -> tuple[str, int]:
     """``(tile name, splits)`` for ``C[M, N] = A[M, K] @ B[K, N]`` with C type ``c``.
 
@@ -167,4 +172,4 @@ def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int) -> tupl
 
 
 __all__ = ["GEMM_TILES", "GemmTile", "MAX_WORKSPACE_BYTES", "MIN_SLICES_PER_SPLIT", "SPLITS", "choose", "cost",
-           "effective_splits", "forced"]
+           "effective_splits", "forced", "forced_now"]
