@@ -50,6 +50,7 @@ class Optimizer:
         self.step_count = 0
         backend = _backend_of(params)
         self.backend = backend
+        checks.refuse_shared_memory(backend, {"params": [p.data for p in params]})
         self.state: dict[str, list[Any]] = {
             name: [backend.xp.zeros_like(p.data) for p in params] for name in self.state_names
         }
