@@ -544,6 +544,11 @@ class Kernel:
         """
         grid = _dims(grid)
         block = _dims(block)
+        if _capture.kernels is not None and not dry_run:  # captured into a graph: run at its launch
+            _capture.kernels.append(lambda: self(grid, block, args, shared_mem, schedule=schedule, seed=seed,
+                                                 timeout=timeout, strict_exit=strict_exit,
+                                                 stack_bytes=stack_bytes))
+            return LaunchStats()
         if len(args) != len(self.params):
             raise EmulationError("arguments", f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         packed, arrays = [], []
@@ -907,6 +912,45 @@ class _Stream:
         pass
 
 
+class _Capture:
+    """The stream capture under way: the kernel launches it holds (None: no capture)."""
+
+    kernels: list[Any] | None = None
+
+
+_capture = _Capture()
+
+
+class _Graph:
+    """An emulated CUDA graph: the captured kernel launches, made in order at each ``launch``."""
+
+    def __init__(self, kernels: list[Any]):
+        self.kernels = kernels
+        self.launches = 0  # how many times the graph was launched
+
+    def launch(self, stream: Any = None) -> None:
+        self.launches += 1
+        for kernel in self.kernels:
+            kernel()
+
+
+class _CapturingStream(_Stream):
+    """A stream that captures graphs as CuPy's does (``begin_capture`` / ``end_capture``): kernel
+    launches are held, not run, until the graph is launched. Any other device work during a
+    capture (a copy) raises: the emulated graph holds kernels only."""
+
+    def begin_capture(self, mode: Any = None) -> None:
+        if _capture.kernels is not None:
+            raise RuntimeError("emulated stream capture: a capture is already under way")
+        _capture.kernels = []
+
+    def end_capture(self) -> _Graph:
+        if _capture.kernels is None:
+            raise RuntimeError("emulated stream capture: end_capture without begin_capture")
+        kernels, _capture.kernels = _capture.kernels, None
+        return _Graph(kernels)
+
+
 class _Device:
     sm_count = 132
 
@@ -927,6 +971,8 @@ class _Runtime:
 
     @staticmethod
     def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None:
+        if _capture.kernels is not None:
+            raise RuntimeError("emulated stream capture: a copy during a capture (graphs hold kernels only)")
         ctypes.memmove(dst, src, size)
 
 
@@ -947,8 +993,13 @@ class _CudaNamespace:
         return _Stream()
 
 
-def make_emulated_cupy(sm_count: int = 132) -> Any:
-    """A module object standing in for ``cupy`` (arrays and the little of ``cupy.cuda`` nnfast uses)."""
+class _GraphCudaNamespace(_CudaNamespace):
+    Stream = _CapturingStream
+
+
+def make_emulated_cupy(sm_count: int = 132, graphs: bool = False) -> Any:
+    """A module object standing in for ``cupy`` (arrays and the little of ``cupy.cuda`` nnfast uses);
+    ``graphs``: its streams capture CUDA graphs (:class:`_CapturingStream`)."""
     import types
 
     m = types.ModuleType("cupy", "CPU emulation of the bits of CuPy that nnfast's CuPy backend uses")
@@ -983,7 +1034,7 @@ def make_emulated_cupy(sm_count: int = 132) -> Any:
     m.empty, m.zeros, m.empty_like, m.zeros_like = empty, zeros, empty_like, zeros_like
     m.asarray, m.array, m.ascontiguousarray = asarray, lambda a, dtype=None: _device_copy(a, dtype), ascontiguousarray
     m.shares_memory, m.may_share_memory = np.shares_memory, np.may_share_memory
-    cuda = _CudaNamespace()
+    cuda = _GraphCudaNamespace() if graphs else _CudaNamespace()
     m.cuda = cuda
     _Device.sm_count = sm_count
     return m
@@ -1030,11 +1081,13 @@ class emulated_cupy_backend:
     launcher sees: a small one picks the large GEMM tiles for small shapes.
     ``kernel_dir``: take the ``.cu`` sources from this directory (a modified copy of
     ``kernels/``) and build each instantiation on its own when first launched.
+    ``graphs``: streams capture CUDA graphs (kernel launches only), so plans that capture do.
     """
 
-    def __init__(self, sm_count: int = 132, kernel_dir: str | os.PathLike | None = None):
+    def __init__(self, sm_count: int = 132, kernel_dir: str | os.PathLike | None = None, graphs: bool = False):
         self.sm_count = sm_count
         self.kernel_dir = kernel_dir
+        self.graphs = graphs
 
     def __enter__(self) -> Any:
         from nnfast.backends import cupy_backend
@@ -1043,7 +1096,7 @@ class emulated_cupy_backend:
         self._saved = (cupy_backend._function, dict(_source_override))
         if self.kernel_dir is not None:  # a modified copy of kernels/: build only what runs
             _source_override.update(dir=Path(self.kernel_dir), per_kernel=True)
-        fake = make_emulated_cupy(self.sm_count)
+        fake = make_emulated_cupy(self.sm_count, graphs=self.graphs)
         previous = sys.modules.get("cupy")
         sys.modules["cupy"] = fake
         try:

@@ -18,6 +18,7 @@ import pytest
 
 import cuda_emulation as emu
 import nnfast as nf
+from nnfast.backends.cuda_label_checks import LabelChecks
 
 pytestmark = pytest.mark.skipif(emu.unavailable_reason() is not None,
                                 reason=f"no CUDA emulation here: {emu.unavailable_reason()}")
@@ -125,12 +126,19 @@ def test_the_flag_is_copied_and_waited_for_on_the_stream_of_its_call(slow_device
 
 
 def test_pinned_slots_are_reused(gpu):
-    logits = gpu.asarray(np.ones((2, 2), np.float32))
-    labels = gpu.asarray(np.zeros(2, np.int64))
-    for _ in range(1500):  # the emulated device is done at once: each call reads the one before
-        gpu.softmax_cross_entropy(logits, labels)
-    gpu.synchronize()
-    assert len(gpu._labels._blocks) == 1
+    checks = LabelChecks(gpu.xp)
+    info = gpu.asarray(np.array([4, 4, 0]))  # ce_prepare's: no bad row among 4
+    for _ in range(1500):  # the emulated device is done at once: each poll reads the copy
+        checks.track(info, 4, 3, -100)
+        checks.poll()
+    assert len(checks) == 0 and len(checks._blocks) == 1
+    for _ in range(600):  # unread: a second block of slots, nothing drained
+        checks.track(info, 4, 3, -100)
+    assert len(checks) == 600 and len(checks._blocks) == 2
+    checks.track(gpu.asarray(np.array([1, 3, -7])), 4, 3, -100)
+    with pytest.raises(ValueError, match="got -7 at row 1"):
+        checks.check_all()
+    assert len(checks) == 0
 
 
 def test_device_properties_are_asked_once_per_device(gpu, monkeypatch):

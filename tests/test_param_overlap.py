@@ -13,22 +13,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cuda_emulation as emu
 import nnfast as nf
-from op_table import AVAILABLE
-
-EMULATED = "cupy-emulated"
 
 
-@pytest.fixture(params=AVAILABLE + ([EMULATED] if emu.unavailable_reason() is None else []))
-def backend(request):
-    if request.param != EMULATED:
-        with nf.use_backend(request.param) as b:
-            yield b
-        return
-    request.getfixturevalue("kernel_modules")
-    with emu.emulated_cupy_backend() as gpu, nf.use_backend(gpu) as b:
-        yield b
+@pytest.fixture
+def backend(backend_or_emulated):
+    """Every backend that runs here, and the CuPy backend on the CPU emulation."""
+    return backend_or_emulated
 
 
 def _params(backend, *arrays):

@@ -9,24 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import cuda_emulation as emu
 import nnfast as nf
 from nnfast.train_step import MAX_PLANS
-from op_table import AVAILABLE
-
-EMULATED = "cupy-emulated"
 
 
-@pytest.fixture(params=AVAILABLE + ([EMULATED] if emu.unavailable_reason() is None else []))
-def backend(request):
-    """Each backend that can run here, and the CuPy backend on the emulation, made current."""
-    if request.param != EMULATED:
-        with nf.use_backend(request.param) as b:
-            yield b
-        return
-    request.getfixturevalue("kernel_modules")
-    with emu.emulated_cupy_backend() as gpu, nf.use_backend(gpu) as b:
-        yield b
+@pytest.fixture
+def backend(backend_or_emulated):
+    """Every backend that runs here, and the CuPy backend on the CPU emulation."""
+    return backend_or_emulated
 
 
 def _setup(backend_name, optimizer="sgd", dtype="float32", sizes=(12, 16, 5), seed=0, **loss_options):

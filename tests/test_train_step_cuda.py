@@ -1,8 +1,10 @@
 """The CuPy backend's TrainStep plan (nnfast/train_step/cuda_graph.py) on the CPU emulation of CUDA.
 
-The emulated CuPy has no graphs, so the plan makes its recorded launches directly: the same
-launch sequence a GPU captures once and replays (tests/test_train_step_gpu.py checks capture and
-replay there). Everything else is the plan's own: the recording, the fixed buffers, the guard
+The emulated CuPy has no graphs by default, so the plan makes its recorded launches directly: the
+same launch sequence a GPU captures once and replays. With ``graphs=True`` its streams capture
+kernel launches into an emulated graph, which checks the plan's capture-once-then-replay logic
+(tests/test_train_step_gpu.py checks real capture and replay on a GPU). Everything else is the
+plan's own: the recording, the fixed buffers, the guard
 kernel and the guarded updates, the device-side step count, the label checks behind the step.
 The reference is the eager plan (nnfast/train_step/eager.py) on the same emulated backend.
 """
@@ -284,3 +286,48 @@ def test_an_mlp_with_fused_activation_layers_is_recorded(gpu):
         _run_both(eager, fused, *_data(10, seed=i), np.float32)
     assert fused.plan_names == ["cuda launches (batch 10)"]
     _assert_state(_state(net, fused.optimizer), _state(same, eager.trio[2]), np.float32)
+
+
+@pytest.fixture
+def graph_gpu(kernel_modules):
+    """The emulated backend whose streams capture graphs (kernel launches only: a copy raises)."""
+    with emu.emulated_cupy_backend(graphs=True) as backend, nf.use_backend(backend):
+        yield backend
+
+
+def test_the_step_is_captured_once_and_replayed(graph_gpu, monkeypatch):
+    """The first call launches directly, the second captures the recorded launches (and nothing
+    else) and launches the graph, later calls replay that graph; every call equals, bit for bit,
+    the same plan made as direct launches, through a NaN step and a bad label."""
+    graph_trio, direct_trio = _trio("adamw"), _trio("adamw")
+    monkeypatch.setenv("NNFAST_CUDA_GRAPH", "0")
+    direct = nf.TrainStep(*direct_trio)
+    direct(*_data(37))
+    monkeypatch.delenv("NNFAST_CUDA_GRAPH")
+    graph = nf.TrainStep(*graph_trio)
+    graph(*_data(37))
+    plan, = graph._plans.values()
+    assert plan.graph is None and graph.plan_names == ["cuda graph (batch 37)"]
+    assert direct.plan_names == ["cuda launches (batch 37)"]
+    captured = None
+    for i in range(1, 7):
+        x, labels = _data(37, seed=i)
+        if i == 3:
+            x[5, 2] = np.nan
+        if i == 5:
+            labels[36] = 7
+        try:
+            expected = nf.to_numpy(direct(x, labels))
+        except ValueError as err:
+            with pytest.raises(ValueError, match="at row 36"):
+                nf.to_numpy(graph(x, labels))
+            assert "at row 36" in str(err)
+        else:
+            np.testing.assert_array_equal(nf.to_numpy(graph(x, labels)), expected)
+        captured = captured or plan.graph
+        assert plan.graph is captured and len(captured.kernels) == len(plan.launches)
+        assert captured.launches == i
+    assert graph_trio[2].step_count == direct_trio[2].step_count == 5
+    got, expected = _state(*graph_trio[::2]), _state(*direct_trio[::2])
+    for k in got:
+        np.testing.assert_array_equal(got[k], expected[k], err_msg=k)

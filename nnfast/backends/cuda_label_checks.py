@@ -65,11 +65,11 @@ class LabelChecks:
             self._free.extend(block)
         return self._free.pop()
 
-    def track(self, info: Any, rows: int, classes: int, ignore_index: int) -> Any:
+    def track(self, info: Any, rows: int, classes: int, ignore_index: int, stream: Any = None) -> Any:
         """Copy ``info`` (ce_prepare's, on the device) to the host behind the work queued so far on
-        the current stream; returns the event recorded after the copy."""
+        ``stream`` (default: the current one); returns the event recorded after the copy."""
         cuda = self._cupy.cuda
-        stream = cuda.get_current_stream()
+        stream = cuda.get_current_stream() if stream is None else stream
         with self._lock:
             slot = self._slot()
         cuda.runtime.memcpyAsync(slot.ctypes.data, info.data.ptr, INFO_SIZE * 8, cuda.runtime.memcpyDeviceToHost,

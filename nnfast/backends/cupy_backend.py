@@ -279,12 +279,13 @@ class CupyBackend(Backend):
         finally:
             _recording.current = None
 
-    def _copy_into(self, dst: Any, src: Any) -> None:
+    def _copy_into(self, dst: Any, src: Any, stream: Any = None) -> None:
         """``dst[...] = src`` for two C-contiguous device arrays of one size, as one asynchronous
-        copy on the current stream."""
-        runtime = self._cupy.cuda.runtime
-        runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, runtime.memcpyDeviceToDevice,
-                            self._cupy.cuda.get_current_stream().ptr)
+        copy on ``stream`` (default: the current one)."""
+        cuda = self._cupy.cuda
+        stream = cuda.get_current_stream() if stream is None else stream
+        cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, cuda.runtime.memcpyDeviceToDevice,
+                                 stream.ptr)
 
     def _scalar(self, dtype: Any, value: float) -> Any:
         return np.dtype(dtype).type(value)

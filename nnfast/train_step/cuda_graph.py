@@ -13,10 +13,12 @@ is made once per batch size:
    launches instead of making them. So the plan launches exactly what the
    eager path launches (the same kernels, tiles and split-K plans), plus the
    guard, and needs no launch logic of its own.
-3. **Replay.** On a GPU the recorded launches are captured once as a CUDA
-   graph and each call replays the graph: one launch for the whole step.
-   Where graphs are unavailable (the CPU emulation of the kernels) or
-   ``NNFAST_CUDA_GRAPH=0``, each call makes the recorded launches directly.
+3. **Replay.** The first call makes the recorded launches directly (so
+   every kernel is loaded before a capture); on a GPU the second captures
+   them once as a CUDA graph, and from then on each call replays the graph:
+   one launch for the whole step. Where graphs are unavailable (the CPU
+   emulation of the kernels) or ``NNFAST_CUDA_GRAPH=0``, every call makes the
+   recorded launches directly.
    Either way a call allocates nothing on the device but the returned loss,
    reads nothing back and waits for nothing.
 
@@ -65,7 +67,7 @@ _STEP = cuda_launch.STEP_CONTROL["step"]
 def capture_enabled(cupy: Any) -> bool:
     """Whether plans capture CUDA graphs: the array module has them (CuPy on CUDA) and
     ``NNFAST_CUDA_GRAPH`` is not ``0``."""
-    graphs = hasattr(getattr(cupy, "cuda", None), "graph") and not getattr(cupy.cuda.runtime, "is_hip", False)
+    graphs = hasattr(cupy.cuda.Stream, "begin_capture") and not getattr(cupy.cuda.runtime, "is_hip", False)
     return graphs and os.environ.get("NNFAST_CUDA_GRAPH", "1").strip() != "0"
 
 
@@ -99,6 +101,8 @@ class DeviceStepCount:
     def write(self, value: int) -> None:
         cuda = self.backend.xp.cuda
         stream = cuda.get_current_stream()
+        if self.last is not None and self.last[1] != stream.ptr:
+            stream.wait_event(self.last[0])  # after a step still running on another stream
         self.control[_STEP:_STEP + 1] = float(value)
         event = cuda.Event(block=False, disable_timing=True)
         event.record(stream)
@@ -156,6 +160,7 @@ class CudaGraphPlan:
         self.launches, self.label_check, self.loss = self._record()
         self.graph: Any = None
         self.capture = capture
+        self.launched = False
         self.last: tuple[Any, int] | None = None  # (event, stream pointer) of the last call
 
     def _record(self) -> tuple[list[Any], tuple[Any, int, int, int], Any]:
@@ -196,18 +201,19 @@ class CudaGraphPlan:
         for last in (self.last, self.counter.last):  # work of another stream on these buffers first
             if last is not None and last[1] != stream.ptr:
                 stream.wait_event(last[0])
-        backend._copy_into(self.x, x)
-        backend._copy_into(self.labels, labels)
-        if not self.capture:
-            for launch in self.launches:
-                launch()
-        else:
+        backend._copy_into(self.x, x, stream)
+        backend._copy_into(self.labels, labels, stream)
+        if self.capture and self.launched:
             if self.graph is None:
                 self.graph = self._capture()
             self.graph.launch(stream)
+        else:  # the first call launches directly: every kernel is loaded before a capture
+            for launch in self.launches:
+                launch()
+            self.launched = True
         loss = cp.empty(self.loss.shape, dtype=self.loss.dtype)
-        backend._copy_into(loss, self.loss)
-        event = backend._labels.track(*self.label_check)
+        backend._copy_into(loss, self.loss, stream)
+        event = backend._labels.track(*self.label_check, stream)
         self.last = self.counter.last = (event, stream.ptr)
         return backend._checked(loss)
 
