@@ -3,7 +3,7 @@
 Marked ``gpu``: skipped (with the reason) where CuPy finds no usable device. The CPU emulation
 (tests/test_train_step_cuda.py) runs the same recorded launches without graphs; here the graph
 itself is captured and replayed, on the default stream and on a non-blocking one, and the step is
-timed (benchmarks/train_step_gpu.py; printed, never asserted).
+timed (benchmarks/gpu/train_step.py; printed, never asserted).
 """
 
 from __future__ import annotations
@@ -161,10 +161,11 @@ def test_warm_up_compiles_for_this_device_and_launches_load_from_it(gpu, tmp_pat
 
 
 def test_the_step_is_timed():
-    """Prints the table of benchmarks/train_step_gpu.py (target: graph replay <= 60 us and >= 5x
-    torch eager for [784, 256, 256, 10], batch 128); asserts only that every mode ran."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step_gpu.py"
-    spec = importlib.util.spec_from_file_location("train_step_gpu", path)
+    """Prints the table of benchmarks/gpu/train_step.py (target: graph replay <= 60 us and >= 5x
+    torch eager for [784, 256, 256, 10], batch 128); asserts only that every mode ran and which
+    modes wait for the device (the eager plan on every call, the recorded step never)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_step", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     for optimizer in ("adam", "sgd"):
@@ -174,3 +175,6 @@ def test_the_step_is_timed():
         modes = {r["mode"] for r in rows}
         assert {"eager", "eager plan", "launches", "graph", "graph replay"} <= modes
         assert all(r["us_per_step"] > 0 and r["host_us_per_call"] > 0 for r in rows)
+        syncs = {r["mode"]: r["syncs_per_step"] for r in rows}
+        assert syncs["eager plan"] == 1.0  # it reads the loss: every call waits for the busy device
+        assert syncs["launches"] == syncs["graph"] == syncs["graph replay"] == 0.0, syncs  # none waits
