@@ -126,8 +126,15 @@ extern "C" __global__ void spin(long long cycles) {
     long long start = clock64();
     while (clock64() - start < cycles) { }
 }""", "spin")
-        khz = cupy.cuda.Device().attributes["ClockRate"]
-        self.cycles = np.int64(PROBE_SECONDS * khz * 1e3)
+        self.cycles = np.int64(PROBE_SECONDS * 1e9)  # about 20 ms at 1 GHz, then calibrated
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        for _ in range(2):  # the first launch also loads the kernel
+            start.record()
+            self.spin((1,), (1,), (self.cycles,))
+            end.record()
+            end.synchronize()
+        seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3
+        self.cycles = np.int64(self.cycles * PROBE_SECONDS / seconds)
 
     def time(self, run: Callable[[int], Any], steps: int, repeats: int) -> tuple[float, float]:
         """(median µs per step with the device waited for, median host µs per call)."""
