@@ -3,11 +3,13 @@
 // Three launches on one stream, no host synchronisation:
 //  1. ce_prepare (one block): scans the labels once; info[0] = the first row
 //     whose label is neither ignore_index nor in [0, classes) (rows if none),
-//     info[1] = the number of rows that count towards "mean", scale[0] = the
-//     factor of the reduction (1 / info[1] for "mean", 0 when every row is
-//     ignored; 1 for "sum" and "none"). A bad label is
-//     only recorded, never trapped on: the context stays usable and the Python
-//     layer raises ValueError when it reads info (no later than the loss).
+//     info[1] = the number of rows that count towards "mean", info[2] = the
+//     label of row info[0] (0 if none), scale[0] = the factor of the
+//     reduction (1 / info[1] for "mean", 0 when every row is ignored; 1 for
+//     "sum" and "none"). A bad label is only recorded, never trapped on: the
+//     context stays usable, and the host raises ValueError from a copy of info
+//     (no later than when it reads the loss). The label is kept in info, so
+//     the message holds even after the labels' buffer is reused.
 //  2. ce_rows<T, RT>: RT threads per row (one warp for short rows, one block
 //     for long ones). Pass 1 reads the row once, keeping a running max, sum of
 //     exp and mean logit (online softmax), reduced by warp shuffles (and
@@ -43,7 +45,7 @@ struct CeGrad {
 // One block of blockDim.x threads (a multiple of 32, at most 1024); shared
 // memory 2 * blockDim.x / 32 ints.
 __global__ void __launch_bounds__(1024)
-ce_prepare(int* __restrict__ info, double* __restrict__ scale, const long long* __restrict__ labels,
+ce_prepare(long long* __restrict__ info, double* __restrict__ scale, const long long* __restrict__ labels,
            int rows, int classes, long long ignore_index, int reduction) {
     int* scratch = nnf::dynamic_smem<int>();
     int first_bad = rows;
@@ -77,6 +79,7 @@ ce_prepare(int* __restrict__ info, double* __restrict__ scale, const long long* 
         }
         info[0] = bad;
         info[1] = total;
+        info[2] = bad < rows ? labels[bad] : 0;
         scale[0] = reduction != RED_MEAN ? 1.0 : (total > 0 ? 1.0 / (double)total : 0.0);
     }
 }

@@ -44,10 +44,10 @@ def asarray(x: Any, dtype: Any = None) -> Any:
 
 def to_numpy(a: Any) -> _np.ndarray:
     """Return ``a`` (an array of any backend) as a ``numpy.ndarray``."""
+    if type(a).__module__.startswith("cupy"):  # first: the CPU emulation's CuPy arrays are NumPy arrays
+        return a.get()
     if isinstance(a, _np.ndarray):
         return a
-    if type(a).__module__.startswith("cupy"):
-        return a.get()
     return _np.asarray(a)
 
 

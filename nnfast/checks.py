@@ -203,6 +203,7 @@ def param_lists(backend: Any, lists: dict[str, Sequence[Any]], read_only: Sequen
                 raise ValueError(f"{name}[{i}]: expected a non-empty array, got shape {tuple(a.shape)}")
             if name not in read_only and not a.flags.writeable:
                 raise ValueError(f"{name}[{i}]: expected a writeable array (it is updated in place)")
+    refuse_shared_memory(backend, dict(zip(names, out)), read_only)
     write_back: list[tuple[Any, Any]] = []
     for name, items in zip(names, out):
         for i, a in enumerate(items):
@@ -216,6 +217,77 @@ def param_lists(backend: Any, lists: dict[str, Sequence[Any]], read_only: Sequen
             view[...] = copy
 
     return out, finish
+
+
+def refuse_shared_memory(backend: Any, lists: dict[str, Sequence[Any]], read_only: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` when two arrays of ``lists`` share memory, unless both are only read.
+
+    The same array twice, two parameters viewing one buffer, a gradient or an
+    optimizer state in a parameter's memory: an update in place would
+    overwrite what it still reads (on a GPU, two blocks of the multi-tensor
+    update would write the same memory at once and lose updates). Host
+    arrays are compared only with arrays of the same base buffer; device
+    arrays by their address ranges. Arrays whose byte ranges meet are then
+    compared exactly (``shares_memory``), so interleaved views of one buffer
+    that share no element pass.
+    """
+    entries: list[tuple[Any, ...]] = []  # (position, list name, index, array)
+    for name, items in lists.items():
+        for i, a in enumerate(items):
+            if a is not None and a.size:
+                entries.append((len(entries), name, i, a))
+    if not entries:
+        return
+    if is_cupy_array(entries[0][3]):
+        groups = [entries]  # one address space: compare every range
+    else:
+        by_buffer: dict[int, list[tuple[Any, ...]]] = {}
+        for entry in entries:
+            by_buffer.setdefault(id(_buffer(entry[3])), []).append(entry)
+        groups = [group for group in by_buffer.values() if len(group) > 1]
+    for group in groups:
+        _refuse_overlaps(backend.xp, group, read_only)
+
+
+def _buffer(a: Any) -> Any:
+    """The object that owns a host array's memory (the end of its chain of bases)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+def _refuse_overlaps(xp: Any, entries: list[tuple[Any, ...]], read_only: Sequence[str]) -> None:
+    spans = sorted((*_byte_span(a), order, name, i, a) for order, name, i, a in entries)
+    reach: list[tuple[Any, ...]] = []  # spans that begin before the current one
+    for span in spans:
+        reach = [r for r in reach if r[1] > span[0]]
+        for other in reach:
+            if (other[3] in read_only and span[3] in read_only) or not _shares(xp, other[5], span[5]):
+                continue
+            first, second = sorted((other, span), key=lambda s: s[2])
+            raise ValueError(f"{second[3]}[{second[4]}]: shares memory with {first[3]}[{first[4]}] (the same "
+                             "array, or views of one buffer); every parameter, gradient and optimizer state "
+                             "needs memory of its own, or an update in place overwrites what it reads")
+        reach.append(span)
+
+
+def _byte_span(a: Any) -> tuple[int, int]:
+    """``[first, last + 1)``: the bytes an array's elements lie within."""
+    lo = hi = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides):
+        if stride >= 0:
+            hi += (n - 1) * stride
+        else:
+            lo += (n - 1) * stride
+    return lo, hi + a.itemsize
+
+
+def _shares(xp: Any, a: Any, b: Any) -> bool:
+    """Whether two arrays whose byte spans meet share an element."""
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return True
+    exact = getattr(xp, "shares_memory", None)
+    return True if exact is None else bool(exact(a, b))
 
 
 # ------------------------------------------------------------------ memory

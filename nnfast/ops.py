@@ -322,7 +322,8 @@ when ``momentum == 0``; ``velocities`` may then be an empty list).
                                        empty_when=("velocities", lambda v: v["momentum"] == 0.0))),
        bench=Benchmark("optim", _BYTES, "copy", "5·n·s bytes", lambda d, s: 5.0 * _count(d) * s, OPTIM_SHAPES,
                        _optim_inputs, _torch_optimizer, streams=(1, 0, 2)),
-       cuda=Cuda("optim.cu", (Kernel("sgd_multi<{T}>"),))),
+       # step_guard: the guard of a step launched without the host (a captured TrainStep).
+       cuda=Cuda("optim.cu", (Kernel("sgd_multi<{T}>"), Kernel("step_guard<{T}>")))),
     Op("adam_update", """One Adam / AdamW step, in place (``torch.optim.Adam`` / ``AdamW``).
 
 ``step`` counts from 1 and drives the bias corrections. With
@@ -340,7 +341,7 @@ it is Adam's ``g += wd * p``.
               ParamLists(("params", "grads", "exp_avgs", "exp_avg_sqs"), read_only=("grads",)), "decoupled"),
        bench=Benchmark("optim", _BYTES, "copy", "7·n·s bytes", lambda d, s: 7.0 * _count(d) * s, OPTIM_SHAPES,
                        lambda *a: _optim_inputs(*a, adam=True), _torch_optimizer, streams=(1, 0, 3)),
-       cuda=Cuda("optim.cu", (Kernel("adam_multi<{T}>"),))),
+       cuda=Cuda("optim.cu", (Kernel("adam_multi<{T}>"), Kernel("step_guard<{T}>")))),
 )}
 
 

@@ -26,7 +26,17 @@ _STATE_ARG = {"velocity": "velocities", "exp_avg": "exp_avgs", "exp_avg_sq": "ex
 
 
 class Optimizer:
-    """Base class: holds the parameters, their per-parameter state and the step count."""
+    """Base class: holds the parameters, their per-parameter state and the step count.
+
+    ``step_count`` (the updates applied so far, which drive Adam's bias
+    corrections) normally lives on the host. A training step that runs
+    without the host -- the captured CUDA step of :class:`nnfast.TrainStep`,
+    whose guard may skip an update on the device -- keeps it in device memory
+    instead and attaches it here: reading ``step_count`` (and
+    :meth:`state_dict`, so ``nf.save``) then waits for the queued steps and
+    reads the device's count, and setting it (``nf.load``,
+    :meth:`load_state_dict`) writes the device's count.
+    """
 
     #: Names of the per-parameter state arrays, in order.
     state_names: tuple[str, ...] = ()
@@ -47,12 +57,33 @@ class Optimizer:
                              "(it would be updated twice per step)")
         self.params = params
         self.lr = _SGD.check("lr", lr)
+        self._device_steps: Any = None
         self.step_count = 0
         backend = _backend_of(params)
         self.backend = backend
+        checks.refuse_shared_memory(backend, {"params": [p.data for p in params]})
         self.state: dict[str, list[Any]] = {
             name: [backend.xp.zeros_like(p.data) for p in params] for name in self.state_names
         }
+
+    @property
+    def step_count(self) -> int:
+        """Updates applied so far (see the class documentation for a count kept on the device)."""
+        counter = self._device_steps
+        return self._steps if counter is None else counter.read()
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self._steps = int(value)
+        if self._device_steps is not None:
+            self._device_steps.write(self._steps)
+
+    def _keep_step_count(self, counter: Any) -> None:
+        """From now on the step count lives in ``counter`` (``read() -> int``, ``write(int)``),
+        which starts from the current count."""
+        if counter is not self._device_steps:
+            counter.write(self.step_count)
+            self._device_steps = counter
 
     def zero_grad(self) -> None:
         """Clear every parameter's gradient (sets it to None)."""
@@ -67,7 +98,10 @@ class Optimizer:
         self._update(active)
         self.step_count += 1
 
-    def _update(self, active: list[int]) -> None:  # pragma: no cover - abstract
+    def _update(self, active: list[int], control: Any = None) -> None:  # pragma: no cover - abstract
+        """Update the parameters ``active`` (indices). ``control``: the device control block of a
+        guarded step (the CuPy backend's), whose kernels then take the step count and the
+        decision to skip from the device."""
         raise NotImplementedError
 
     def _gather(self, active: list[int]) -> tuple[list[list[Any]], Any]:
@@ -153,11 +187,12 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum, "nesterov": float(self.nesterov),
                 "weight_decay": self.weight_decay}
 
-    def _update(self, active: list[int]) -> None:
+    def _update(self, active: list[int], control: Any = None) -> None:
         (params, grads, *states), finish = self._gather(active)
         velocities = states[0] if states else [None] * len(params)
+        guarded = {} if control is None else {"control": control}
         self.backend._sgd_update(params, grads, velocities, self.lr, self.momentum, self.nesterov,
-                                 self.weight_decay)
+                                 self.weight_decay, **guarded)
         finish()
 
 
@@ -185,8 +220,11 @@ class Adam(Optimizer):
         return {"lr": self.lr, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "weight_decay": self.weight_decay, "decoupled": float(self.decoupled)}
 
-    def _update(self, active: list[int]) -> None:
+    def _update(self, active: list[int], control: Any = None) -> None:
         (params, grads, exp_avgs, exp_avg_sqs), finish = self._gather(active)
-        self.backend._adam_update(params, grads, exp_avgs, exp_avg_sqs, self.step_count + 1, self.lr,
-                                  self.beta1, self.beta2, self.eps, self.weight_decay, self.decoupled)
+        guarded = {} if control is None else {"control": control}
+        # With a control block the device's count drives the bias corrections: the host's is not read.
+        step = self.step_count + 1 if control is None else 1
+        self.backend._adam_update(params, grads, exp_avgs, exp_avg_sqs, step, self.lr, self.beta1, self.beta2,
+                                  self.eps, self.weight_decay, self.decoupled, **guarded)
         finish()

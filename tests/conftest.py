@@ -34,6 +34,30 @@ def backend(request):
         yield b
 
 
+#: The CuPy backend on the CPU emulation of the CUDA kernels (tests/cuda_emulation.py), as a backend parameter.
+EMULATED_CUPY = "cupy-emulated"
+
+
+def _emulation_available() -> bool:
+    import cuda_emulation
+
+    return cuda_emulation.unavailable_reason() is None and "cupy" not in AVAILABLE
+
+
+@pytest.fixture(params=AVAILABLE + ([EMULATED_CUPY] if _emulation_available() else []))
+def backend_or_emulated(request):
+    """Each backend that can run here and, without a GPU, the CuPy backend on the emulation, made current."""
+    if request.param != EMULATED_CUPY:
+        with nf.use_backend(request.param) as b:
+            yield b
+        return
+    import cuda_emulation
+
+    request.getfixturevalue("kernel_modules")
+    with cuda_emulation.emulated_cupy_backend() as gpu, nf.use_backend(gpu) as b:
+        yield b
+
+
 @pytest.fixture(scope="module")
 def kernel_modules():
     """Every ``kernels/*.cu`` built for the CPU emulation of CUDA (tests/cuda_emulation.py)."""

@@ -544,6 +544,11 @@ class Kernel:
         """
         grid = _dims(grid)
         block = _dims(block)
+        if _capture.kernels is not None and not dry_run:  # captured into a graph: run at its launch
+            _capture.kernels.append(lambda: self(grid, block, args, shared_mem, schedule=schedule, seed=seed,
+                                                 timeout=timeout, strict_exit=strict_exit,
+                                                 stack_bytes=stack_bytes))
+            return LaunchStats()
         if len(args) != len(self.params):
             raise EmulationError("arguments", f"{self.name}: {len(args)} arguments for {len(self.params)} parameters")
         packed, arrays = [], []
@@ -874,6 +879,8 @@ def _device_of(a: EmulatedArray) -> DeviceArray | None:
 
 
 class _Event:
+    """Launches and copies run when they are made: every event has completed."""
+
     def __init__(self, *args: Any, **kwargs: Any):
         self.done = True
 
@@ -885,8 +892,63 @@ class _Event:
 
 
 class _Stream:
+    """One stream for everything (work runs at once, in order); ``ptr`` 0 as the null stream."""
+
+    ptr = 0
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
     def synchronize(self) -> None:
         pass
+
+    def wait_event(self, event: _Event) -> None:
+        pass
+
+    def __enter__(self) -> "_Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+class _Capture:
+    """The stream capture under way: the kernel launches it holds (None: no capture)."""
+
+    kernels: list[Any] | None = None
+
+
+_capture = _Capture()
+
+
+class _Graph:
+    """An emulated CUDA graph: the captured kernel launches, made in order at each ``launch``."""
+
+    def __init__(self, kernels: list[Any]):
+        self.kernels = kernels
+        self.launches = 0  # how many times the graph was launched
+
+    def launch(self, stream: Any = None) -> None:
+        self.launches += 1
+        for kernel in self.kernels:
+            kernel()
+
+
+class _CapturingStream(_Stream):
+    """A stream that captures graphs as CuPy's does (``begin_capture`` / ``end_capture``): kernel
+    launches are held, not run, until the graph is launched. Any other device work during a
+    capture (a copy) raises: the emulated graph holds kernels only."""
+
+    def begin_capture(self, mode: Any = None) -> None:
+        if _capture.kernels is not None:
+            raise RuntimeError("emulated stream capture: a capture is already under way")
+        _capture.kernels = []
+
+    def end_capture(self) -> _Graph:
+        if _capture.kernels is None:
+            raise RuntimeError("emulated stream capture: end_capture without begin_capture")
+        kernels, _capture.kernels = _capture.kernels, None
+        return _Graph(kernels)
 
 
 class _Device:
@@ -894,21 +956,51 @@ class _Device:
     compute_capability = "90"  # what CuPy reports for an H100 / H200
 
     def __init__(self, *args: Any):
+        self.id = 0
         # an sm_90 device: 227 KiB of shared memory per block once a kernel's limit is raised
         self.attributes = {"MultiProcessorCount": _Device.sm_count, "MaxSharedMemoryPerBlockOptin": 232448}
+
+
+class _Runtime:
+    """``cupy.cuda.runtime``: the one device, and copies (made at once: every stream is synchronous)."""
+
+    memcpyHostToDevice, memcpyDeviceToHost, memcpyDeviceToDevice = 1, 2, 3
+
+    @staticmethod
+    def getDevice() -> int:
+        return 0
+
+    @staticmethod
+    def memcpyAsync(dst: int, src: int, size: int, kind: int, stream: int) -> None:
+        if _capture.kernels is not None:
+            raise RuntimeError("emulated stream capture: a copy during a capture (graphs hold kernels only)")
+        ctypes.memmove(dst, src, size)
+
+
+def _alloc_pinned_memory(size: int) -> Any:
+    """Host memory standing in for pinned memory: a buffer NumPy can view and memcpyAsync can address."""
+    return (ctypes.c_ubyte * max(int(size), 1))()
 
 
 class _CudaNamespace:
     Event = _Event
     Device = _Device
+    Stream = _Stream
+    runtime = _Runtime
+    alloc_pinned_memory = staticmethod(_alloc_pinned_memory)
 
     @staticmethod
     def get_current_stream() -> _Stream:
         return _Stream()
 
 
-def make_emulated_cupy(sm_count: int = 132) -> Any:
-    """A module object standing in for ``cupy`` (arrays and the little of ``cupy.cuda`` nnfast uses)."""
+class _GraphCudaNamespace(_CudaNamespace):
+    Stream = _CapturingStream
+
+
+def make_emulated_cupy(sm_count: int = 132, graphs: bool = False) -> Any:
+    """A module object standing in for ``cupy`` (arrays and the little of ``cupy.cuda`` nnfast uses);
+    ``graphs``: its streams capture CUDA graphs (:class:`_CapturingStream`)."""
     import types
 
     m = types.ModuleType("cupy", "CPU emulation of the bits of CuPy that nnfast's CuPy backend uses")
@@ -942,7 +1034,8 @@ def make_emulated_cupy(sm_count: int = 132) -> Any:
 
     m.empty, m.zeros, m.empty_like, m.zeros_like = empty, zeros, empty_like, zeros_like
     m.asarray, m.array, m.ascontiguousarray = asarray, lambda a, dtype=None: _device_copy(a, dtype), ascontiguousarray
-    cuda = _CudaNamespace()
+    m.shares_memory, m.may_share_memory = np.shares_memory, np.may_share_memory
+    cuda = _GraphCudaNamespace() if graphs else _CudaNamespace()
     m.cuda = cuda
     _Device.sm_count = sm_count
     return m
@@ -989,20 +1082,22 @@ class emulated_cupy_backend:
     launcher sees: a small one picks the large GEMM tiles for small shapes.
     ``kernel_dir``: take the ``.cu`` sources from this directory (a modified copy of
     ``kernels/``) and build each instantiation on its own when first launched.
+    ``graphs``: streams capture CUDA graphs (kernel launches only), so plans that capture do.
     """
 
-    def __init__(self, sm_count: int = 132, kernel_dir: str | os.PathLike | None = None):
+    def __init__(self, sm_count: int = 132, kernel_dir: str | os.PathLike | None = None, graphs: bool = False):
         self.sm_count = sm_count
         self.kernel_dir = kernel_dir
+        self.graphs = graphs
 
     def __enter__(self) -> Any:
         from nnfast.backends import cupy_backend
 
         self._module = cupy_backend
-        self._saved = (cupy_backend._function, cupy_backend._checked_class, dict(_source_override))
+        self._saved = (cupy_backend._function, dict(_source_override))
         if self.kernel_dir is not None:  # a modified copy of kernels/: build only what runs
             _source_override.update(dir=Path(self.kernel_dir), per_kernel=True)
-        fake = make_emulated_cupy(self.sm_count)
+        fake = make_emulated_cupy(self.sm_count, graphs=self.graphs)
         previous = sys.modules.get("cupy")
         sys.modules["cupy"] = fake
         try:
@@ -1013,11 +1108,10 @@ class emulated_cupy_backend:
             else:
                 sys.modules["cupy"] = previous
         cupy_backend._function = emulated_function
-        cupy_backend._checked_class = None
         self.backend = backend
         return backend
 
     def __exit__(self, *exc: Any) -> None:
-        self._module._function, self._module._checked_class, saved = self._saved
+        self._module._function, saved = self._saved
         _source_override.clear()
         _source_override.update(saved)

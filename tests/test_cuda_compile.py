@@ -31,14 +31,15 @@ from pathlib import Path
 import pytest
 
 from nnfast import activations
-from nnfast.backends import cuda_launch
+from nnfast.backends import cuda_compile, cuda_launch
 
 #: compute_80: PTX, the oldest architecture with cp.async; sm_90: a cubin (PTX and ptxas), shared
 #: with the SASS checks through compile_file's cache.
 ARCHS = ("compute_80", "sm_90")
 
-#: Options cupy.RawModule adds to ours when it compiles at run time (CuPy 13/14).
-CUPY_RUNTIME_OPTIONS = ("-ftz=true", "--device-as-default-execution-space")
+#: What the CuPy backend adds to cuda_launch.COMPILE_OPTIONS when it compiles at run time
+#: (nnfast.backends.cuda_compile.OPTIONS, as CuPy's RawModule did): the tests build what runs.
+CUPY_RUNTIME_OPTIONS = cuda_compile.OPTIONS[len(cuda_launch.COMPILE_OPTIONS):]
 
 #: Kernel families whose float32 instantiations must not spill.
 HOT_KERNELS = ("gemm", "act_forward", "act_backward", "bias_act_backward", "softmax_rows", "ce_rows",

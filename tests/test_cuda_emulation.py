@@ -623,7 +623,7 @@ def test_launch_configurations_are_valid_for_large_batches(kernel_modules, kind,
         for which in ("sgd", "adam"):
             launch = cuda_launch.optimizer_launch(which, chunks, dtype)
             extra = (t(0),) * (3 if which == "sgd" else 5) + (np.int32(0),) + ((t(0), t(0)) if which == "adam" else ())
-            _dry_run(launch, null, null, null, np.int32(chunks), np.int32(cuda_launch.OPTIM_CHUNK), *extra)
+            _dry_run(launch, null, null, null, np.int32(chunks), np.int32(cuda_launch.OPTIM_CHUNK), *extra, null)
 
 
 # --------------------------------------------------------------------- the project's property tests
@@ -858,7 +858,11 @@ def test_every_kernel_instantiation_is_launched(kernel_modules):
                                                                reduction=reduction)[0])
                 p = [gpu.asarray(rng.standard_normal(5).astype(dtype))]
                 gpu.sgd_update(p, [gpu.asarray(rng.standard_normal(5).astype(dtype))], [], lr=0.1)
-                gpu.adam_update(p, p, [gpu.zeros(5, dtype)], [gpu.zeros(5, dtype)], step=1, lr=0.1)
+                gpu.adam_update(p, [gpu.zeros(5, dtype)], [gpu.zeros(5, dtype)], [gpu.zeros(5, dtype)], step=1,
+                                lr=0.1)
+                control = gpu.zeros(cuda_launch.STEP_CONTROL_SIZE, np.float64)
+                gpu._step_guard(control, gpu.asarray(np.ones(5, dtype)), gpu.asarray(np.array([5, 5, 0])), 5, 0.1)
+                assert gpu.to_numpy(control)[cuda_launch.STEP_CONTROL["step"]] == 1
                 # The backend copies for the identity instead of launching act_*<T, 0>: launch
                 # those directly, configured by cuda_launch as the backend would.
                 for aligned in (True, False):

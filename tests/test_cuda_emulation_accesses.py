@@ -240,6 +240,51 @@ def test_optimizer_accesses(counted_gpu):
     check_optimizer_accesses(counted_gpu)
 
 
+def test_guarded_step_accesses(counted_gpu):
+    """A guarded step (a recorded TrainStep): step_guard reads each loss value, the first bad row
+    and the step count once and writes the control block (only its skip flag when it skips);
+    with the block, an update makes the accesses it makes without it plus one read of the block
+    per thread for SGD (skip) and three for Adam (skip and the two bias corrections), and an
+    update the guard skipped reads the skip flag and touches nothing else."""
+    gpu, log = counted_gpu
+    rng = np.random.default_rng(54)
+    shapes = [(9000,), (3, 7)]
+    skip, step = cuda_launch.STEP_CONTROL["skip"], cuda_launch.STEP_CONTROL["step"]
+    for dtype in (np.float32, np.float64):
+        item = np.dtype(dtype).itemsize
+        for bad_row in (5, 2):  # 5 rows: no bad label, then a bad one at row 2
+            control = gpu.zeros(cuda_launch.STEP_CONTROL_SIZE, np.float64)
+            loss = gpu.asarray(rng.standard_normal(5).astype(dtype))
+            info = gpu.asarray(np.array([bad_row, 5, 0]))
+            log.launches.clear()
+            gpu._step_guard(control, loss, info, 5, 0.01, 0.9, 0.999)
+            guard = _one(log, "step_guard<")
+            skipped = bad_row < 5
+            assert gpu.to_numpy(control)[skip] == skipped and gpu.to_numpy(control)[step] == (not skipped)
+            assert guard.of(loss) == emu.Accesses({item: 5}, {})
+            assert guard.of(info) == emu.Accesses({8: 1}, {})
+            assert guard.of(control) == (emu.Accesses({}, {8: 1}) if skipped else emu.Accesses({8: 1}, {8: 4}))
+            for kind, read, written in (("sgd", "pgm", "pm"), ("adam", "pgmv", "pmv")):
+                t = {k: [gpu.asarray(rng.standard_normal(sh).astype(dtype)) for sh in shapes] for k in "pgmv"}
+                t["v"] = [gpu.asarray(np.abs(gpu.to_numpy(v))) for v in t["v"]]
+                log.launches.clear()
+                if kind == "sgd":
+                    gpu._sgd_update(t["p"], t["g"], t["m"], 0.1, 0.9, False, 0.0, control=control)
+                else:
+                    gpu._adam_update(t["p"], t["g"], t["m"], t["v"], 1, 0.01, 0.9, 0.999, 1e-8, 0.0, True,
+                                     control=control)
+                launch = _one(log, f"{kind}_multi<")
+                threads = launch.grid[0] * launch.block[0]
+                reads = 1 if kind == "sgd" or skipped else 3
+                assert launch.of(control) == emu.Accesses({8: threads * reads}, {}), f"{kind} control"
+                for name in "pgmv":
+                    for a in t[name]:
+                        used = not skipped
+                        expected = emu.Accesses({item: a.size} if used and name in read else {},
+                                                {item: a.size} if used and name in written else {})
+                        assert launch.of(a) == expected, f"{kind} skipped={skipped}: {name} of {a.shape}"
+
+
 # ===================================================================== the bugs these catch
 # Each leaves every result right; only the accesses change.
 MUTANTS = [

@@ -1,4 +1,8 @@
-"""``nf.TrainStep``: one call is the eager step, guarded; plans per batch size, re-made when stale."""
+"""``nf.TrainStep``: one call is the eager step, guarded; plans per batch size, re-made when stale.
+
+Every backend that runs here, plus the CuPy backend on the CPU emulation of the CUDA kernels
+(tests/cuda_emulation.py), which runs the CuPy plan's recorded launches directly (no graphs).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,12 @@ import pytest
 
 import nnfast as nf
 from nnfast.train_step import MAX_PLANS
+
+
+@pytest.fixture
+def backend(backend_or_emulated):
+    """Every backend that runs here, and the CuPy backend on the CPU emulation."""
+    return backend_or_emulated
 
 
 def _setup(backend_name, optimizer="sgd", dtype="float32", sizes=(12, 16, 5), seed=0, **loss_options):
@@ -56,8 +66,8 @@ def _assert_same(a, b, exact):
 def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
     """Bit for bit on the CPU backends (the same operations in the same order), over batch sizes that vary."""
     name = backend.name
-    eager = _setup(name, optimizer, dtype)
-    fused = _setup(name, optimizer, dtype)
+    eager = _setup(backend, optimizer, dtype)
+    fused = _setup(backend, optimizer, dtype)
     step = nf.TrainStep(*fused)
     for batch, count in ((8, 3), (3, 2), (8, 2)):
         for x, labels in _batches(count, batch, seed=batch, dtype=dtype):
@@ -71,7 +81,7 @@ def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
 
 
 def test_a_non_finite_loss_changes_nothing(backend):
-    model, loss_fn, opt = _setup(backend.name, "adam")
+    model, loss_fn, opt = _setup(backend, "adam")
     step = nf.TrainStep(model, loss_fn, opt)
     (x, labels), = _batches(1, 6)
     step(x, labels)
@@ -85,7 +95,7 @@ def test_a_non_finite_loss_changes_nothing(backend):
 
 
 def test_a_bad_label_raises_and_changes_nothing(backend):
-    model, loss_fn, opt = _setup(backend.name)
+    model, loss_fn, opt = _setup(backend)
     step = nf.TrainStep(model, loss_fn, opt)
     (x, labels), = _batches(1, 6)
     before = _state(model, opt)
@@ -100,8 +110,8 @@ def test_a_bad_label_raises_and_changes_nothing(backend):
 
 def test_plans_are_remade_when_arrays_or_settings_change(backend):
     name = backend.name
-    eager = _setup(name, "adam")
-    fused = _setup(name, "adam")
+    eager = _setup(backend, "adam")
+    fused = _setup(backend, "adam")
     step = nf.TrainStep(*fused)
     batches = list(_batches(4, 5))
     _eager_step(*eager, *batches[0])
@@ -124,7 +134,7 @@ def test_plans_are_remade_when_arrays_or_settings_change(backend):
 
 
 def test_one_plan_per_batch_size_and_a_bounded_number(backend):
-    step = nf.TrainStep(*_setup(backend.name))
+    step = nf.TrainStep(*_setup(backend))
     for batch in range(1, MAX_PLANS + 3):
         step(*next(_batches(1, batch)))
     assert len(step.plan_names) == MAX_PLANS
@@ -132,7 +142,7 @@ def test_one_plan_per_batch_size_and_a_bounded_number(backend):
 
 
 def test_inputs_are_converted_like_the_layers_convert_them(backend):
-    model, loss_fn, opt = _setup(backend.name)
+    model, loss_fn, opt = _setup(backend)
     step = nf.TrainStep(model, loss_fn, opt)
     (x, labels), = _batches(1, 4)
     loss = step(x.astype(np.float64).tolist(), labels.tolist())  # lists, float64 -> the model's float32
@@ -147,7 +157,7 @@ def test_inputs_are_converted_like_the_layers_convert_them(backend):
     (np.zeros((4, 12), np.float32), np.zeros(4, np.float32) + 0.5, TypeError, "labels: expected integer"),
 ])
 def test_bad_inputs_are_refused_before_anything_runs(backend, x, labels, error, match):
-    model, loss_fn, opt = _setup(backend.name)
+    model, loss_fn, opt = _setup(backend)
     step = nf.TrainStep(model, loss_fn, opt)
     before = _state(model, opt)
     with pytest.raises(error, match=match):

@@ -113,6 +113,11 @@ class Backend(ReferenceOps):
     def synchronize(self) -> None:
         """Wait until every queued kernel has finished (a no-op on the CPU)."""
 
+    def launch_settings(self) -> tuple[Any, ...]:
+        """Settings besides the shapes that decide what an op computes with (a device, a pinned
+        kernel path): a step recorded under other settings is made anew. None on the CPU."""
+        return ()
+
     # ------------------------------------------------------------------ ops
     def _call(self, op: Op, values: dict[str, Any]) -> Any:
         """Check ``values`` (every argument of ``op``, by name) as the row declares, then run the op."""

@@ -5,9 +5,9 @@ needs: which template instantiation (its name expression), the grid, the
 block and the bytes of dynamic shared memory. It also expands the op table's
 kernel templates (``Op.cuda`` in :mod:`nnfast.ops`) into the one list of
 every instantiation of every ``kernels/*.cu`` file (:func:`name_expressions`),
-which the CuPy backend compiles, the NVRTC test compiles, and a CPU
-emulation of the kernels can instantiate. It imports neither CuPy nor any
-CUDA library, so it works on any machine.
+from which the CuPy backend compiles the ones it launches, the NVRTC test
+compiles all, and a CPU emulation of the kernels can instantiate them. It
+imports neither CuPy nor any CUDA library, so it works on any machine.
 
 Every kernel keeps all of its shared memory dynamic
 (``extern __shared__ float4 smem[]``), so :attr:`Launch.shared_mem` is the
@@ -423,6 +423,18 @@ def optimizer_launch(kind: str, num_chunks: int, dtype: Any, *, sm_count: int = 
     return Launch("optim.cu", f"{kind}_multi<{c}>", (blocks, 1, 1), (256, 1, 1))
 
 
+#: The control block of a guarded training step (``kernels/optim.cu``, ``enum StepControl``):
+#: float64 slots ``skip`` (1 when the step's update is skipped), ``step`` (updates applied so
+#: far), ``step_size`` and ``sqrt_bias2`` (Adam's bias corrections of the current step).
+STEP_CONTROL = {"skip": 0, "step": 1, "step_size": 2, "sqrt_bias2": 3}
+STEP_CONTROL_SIZE = 4
+
+
+def step_guard_launch(dtype: Any) -> Launch:
+    """The guard of a guarded training step: one block, an int of shared memory."""
+    return Launch("optim.cu", f"step_guard<{ctype(dtype)}>", (1, 1, 1), (_ELEMENTWISE_THREADS, 1, 1), 4)
+
+
 def is_aligned(*ptrs: int) -> bool:
     """True when every address is a multiple of 16 bytes."""
     return all(p % 16 == 0 for p in ptrs)
@@ -446,6 +458,8 @@ __all__ = [
     "OPTIM_CHUNK",
     "REDUCTION_CODES",
     "ROW_THREADS",
+    "STEP_CONTROL",
+    "STEP_CONTROL_SIZE",
     "activation_launch",
     "all_name_expressions",
     "bias_act_backward_launch",
@@ -462,6 +476,7 @@ __all__ = [
     "optimizer_launch",
     "row_threads",
     "softmax_launch",
+    "step_guard_launch",
     "total_instantiations",
 ]
 

@@ -1,38 +1,47 @@
 """The CuPy backend: every op a hand-written CUDA kernel from ``kernels/*.cu``.
 
-Each ``kernels/<file>.cu`` becomes one ``cupy.RawModule``, compiled by NVRTC
-the first time one of its kernels is needed (CuPy also caches the binary on
-disk) with every template instantiation listed by
-:func:`nnfast.backends.cuda_launch.name_expressions`. The op methods below are
-thin: they allocate the outputs, ask :mod:`~nnfast.backends.cuda_launch` for
-the instantiation and launch configuration, and launch. Arguments were
-already validated by :class:`~nnfast.backends.base.Backend`.
+Each kernel instantiation (a name expression of
+:func:`nnfast.backends.cuda_launch.name_expressions`) is compiled by NVRTC the
+first time a launch needs it, on its own, and kept in a disk cache
+(:mod:`~nnfast.backends.cuda_compile`); :func:`warm_up` compiles a list of
+them (or all) ahead of time in parallel processes. Compiled functions are
+kept per device. The op methods below are thin: they allocate the outputs,
+ask :mod:`~nnfast.backends.cuda_launch` for the instantiation and launch
+configuration, and launch. Arguments were already validated by
+:class:`~nnfast.backends.base.Backend`.
 
 Importing this module never imports CuPy; :func:`cupy_unavailable_reason`
 says, without raising, why the backend cannot run on this machine.
 
 Bad labels in the cross-entropy are detected on the device (a flag written by
-the kernel, never a device-side assert, so the CUDA context stays usable) and
-raised as ``ValueError`` when the result is first read: when the returned loss
-is converted to a host value, by :meth:`CupyBackend.to_numpy` or
-:meth:`CupyBackend.synchronize`, or by the next cross-entropy call once the
-earlier one has finished.
+the kernel, never a device-side assert, so the CUDA context stays usable),
+copied to pinned host memory asynchronously, and raised as ``ValueError``
+when a result is read: when the returned loss is converted to a host value,
+by :meth:`CupyBackend.to_numpy` or :meth:`CupyBackend.synchronize`, or by a
+later cross-entropy call once the earlier one has finished
+(:mod:`~nnfast.backends.cuda_label_checks`). No call waits for the device.
+
+A guarded training step (:mod:`nnfast.train_step.cuda_graph`) records the
+launches of one step with :meth:`CupyBackend.recording` and replays them, or
+captures them in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import threading
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from . import cuda_launch
+from . import cuda_compile, cuda_launch
 from ..activations import saves_input
 from ..precision import get_matmul_precision
-from .base import Backend, bad_label_error
+from .base import Backend
+from .cuda_label_checks import INFO_SIZE, LabelChecks, checked_array_class
 
 _INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
 
@@ -89,38 +98,81 @@ def cupy_unavailable_reason() -> str | None:
     return None
 
 
-# --------------------------------------------------------------------- modules
-_modules: dict[str, Any] = {}
-_functions: dict[tuple[str, str], Any] = {}
-_modules_lock = threading.Lock()
+# --------------------------------------------------------------------- kernels
+_functions: dict[tuple[int, str, str], Any] = {}
+_arch: dict[int, str] = {}
+_functions_lock = threading.Lock()
+
+#: Compile instantiations into the disk cache ahead of their first launch (see cuda_compile.warm_up).
+warm_up = cuda_compile.warm_up
+
+
+def _current_device() -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDevice())
 
 
 def _function(file: str, kernel: str) -> Any:
-    """The compiled kernel ``kernel`` (a name expression) of ``kernels/<file>``."""
-    fn = _functions.get((file, kernel))
+    """The compiled kernel ``kernel`` (a name expression) of ``kernels/<file>``, on the current device."""
+    device = _current_device()
+    fn = _functions.get((device, file, kernel))
     if fn is not None:
         return fn
-    with _modules_lock:
-        module = _modules.get(file)
-        if module is None:
+    with _functions_lock:
+        fn = _functions.get((device, file, kernel))
+        if fn is None:
             import cupy
 
-            module = cupy.RawModule(
-                code=cuda_launch.load_source(file),
-                options=cuda_launch.compile_options(file),
-                name_expressions=cuda_launch.name_expressions(file),
-            )
-            _modules[file] = module
-        fn = module.get_function(kernel)
-        _functions[(file, kernel)] = fn
+            arch = _arch.get(device)
+            if arch is None:
+                arch = _arch[device] = cuda_compile.arch_for(cupy.cuda.Device(device).compute_capability)
+            compiled = cuda_compile.compile_kernel(file, kernel, arch)
+            fn = cupy.RawModule(path=str(compiled.path)).get_function(compiled.lowered)
+            _functions[(device, file, kernel)] = fn
     return fn
+
+
+class RecordedLaunch(NamedTuple):
+    """One launch as :meth:`CupyBackend.recording` saw it: ``function(grid, block, args, shared_mem=...)``."""
+
+    function: Any
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[Any, ...]
+    shared_mem: int
+
+    def __call__(self) -> None:
+        self.function(self.grid, self.block, self.args, shared_mem=self.shared_mem)
+
+
+class Recording:
+    """What :meth:`CupyBackend.recording` saw: the launches, and the label checks of the
+    cross-entropy calls (``(info, rows, classes, ignore_index)``, for :meth:`LabelChecks.track`)."""
+
+    def __init__(self) -> None:
+        self.launches: list[RecordedLaunch] = []
+        self.label_checks: list[tuple[Any, int, int, int]] = []
+
+
+_recording = threading.local()
 
 
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
     fn = _function(launch.file, launch.kernel)
     if launch.shared_mem > cuda_launch.DEFAULT_SHARED_MEM and fn.max_dynamic_shared_size_bytes < launch.shared_mem:
         fn.max_dynamic_shared_size_bytes = launch.shared_mem  # a block above 48 KiB must be allowed first
-    fn(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+    recording = getattr(_recording, "current", None)
+    if recording is None:
+        fn(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+    else:
+        recording.launches.append(RecordedLaunch(fn, launch.grid, launch.block, args, launch.shared_mem))
+
+
+def _unrecordable(what: str) -> None:
+    """Refuse, inside a recording, device work that is not a kernel launch (it would not be replayed)."""
+    if getattr(_recording, "current", None) is not None:
+        raise RuntimeError(f"a recorded step cannot hold {what}: it is not a kernel launch")
 
 
 _NULL = np.uint64(0)
@@ -139,87 +191,11 @@ def _aligned(*arrays: Any) -> bool:
     return cuda_launch.is_aligned(*(_ptr(a) for a in arrays if a is not None))
 
 
-class _PendingLabelCheck:
-    """The device flag of one cross-entropy call, checked before a value is read."""
-
-    __slots__ = ("info", "labels", "rows", "classes", "ignore_index", "event")
-
-    def __init__(self, info: Any, labels: Any, rows: int, classes: int, ignore_index: int, event: Any):
-        self.info, self.labels, self.rows = info, labels, rows
-        self.classes, self.ignore_index, self.event = classes, ignore_index, event
-
-    def raise_if_bad(self) -> None:
-        first_bad = int(self.info[0].get())
-        if first_bad < self.rows:
-            label = int(self.labels[first_bad].get())
-            raise bad_label_error(label, first_bad, self.classes, self.ignore_index)
-
-
-_checked_class: Any = None
-
-
-def _checked_array_class(cupy: Any) -> Any:
-    """A ``cupy.ndarray`` subclass that raises a pending label error before its value is read."""
-    global _checked_class
-    if _checked_class is not None:
-        return _checked_class
-
-    class CheckedArray(cupy.ndarray):
-        """Loss array of the cross-entropy: reading it first checks the labels were valid."""
-
-        def __array_finalize__(self, obj: Any) -> None:
-            self._nnfast_backend = getattr(obj, "_nnfast_backend", None)
-
-        def _nnfast_check(self) -> None:
-            backend = getattr(self, "_nnfast_backend", None)
-            if backend is not None:
-                backend._check_pending()
-
-        def get(self, *args: Any, **kwargs: Any) -> Any:
-            self._nnfast_check()
-            return super().get(*args, **kwargs)
-
-        def item(self) -> Any:
-            self._nnfast_check()
-            return super().item()
-
-        def tolist(self) -> Any:
-            self._nnfast_check()
-            return super().tolist()
-
-        def __float__(self) -> float:
-            self._nnfast_check()
-            return super().__float__()
-
-        def __int__(self) -> int:
-            self._nnfast_check()
-            return super().__int__()
-
-        def __bool__(self) -> bool:
-            self._nnfast_check()
-            return super().__bool__()
-
-        def __array__(self, *args: Any, **kwargs: Any) -> Any:
-            self._nnfast_check()
-            return super().__array__(*args, **kwargs)
-
-        def __repr__(self) -> str:
-            self._nnfast_check()
-            return super().__repr__()
-
-        def __str__(self) -> str:
-            self._nnfast_check()
-            return super().__str__()
-
-        def __format__(self, spec: str) -> str:
-            self._nnfast_check()
-            return super().__format__(spec)
-
-    # nnfast recognises CuPy arrays by the module of their type (base._is_cupy_array,
-    # nnfast.to_numpy): this one is a CuPy array.
-    CheckedArray.__module__ = cupy.ndarray.__module__
-    _checked_class = CheckedArray
-    return CheckedArray
+class _DeviceInfo(NamedTuple):
+    sm_count: int
+    memory: int | None
+    max_shared: int  # shared memory a block may have once its kernel's limit is raised
+    tf32: bool  # TF32 tensor cores (and cp.async): compute capability 8.0 on
 
 
 class CupyBackend(Backend):
@@ -228,29 +204,52 @@ class CupyBackend(Backend):
     name = "cupy"
     xp: Any = None  # set to the cupy module when the backend is created
 
-    #: Pending cross-entropy label checks kept before the oldest is checked synchronously.
-    MAX_PENDING = 64
-
     def __init__(self) -> None:
         import cupy
 
         self.xp = cupy
         self._cupy = cupy
-        try:
-            self._sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-        except Exception:
-            self._sm_count = cuda_launch.DEFAULT_SM_COUNT
-        try:  # the shared memory a block may have once its kernel's limit is raised
-            self._max_shared = int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
-        except Exception:
-            self._max_shared = cuda_launch.DEFAULT_SHARED_MEM
-        try:  # TF32 tensor cores (and cp.async) from compute capability 8.0 on
-            self._tf32 = int(cupy.cuda.Device().compute_capability) >= 80
-        except Exception:
-            self._tf32 = False
-        self._pending: collections.deque[_PendingLabelCheck] = collections.deque()
+        self._labels = LabelChecks(cupy)
         self._tables: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-        self._memory: dict[int, int] = {}
+        self._devices: dict[int, _DeviceInfo] = {}
+
+    # ------------------------------------------------------------------ device
+    def _device(self) -> _DeviceInfo:
+        """SM count and memory size of the current device, asked of the driver once per device."""
+        device = int(self._cupy.cuda.runtime.getDevice())
+        info = self._devices.get(device)
+        if info is None:
+            d = self._cupy.cuda.Device(device)
+            try:
+                sm_count = int(d.attributes["MultiProcessorCount"])
+            except Exception:
+                sm_count = cuda_launch.DEFAULT_SM_COUNT
+            try:
+                memory: int | None = int(d.mem_info[1])
+            except Exception:
+                memory = None
+            try:
+                max_shared = int(d.attributes["MaxSharedMemoryPerBlockOptin"])
+            except Exception:
+                max_shared = cuda_launch.DEFAULT_SHARED_MEM
+            try:
+                tf32 = int(d.compute_capability) >= 80
+            except Exception:
+                tf32 = False
+            info = self._devices[device] = _DeviceInfo(sm_count, memory, max_shared, tf32)
+        return info
+
+    @property
+    def _sm_count(self) -> int:
+        return self._device().sm_count
+
+    def memory_limit(self) -> int | None:
+        """Bytes of memory of the current device."""
+        return self._device().memory
+
+    def launch_settings(self) -> tuple[Any, ...]:
+        """The current device and the GEMM path pinned by ``cuda_launch.forced_gemm``, if any."""
+        return (int(self._cupy.cuda.runtime.getDevice()), cuda_launch.gemm_plan.forced_now())
 
     # ------------------------------------------------------------------ arrays
     def to_numpy(self, a: Any) -> np.ndarray:
@@ -260,31 +259,46 @@ class CupyBackend(Backend):
             return self._cupy.ndarray.get(a)
         return np.asarray(a)
 
-    def memory_limit(self) -> int | None:
-        """Bytes of memory of the current device (asked of the driver once per device)."""
-        try:
-            device = self._cupy.cuda.Device().id
-            if device not in self._memory:
-                self._memory[device] = int(self._cupy.cuda.Device().mem_info[1])
-            return self._memory[device]
-        except Exception:
-            return None
-
     def synchronize(self) -> None:
         """Wait for every queued kernel, then raise any pending bad-label error."""
         self._cupy.cuda.get_current_stream().synchronize()
         self._check_pending()
 
     def _check_pending(self) -> None:
-        """Read every pending cross-entropy flag (oldest first); raise on the first bad label."""
-        while self._pending:
-            check = self._pending.popleft()
-            check.raise_if_bad()
+        """Wait for every pending cross-entropy flag and read it (oldest first); raise on the first bad label."""
+        self._labels.check_all()
 
     def _poll_pending(self) -> None:
-        """Check the flags of finished calls without waiting; bound the queue."""
-        while self._pending and (len(self._pending) >= self.MAX_PENDING or self._pending[0].event.done):
-            self._pending.popleft().raise_if_bad()
+        """Read the flags of finished calls without waiting."""
+        self._labels.poll()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[Recording]:
+        """Record, in this thread, the launches the ops would make, instead of making them.
+
+        Outputs are allocated as usual and stay alive in the recorded
+        arguments, so replaying :attr:`Recording.launches` in order (each
+        ``launch()``) recomputes them from whatever the inputs hold then: a
+        step with fixed buffers, replayed directly or captured in a CUDA
+        graph. Cross-entropy label checks are listed instead of tracked. Device
+        work that is not a launch (a copy of a misaligned row view, an identity
+        activation) raises ``RuntimeError``.
+        """
+        if getattr(_recording, "current", None) is not None:
+            raise RuntimeError("recordings do not nest")
+        recording = _recording.current = Recording()
+        try:
+            yield recording
+        finally:
+            _recording.current = None
+
+    def _copy_into(self, dst: Any, src: Any, stream: Any = None) -> None:
+        """``dst[...] = src`` for two C-contiguous device arrays of one size, as one asynchronous
+        copy on ``stream`` (default: the current one)."""
+        cuda = self._cupy.cuda
+        stream = cuda.get_current_stream() if stream is None else stream
+        cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, src.nbytes, cuda.runtime.memcpyDeviceToDevice,
+                                 stream.ptr)
 
     def _scalar(self, dtype: Any, value: float) -> Any:
         return np.dtype(dtype).type(value)
@@ -304,9 +318,10 @@ class CupyBackend(Backend):
         """The GEMM's launch plan on this device, at the matmul precision in force: TF32 tensor cores for
         float32 under "high", on a device that has them (before compute capability 8.0 "high" allows
         what the device does not offer, and float32 runs, as in PyTorch)."""
-        precision = get_matmul_precision() if self._tf32 else "highest"
-        return cuda_launch.gemm_launch(M, N, K, dtype, precision=precision, sm_count=self._sm_count,
-                                       max_shared=self._max_shared, **kwargs)
+        device = self._device()
+        precision = get_matmul_precision() if device.tf32 else "highest"
+        return cuda_launch.gemm_launch(M, N, K, dtype, precision=precision, sm_count=device.sm_count,
+                                       max_shared=device.max_shared, **kwargs)
 
     def _gemm(self, plan, C, Z, A, B, bias, M, N, K, alpha=0.0):
         """Run a :class:`cuda_launch.GemmPlan`: one launch, or with split K the partial products then their sum."""
@@ -352,6 +367,7 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ activations
     def _activation_forward(self, x, activation, alpha):
         if activation == "identity":
+            _unrecordable("an identity activation (a copy)")
             return x.copy()
         y = self._cupy.empty_like(x)
         launch, vec = cuda_launch.activation_launch(x.size, x.dtype, activation, backward=False,
@@ -361,6 +377,7 @@ class CupyBackend(Backend):
 
     def _activation_backward(self, dy, saved, activation, alpha):
         if activation == "identity":
+            _unrecordable("an identity activation (a copy)")
             return dy.copy()
         dx = self._cupy.empty_like(dy)
         launch, vec = cuda_launch.activation_launch(dy.size, dy.dtype, activation, backward=True,
@@ -371,7 +388,10 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ rows
     def _aligned_rows(self, x: Any) -> Any:
         # The row kernels need input and output to share their address modulo 16.
-        return x if _aligned(x) else x.copy()
+        if _aligned(x):
+            return x
+        _unrecordable("a misaligned row view (copied)")
+        return x.copy()
 
     def _softmax_rows(self, x, log):
         x = self._aligned_rows(x)
@@ -397,7 +417,7 @@ class CupyBackend(Backend):
         ignore = np.int64(min(max(ignore_index, -(2**63)), 2**63 - 1))
         grad = cp.empty_like(logits)
         row_loss = cp.empty((rows,), dtype=dtype)
-        info = cp.empty((2,), dtype=np.int32)
+        info = cp.empty((INFO_SIZE,), dtype=np.int64)
         scale = cp.empty((1,), dtype=np.float64)
         _launch(plan.prepare, info, scale, labels, np.int32(rows), np.int32(classes), ignore,
                 np.int32(plan.reduction_code))
@@ -408,15 +428,17 @@ class CupyBackend(Backend):
             _launch(plan.reduce, loss, row_loss, scale, np.int32(rows))
         else:
             loss = row_loss
-        event = cp.cuda.Event(block=False, disable_timing=True)
-        event.record()
-        self._pending.append(_PendingLabelCheck(info, labels, rows, classes, ignore_index, event))
+        recording = getattr(_recording, "current", None)
+        if recording is None:
+            self._labels.track(info, rows, classes, ignore_index)
+        else:
+            recording.label_checks.append((info, rows, classes, ignore_index))
         return self._checked(loss), grad
 
     def _checked(self, loss: Any) -> Any:
         """``loss`` as an array whose host reads raise a pending bad-label error first."""
         try:
-            checked = loss.view(type=_checked_array_class(self._cupy))
+            checked = loss.view(type=checked_array_class(self._cupy))
             checked._nnfast_backend = self
             return checked
         except Exception:  # pragma: no cover - an older CuPy without ndarray subclasses
@@ -452,7 +474,9 @@ class CupyBackend(Backend):
                 groups.setdefault(items[0].dtype, []).append(list(items))
         return groups
 
-    def _sgd_update(self, params, grads, velocities, lr, momentum, nesterov, weight_decay):
+    # ``control``: the control block of a guarded step (cuda_launch.STEP_CONTROL), read by the kernels
+    # in place of host values; None for an eager step.
+    def _sgd_update(self, params, grads, velocities, lr, momentum, nesterov, weight_decay, control=None):
         if momentum == 0.0:
             velocities = [None] * len(params)
         for dtype, tensors in self._by_dtype(params, grads, velocities).items():
@@ -462,10 +486,10 @@ class CupyBackend(Backend):
             t = np.dtype(dtype).type
             launch = cuda_launch.optimizer_launch("sgd", count, dtype, sm_count=self._sm_count)
             _launch(launch, ptrs, sizes, chunks, np.int32(count), np.int32(cuda_launch.OPTIM_CHUNK),
-                    t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov)))
+                    t(lr), t(momentum), t(weight_decay), np.int32(bool(nesterov)), _arg(control))
 
     def _adam_update(self, params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                     weight_decay, decoupled):
+                     weight_decay, decoupled, control=None):
         step_size = lr / (1.0 - beta1**step)
         sqrt_bias2 = math.sqrt(1.0 - beta2**step)
         for dtype, tensors in self._by_dtype(params, grads, exp_avgs, exp_avg_sqs).items():
@@ -477,7 +501,15 @@ class CupyBackend(Backend):
             # 1 - beta and 1 - lr * wd in double here: on the device, from float betas, they cancel.
             _launch(launch, ptrs, sizes, chunks, np.int32(count), np.int32(cuda_launch.OPTIM_CHUNK),
                     t(1.0 - lr * weight_decay), t(1.0 - beta1), t(1.0 - beta2), t(eps), t(weight_decay),
-                    np.int32(bool(decoupled)), t(step_size), t(sqrt_bias2))
+                    np.int32(bool(decoupled)), t(step_size), t(sqrt_bias2), _arg(control))
+
+    def _step_guard(self, control: Any, loss: Any, info: Any, rows: int, lr: float, beta1: float = 0.0,
+                    beta2: float = 0.0) -> None:
+        """The guard of a guarded step: skip its update when ``loss`` is not finite or ``info`` (of
+        the step's cross-entropy) holds a bad label; else advance the step count in ``control``
+        and form Adam's bias corrections (``beta1``, ``beta2``) for it."""
+        _launch(cuda_launch.step_guard_launch(loss.dtype), control, loss, np.int64(loss.size), info,
+                np.int32(rows), np.float64(lr), np.float64(beta1), np.float64(beta2))
 
 
-__all__ = ["CupyBackend", "cupy_unavailable_reason"]
+__all__ = ["CupyBackend", "Recording", "RecordedLaunch", "cupy_unavailable_reason", "warm_up"]

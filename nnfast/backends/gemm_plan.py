@@ -174,6 +174,11 @@ def forced(tile: str | None = None, splits: int | None = None) -> Iterator[None]
         _forced.reset(token)
 
 
+def forced_now() -> tuple[str | None, int | None]:
+    """The ``(tile, splits)`` pinned by :func:`forced` here and now (``(None, None)``: none)."""
+    return _forced.get()
+
+
 def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int,
            unusable: Callable[[GemmTile], str | None] | None = None) -> tuple[str, int]:
     """``(tile name, splits)`` for ``C[M, N] = A[M, K] @ B[K, N]`` with C type ``c`` (or ``"tf32"``).
@@ -213,4 +218,4 @@ def choose(M: int, N: int, K: int, c: str, itemsize: int, sm_count: int,
 
 
 __all__ = ["GEMM_TILES", "GemmTile", "MAX_WORKSPACE_BYTES", "MIN_SLICES_PER_SPLIT", "SPLITS", "TensorCoreTile", "choose",
-           "cost", "effective_splits", "forced"]
+           "cost", "effective_splits", "forced", "forced_now"]

@@ -23,11 +23,13 @@ How a step runs is the backend's choice, made once per input shape: a *plan*
 (:mod:`.plan`). The plain sequence above (:mod:`.eager`) serves every backend
 and every model. A backend may register a faster plan for the models it
 understands (an MLP: ``Sequential`` of ``Linear`` layers with fused
-activations): on the GPU a step captured once as a CUDA graph and replayed, on
-the CPU one fused call. Plans are made on the first call with a given batch
-size and kept (the last batch of an epoch is often smaller); they are made
-anew when the parameters' or the optimizer's arrays are replaced (``nf.load``),
-a hyperparameter changes, or the matmul precision does.
+activations): on the GPU a step captured once as a CUDA graph and replayed
+(:mod:`.cuda_graph`), on the CPU one fused call. Plans are made on the first
+call with a given batch size and kept (the last batch of an epoch is often
+smaller); they are made anew when the parameters' or the optimizer's arrays
+are replaced (``nf.load``), a hyperparameter changes, the matmul precision
+does, or the backend's launch settings do (``Backend.launch_settings``: the
+device, a pinned kernel path).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from .plan import Plan, PlanKey
 #: Faster plans per backend name: ``"module:function"``, the function taking
 #: ``(model, loss_fn, optimizer, key)`` and returning a :class:`Plan`, or None
 #: for a model it does not handle (the eager plan then runs).
-PLAN_BUILDERS: dict[str, str] = {}
+PLAN_BUILDERS: dict[str, str] = {"cupy": "nnfast.train_step.cuda_graph:build"}
 
 #: Plans kept per ``TrainStep`` (one per batch size), least recently used dropped first.
 MAX_PLANS = 4
@@ -132,12 +134,14 @@ class TrainStep:
         return EagerPlan(self.model, self.loss_fn, self.optimizer, key)
 
     def _current_signature(self) -> tuple[Any, ...]:
-        """What a plan may have captured: the arrays' identities, the optimizer's settings and the
-        matmul precision (which GEMM kernels run)."""
+        """What a plan may have captured: the arrays' identities, the optimizer's settings, the
+        matmul precision (which GEMM kernels run) and the backend's launch settings (the device, a
+        pinned kernel path)."""
         opt = self.optimizer
         return (tuple(id(p.data) for p in opt.params),
                 tuple(id(a) for name in opt.state_names for a in opt.state[name]),
-                tuple(sorted(opt.hyperparameters().items())), get_matmul_precision())
+                tuple(sorted(opt.hyperparameters().items())), get_matmul_precision(),
+                self.backend.launch_settings())
 
     @property
     def plan_names(self) -> list[str]:
