@@ -22,10 +22,11 @@ earlier one has finished.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 import threading
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -115,8 +116,31 @@ def _function(file: str, kernel: str) -> Any:
     return fn
 
 
+#: The lists of :func:`recorded_launches` blocks now open.
+_recorders: list[list[cuda_launch.Launch]] = []
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[cuda_launch.Launch]]:
+    """Inside the block, every kernel launch of this backend is appended to the list it yields.
+
+    Each entry is the :class:`~nnfast.backends.cuda_launch.Launch` (a
+    ``GemmPlan`` for a GEMM) as launched: its instantiation, grid and block.
+    ``nnfast selftest`` uses it to see that a forced GEMM path is the one
+    that ran.
+    """
+    seen: list[cuda_launch.Launch] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
     _function(launch.file, launch.kernel)(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+    for seen in _recorders:
+        seen.append(launch)
 
 
 _NULL = np.uint64(0)
