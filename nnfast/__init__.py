@@ -14,6 +14,10 @@ from typing import Any
 
 import numpy as _np
 
+from ._command import import_registry as _import_registry
+
+_import_registry()  # raises BackendError for a bad NNFAST_BACKEND (the nnfast command reports it itself)
+
 from .activation_layers import LAYERS as _ACTIVATION_LAYERS
 from .activation_layers import ActivationLayer, activation_layer
 from .activations import ACTIVATIONS

@@ -11,16 +11,21 @@ import sys
 import threading
 from typing import Sequence
 
+from . import _command
 from .activations import ACTIVATIONS
 from .errors import BackendError
 
 
 def _sizes(text: str) -> tuple[int, ...]:
+    parts = text.split(",")
+    if any(not part.strip() for part in parts):  # "64,,32", "64,", "": a size left out, not a shorter list
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 256,256, got {text!r} "
+                                         "(an empty size)")
     try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+        sizes = tuple(int(part) for part in parts)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer sizes like 256,256, got {text!r}")
-    if not sizes or any(s < 1 for s in sizes):
+    if any(s < 1 for s in sizes):
         raise argparse.ArgumentTypeError(f"expected positive layer sizes like 256,256, got {text!r}")
     return sizes
 
@@ -68,7 +73,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "x_test, y_test (default: scikit-learn's bundled 8x8 digits)")
     p.add_argument("--backend", choices=["numpy", "numba", "cupy", "auto"],
                    help="backend to train on (default: NNFAST_BACKEND, else auto)")
-    p.add_argument("--hidden", type=_sizes, default=d.hidden, metavar="SIZES",
+    p.add_argument("--hidden", type=_sizes, default=",".join(map(str, d.hidden)), metavar="SIZES",
                    help="hidden layer sizes, comma-separated (default: %(default)s)")
     p.add_argument("--activation", choices=[a for a in ACTIVATIONS if a != "identity"], default=d.activation,
                    help="hidden-layer activation (default: %(default)s)")
@@ -86,10 +91,17 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_non_negative_int, default=d.seed, help="random seed (default: %(default)s)")
     p.add_argument("--label-smoothing", type=_fraction, default=d.label_smoothing,
                    help="label smoothing in [0, 1] (default: %(default)s)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype, help="(default: %(default)s)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=d.dtype,
+                   help="floating-point type of the parameters and activations; float64 is slower "
+                        "(default: %(default)s)")
     p.add_argument("--checkpoint", metavar="PATH",
-                   help="save model and optimizer here after every epoch (and on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue from --checkpoint exactly where it stopped")
+                   help="save model and optimizer here after every epoch (and on Ctrl-C); its directory must "
+                        "exist, and an existing file is replaced only with --resume or --overwrite")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --checkpoint exactly where it stopped; with a larger --epochs, extend a "
+                        "finished run as if it had been asked for that many epochs from the start")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even if --checkpoint exists, replacing that file")
     p.add_argument("--on-nonfinite", choices=["stop", "skip"], default=d.on_nonfinite,
                    help="on a NaN/Inf loss: stop with an error, or skip that step (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,8 +117,8 @@ def _run_train(args: argparse.Namespace) -> int:
         data=args.data, backend=args.backend, hidden=args.hidden, activation=args.activation,
         optimizer=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
         epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, label_smoothing=args.label_smoothing,
-        dtype=args.dtype, checkpoint=args.checkpoint, resume=args.resume, on_nonfinite=args.on_nonfinite,
-        progress=False if args.no_progress else None)
+        dtype=args.dtype, checkpoint=args.checkpoint, resume=args.resume, overwrite=args.overwrite,
+        on_nonfinite=args.on_nonfinite, progress=False if args.no_progress else None)
     parallel = None
     if args.distributed:
         from . import distributed
@@ -201,7 +213,18 @@ def _numba_ran() -> bool:
         return False
 
 
+def _backend_on_command_line(argv: Sequence[str]) -> bool:
+    """``--backend`` (or an abbreviation argparse accepts: ``--bac`` and longer; ``--ba`` may be ``--batch-size``)."""
+    return any(len(flag) >= 5 and "--backend".startswith(flag)
+               for flag in (arg.split("=", 1)[0] for arg in argv if arg.startswith("--")))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _command.deferred_error is not None and not _backend_on_command_line(argv):
+        # NNFAST_BACKEND is bad and nothing overrides it: one line, whatever the command (--help too).
+        print(f"nnfast: error: {_command.deferred_error}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="nnfast", description="Train and benchmark small neural networks "
                                      "on NumPy, Numba (CPU) or CUDA (CuPy) kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

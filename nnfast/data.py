@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .paths import as_path
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -60,6 +62,10 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return Dataset("digits", x[train], y[train], x[test], y[test])
 
 
+#: What ``--data`` accepts, for error messages.
+DATA_FORMATS = ("an .npz file with arrays x_train, y_train, x_test, y_test, or a directory of MNIST-style "
+                "IDX files (train-images-idx3-ubyte[.gz], ...)")
+
 # IDX file names of MNIST and Fashion-MNIST, optionally gzip-compressed.
 _IDX_FILES = {
     "x_train": "train-images-idx3-ubyte",
@@ -69,17 +75,9 @@ _IDX_FILES = {
 }
 
 
-def _as_path(path: str | os.PathLike) -> Path:
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"data: expected a path (str or os.PathLike), got {type(path).__name__}")
-    return Path(path)
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (raw or ``.gz``) of unsigned bytes into an array."""
-    path = _as_path(path)
+    path = as_path(path, "data")
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
@@ -138,15 +136,15 @@ def load_path(path: str | os.PathLike) -> Dataset:
     An ``.npz`` must hold ``x_train``, ``y_train``, ``x_test``, ``y_test`` (the
     layout of Keras' ``mnist.npz``). Pixel values are scaled to ``[0, 1]``.
     """
-    path = _as_path(path)
+    path = as_path(path, "data")
     if not path.exists():
-        raise ValueError(f"data: {str(path)!r} does not exist")
+        raise ValueError(f"data: {str(path)!r} does not exist; expected {DATA_FORMATS}")
     if path.is_dir():
         parts = {key: read_idx(_find_idx(path, stem)) for key, stem in _IDX_FILES.items()}
         return _as_dataset(path.name, **parts)
     from .npz import read_npz
 
-    arrays = read_npz(path, "data", "cannot be read as .npz")
+    arrays = read_npz(path, "data", f"is not a data file nnfast reads (expected {DATA_FORMATS})")
     parts = {k: arrays[k] for k in _IDX_FILES if k in arrays}
     missing = [k for k in _IDX_FILES if k not in parts]
     if missing:

@@ -27,6 +27,7 @@ import numpy as np
 from .layers import Module
 from .npz import read_npz
 from .optim import Optimizer
+from .paths import as_path, check_output_path
 
 #: Version of the checkpoint layout; bumped on any incompatible change.
 FORMAT_VERSION = 1
@@ -43,9 +44,7 @@ def save(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
         raise TypeError(f"model: expected an nnfast Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected an nnfast Optimizer or None, got {type(optimizer).__name__}")
-    path = _as_path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"path: {str(path)!r} is a directory, expected a file name")
+    path = check_output_path(path, "path")
     arrays: dict[str, np.ndarray] = {"nnfast/format_version": np.asarray(FORMAT_VERSION)}
     for name, p in model.named_parameters():
         arrays[f"param/{name}"] = model.backend.to_numpy(p.data)
@@ -91,10 +90,10 @@ def load(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
         raise TypeError(f"model: expected an nnfast Module, got {type(model).__name__}")
     if optimizer is not None and not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer: expected an nnfast Optimizer or None, got {type(optimizer).__name__}")
-    path = _as_path(path)
+    path = as_path(path, "path")
     if not path.exists():
         raise FileNotFoundError(f"path: no checkpoint at {str(path)!r}")
-    arrays = read_npz(path, "path", "is not a readable nnfast checkpoint")
+    arrays = read_npz(path, "path", f"is not an nnfast checkpoint (expected {CHECKPOINT_FORMAT})")
 
     version = arrays.get("nnfast/format_version")
     if version is None:
@@ -137,12 +136,8 @@ def load(path: str | os.PathLike, model: Module, optimizer: Optimizer | None = N
     return {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
 
 
-def _as_path(path: Any) -> Path:
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a str or os.PathLike, got {type(path).__name__}")
-    return Path(path)
+#: What :func:`load` accepts, for error messages.
+CHECKPOINT_FORMAT = "an .npz file written by nnfast.save or `nnfast train --checkpoint`"
 
 
 def _fsync_directory(directory: Path) -> None:

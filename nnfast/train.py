@@ -11,7 +11,10 @@ epoch unless ``on_nonfinite="skip"`` asks for it per step.
 Checkpoints record the model, the optimizer, and the trainer's exact
 position (epoch, batch, shuffling RNG state at the start of the epoch, the
 partial loss sum), so ``resume`` continues on the very same loss trajectory
-as an uninterrupted run.
+as an uninterrupted run: after Ctrl-C in the middle of an epoch, and also
+when a finished run is extended with a larger ``epochs`` (the learning rate
+is constant and the state saved after the last epoch is the one the next
+epoch starts from).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from .distributed.hook import SingleProcess
 from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
+from .paths import check_output_path
 from .serialization import load, save
 
 #: Learning rate used when none is given, per optimizer.
@@ -62,6 +66,7 @@ class TrainConfig:
     dtype: str = "float32"
     checkpoint: str | None = None
     resume: bool = False
+    overwrite: bool = False  # a new run may replace an existing checkpoint file
     on_nonfinite: str = "stop"
     progress: bool | None = None  # None: a bar when stderr is a terminal
 
@@ -81,6 +86,9 @@ class TrainConfig:
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
         if self.resume and not self.checkpoint:
             raise ValueError("resume: needs a checkpoint path to resume from")
+        if self.resume and self.overwrite:
+            raise ValueError("overwrite: cannot be combined with resume (resume continues the checkpoint, "
+                             "overwrite starts a new run over it)")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -109,10 +117,9 @@ class EpochStats:
 class TrainResult:
     model: MLP
     history: list[EpochStats] = field(default_factory=list)
-
-    @property
-    def test_accuracy(self) -> float:
-        return self.history[-1].test_accuracy if self.history else float("nan")
+    #: Test accuracy of the returned model: the last epoch's, or the stored model's when a resumed
+    #: run had nothing left to train.
+    test_accuracy: float = float("nan")
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> tuple[MLP, Optimizer]:
@@ -160,6 +167,8 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
     dist = parallel if parallel is not None else SingleProcess()
     if not dist.is_main:
         log, cfg = (lambda line: None), replace(cfg, progress=False)
+    if cfg.checkpoint:  # before any work: a bad path must not surface after the first epoch
+        _check_checkpoint_path(cfg)
     backend = get_backend()
     xp = backend.xp
     data = data if data is not None else load_dataset(cfg.data)
@@ -174,19 +183,30 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         extra = load(cfg.checkpoint, model, opt)
         start_epoch, start_batch, epoch_rng_state, partial = _restore_position(cfg, extra)
         loss_sum = backend.asarray(partial)
-        log(f"resumed from {cfg.checkpoint}: epoch {start_epoch + 1}, batch {start_batch}")
+        if epoch_rng_state is None:  # an epoch boundary written without the RNG state: replay the shuffles
+            for _ in range(start_epoch):
+                shuffle_rng.permutation(data.x_train.shape[0])
+        if start_epoch < cfg.epochs:
+            log(f"resumed from {cfg.checkpoint}: epoch {start_epoch + 1}, batch {start_batch}")
     dist.attach(model, opt, stop)
 
     x_train, y_train = backend.asarray(data.x_train), backend.asarray(data.y_train)
     x_test, y_test = backend.asarray(data.x_test), backend.asarray(data.y_test)
     n = data.x_train.shape[0]
     batches = math.ceil(n / cfg.batch_size)
+    result = TrainResult(model)
+    if start_epoch >= cfg.epochs:
+        done = f"{start_epoch} epoch{'s' if start_epoch != 1 else ''}" + (f" and {start_batch} batches"
+                                                                         if start_batch else "")
+        log(f"nothing left to train: {cfg.checkpoint} has done {done}, and {cfg.epochs} epochs were asked for "
+            "(a larger --epochs continues it); evaluating the stored model")
+        result.test_accuracy = evaluate(model, x_test, y_test)
+        return result
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
-    result = TrainResult(model)
     for epoch in range(start_epoch, cfg.epochs):
         if epoch_rng_state is not None:
             shuffle_rng.bit_generator.state = epoch_rng_state
@@ -235,13 +255,26 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         stats = EpochStats(epoch + 1, mean_loss, accuracy, seconds, (batches - first) * cfg.batch_size / seconds,
                            skipped)
         result.history.append(stats)
+        result.test_accuracy = accuracy
         log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {mean_loss:.4f}  test acc {100 * accuracy:6.2f}%  "
             f"{seconds:6.2f} s  {stats.samples_per_second:9.0f} samples/s"
             + (f"  ({skipped} steps skipped: non-finite loss)" if skipped else ""))
         loss_sum = xp.zeros((), dtype=xp.float64)
         if cfg.checkpoint and dist.is_main:
-            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, None, loss_sum, dist.world_size)
+            # The shuffling RNG as the next epoch will find it: resuming this checkpoint with a larger
+            # `epochs` continues the run exactly as if it had been asked for that many from the start.
+            _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, shuffle_rng.bit_generator.state, loss_sum,
+                  dist.world_size)
     return result
+
+
+def _check_checkpoint_path(cfg: TrainConfig) -> None:
+    """The checkpoint can be written, and a new run does not silently replace an old one."""
+    try:
+        check_output_path(cfg.checkpoint, "checkpoint", overwrite=cfg.resume or cfg.overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"checkpoint: {cfg.checkpoint!r} already exists; continue that run with --resume "
+                              "(resume=True), or start a new one over it with --overwrite (overwrite=True)") from None
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -303,5 +336,14 @@ class _progress:
 
 
 def default_checkpoint_path(data: str | None) -> str:
-    """Where training saves on Ctrl-C when no checkpoint path was given."""
-    return str(Path.cwd() / f"nnfast-{Path(data).stem if data else 'digits'}.npz")
+    """Where training saves on Ctrl-C when no checkpoint path was given: a new file in the working directory.
+
+    ``nnfast-<data>.npz``, or ``nnfast-<data>-2.npz``, ... when that exists (an
+    earlier run's checkpoint is never replaced).
+    """
+    stem = f"nnfast-{Path(data).stem if data else 'digits'}"
+    path, n = Path.cwd() / f"{stem}.npz", 1
+    while path.exists():
+        n += 1
+        path = Path.cwd() / f"{stem}-{n}.npz"
+    return str(path)

@@ -9,11 +9,19 @@ from hypothesis import HealthCheck, settings
 
 import nnfast as nf
 
-# "ci" (the default) keeps the suite fast; HYPOTHESIS_PROFILE=thorough runs >= 1000 examples per test.
-settings.register_profile("ci", max_examples=25, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("thorough", max_examples=1000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# Hypothesis profiles (HYPOTHESIS_PROFILE selects one; CONTRIBUTING.md says when to use which):
+# * "ci", the default: 25 examples per test, derandomised (the examples follow from each test's
+#   source, so every run, CI's included, draws the same ones) and no example database: a run
+#   never depends on what an earlier run found.
+# * "explore": as many examples, drawn at random (reproducible with --hypothesis-seed=N), no
+#   database: each seed is an independent sample of the input space.
+# * "thorough": >= 1000 random examples per test; failures are kept in .hypothesis/ (git-ignored)
+#   and replayed first on the next run until fixed.
+_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_COMMON)
+settings.register_profile("explore", max_examples=25, derandomize=False, database=None, print_blob=True,
+                          **_COMMON)
+settings.register_profile("thorough", max_examples=1000, derandomize=False, print_blob=True, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 from op_table import AVAILABLE  # noqa: E402

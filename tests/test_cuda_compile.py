@@ -1,11 +1,14 @@
 """Every CUDA kernel compiles, without a GPU: NVRTC for each architecture, ptxas for spills.
 
 * NVRTC (``cupy_backends.cuda.libs.nvrtc``, library from the
-  ``nvidia-cuda-nvrtc-cu12`` wheel; no driver needed) compiles every template
-  instantiation listed by :func:`nnfast.backends.cuda_launch.name_expressions`
-  to PTX for ``compute_80`` and to machine code for ``sm_90`` (the cubin that
+  ``nvidia-cuda-nvrtc-cu12`` wheel; no driver or GPU needed) compiles every
+  template instantiation listed by
+  :func:`nnfast.backends.cuda_launch.name_expressions` to PTX for
+  ``compute_80`` and to machine code for ``sm_90`` (the cubin that
   tests/test_cuda_sass.py then disassembles); any error or warning fails the
-  test with the NVRTC log.
+  test with the NVRTC log. A missing CuPy or NVRTC fails these tests too (the
+  ``test`` extra installs both): nothing here needs a GPU, so nothing here may
+  skip for want of one.
 * ``nvcc -arch=sm_90 -cubin -Xptxas -v`` (skipped when nvcc is absent)
   compiles each file with every instantiation and reports registers and
   spills per kernel; a spill in a float32 instantiation of a hot kernel fails.
@@ -56,10 +59,26 @@ def _nvrtc():
 
 
 def _require_nvrtc():
+    """NVRTC needs no GPU: the test extra installs it, so its absence fails rather than skips."""
     nvrtc, reason = _nvrtc()
     if nvrtc is None:
-        pytest.skip(reason)
+        pytest.fail(f"{reason}; the test extra installs both: pip install -e '.[test]' "
+                    "(CuPy >= 14 finds the pip-installed NVRTC)")
     return nvrtc
+
+
+def test_missing_nvrtc_fails_instead_of_skipping(monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "_nvrtc", lambda: (None, "no NVRTC library here"))
+    with pytest.raises(pytest.fail.Exception, match="no NVRTC library here"):
+        _require_nvrtc()
+
+
+def test_test_extra_installs_a_cupy_that_finds_pip_nvrtc():
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    test_extra = re.search(r"^test = \[(.*?)^\]", text, flags=re.S | re.M).group(1)
+    major = re.search(r'"cupy-cuda12x>=(\d+)', test_extra)
+    assert major and int(major.group(1)) >= 14, test_extra
+    assert '"nvidia-cuda-nvrtc-cu12' in test_extra
 
 
 @functools.lru_cache(maxsize=None)

@@ -666,7 +666,7 @@ def test_cli_reports_bad_values_without_traceback(tmp_path, capsys):
         (["train", "--resume", "--checkpoint", str(tmp_path / "none.npz")], "path"),
         (["train", "--resume", "--checkpoint", str(tmp_path / "garbage.npz")], "path"),
         (["train", "--resume", "--checkpoint", str(tmp_path / "lone.npy")], "path"),
-        (["train", "--checkpoint", str(tmp_path)], "path"),
+        (["train", "--checkpoint", str(tmp_path)], "checkpoint"),
     ]
     for argv, name in cases:
         code = main(small + argv[1:])  # the later flag wins

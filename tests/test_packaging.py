@@ -29,14 +29,15 @@ def wheel(tmp_path_factory) -> Path:
 
 
 def test_wheel_contains_package_kernels_and_entry_point(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     sources = sorted(p.name for p in (ROOT / "kernels").glob("*.cu*"))
     assert sources, "kernels/ holds no CUDA sources"
     for name in sources:
         assert f"nnfast/kernels/{name}" in names
     assert "nnfast/__init__.py" in names and "nnfast/backends/base.py" in names
-    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "nnfast = nnfast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "nnfast = nnfast.cli:main" in entry_points
 
 
 def test_installed_wheel_finds_its_kernels(wheel, tmp_path):

@@ -63,11 +63,11 @@ def test_bad_files_raise_clear_errors_and_change_nothing(tmp_path):
         nf.load(tmp_path / "missing.npz", target)
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    with pytest.raises(ValueError, match="not a readable nnfast checkpoint"):
+    with pytest.raises(ValueError, match="not an nnfast checkpoint .*: it is a damaged .npz archive"):
         nf.load(truncated, target)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"\x00" * 100)
-    with pytest.raises(ValueError, match="not a readable nnfast checkpoint"):
+    with pytest.raises(ValueError, match="not an nnfast checkpoint .*: it is not an .npz"):
         nf.load(garbage, target)
     other = tmp_path / "other.npz"
     np.savez(other, x=np.ones(3))

@@ -182,7 +182,7 @@ def test_cli_on_nonfinite_stop_and_skip(tmp_path, monkeypatch, capsys):
     nf.load(ckpt, nf.MLP([64, 8, 10]))  # the epoch-1 checkpoint is intact and loads
 
     _Poison(monkeypatch, [BATCHES + 2])
-    assert main(argv + ["--on-nonfinite", "skip"]) == 0
+    assert main(argv + ["--on-nonfinite", "skip", "--overwrite"]) == 0  # a new run over the old checkpoint
     out = capsys.readouterr().out
     assert "(1 steps skipped: non-finite loss)" in out and "final test accuracy" in out
     assert ckpt.read_bytes() != good  # the finished run saved its own

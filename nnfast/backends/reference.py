@@ -103,6 +103,8 @@ class ReferenceOps:
         # the float range makes it inf, and 0 * inf is NaN.
         if logits.dtype.type(label_smoothing) == 0:
             loss_rows = nll
+        elif logits.dtype.type(1.0 - label_smoothing) == 0:  # likewise nll under full smoothing
+            loss_rows = smooth
         else:
             loss_rows = (1.0 - label_smoothing) * nll + label_smoothing * smooth
         loss_rows = xp.where(kept, loss_rows, 0).astype(logits.dtype)

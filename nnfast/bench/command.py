@@ -7,11 +7,13 @@ import datetime as _dt
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..op_spec import Shape
+from ..paths import check_output_path
 from . import machine
 from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, gemm_dims, make_nnfast, make_torch,
                     shape_record, work)
@@ -114,9 +116,10 @@ def run(args: argparse.Namespace) -> int:
         threads = getattr(args, "bench_threads", None)
         if threads is not None and threads < 1:
             raise ValueError(f"--threads: expected a positive integer, got {threads}")
+        _outputs(args)
         if getattr(args, "bench_plot", None):
             _check_matplotlib()
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         print(f"nnfast bench: error: {err}", file=sys.stderr)
         return 2
 
@@ -216,14 +219,12 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
         print(f"error: {e['impl']} {e['case']}: {e['reason']}", file=sys.stderr)
 
     try:
-        if getattr(args, "bench_json", None):
-            _write(args.bench_json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        if getattr(args, "bench_markdown", None):
-            _write(args.bench_markdown, render_markdown(report))
-        if getattr(args, "bench_plot", None):
-            plot(report, args.bench_plot)
+        for what, path, write in _outputs(args):  # checked before measuring, and again now
+            write(report, path)
+            print(f"wrote the {what} to {path.resolve()}")
     except OSError as err:
-        print(f"nnfast bench: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+        print(f"nnfast bench: error: {f'cannot write {err.filename}: {err.strerror}' if err.filename else err}",
+              file=sys.stderr)
         return 2
     return 1 if errors else 0
 
@@ -246,9 +247,18 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _write(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+def _outputs(args: argparse.Namespace) -> list[tuple[str, Path, Callable[[dict[str, Any], Path], None]]]:
+    """``(what, path, writer)`` of each file asked for; raises (naming the flag) where one cannot be written."""
+    asked = (("JSON report", "--json", "bench_json",
+              lambda report, path: _write(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")),
+             ("Markdown tables", "--markdown", "bench_markdown",
+              lambda report, path: _write(path, render_markdown(report))),
+             ("plot", "--plot", "bench_plot", plot))
+    return [(what, check_output_path(getattr(args, dest), flag), write) for what, flag, dest, write in asked
+            if getattr(args, dest, None)]
+
+
+def _write(path: Path, text: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
 
