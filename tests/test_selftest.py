@@ -78,7 +78,7 @@ def test_selftest_passes_on_every_backend(name, dtype):
 
 
 def test_cli_prints_a_line_per_check_and_writes_json(tmp_path, capsys):
-    path = tmp_path / "out" / "selftest.json"
+    path = tmp_path / "selftest.json"
     assert cli(["selftest", "--backend", "numpy", "--dtype", "all", "-k", "softmax", "--json", str(path)]) == 0
     out = capsys.readouterr().out.splitlines()
     checks = [line for line in out if line.startswith(("PASS", "FAIL"))]
@@ -99,6 +99,13 @@ def test_cli_refuses_a_backend_that_cannot_run(capsys):
         pytest.skip("a GPU is usable here")
     assert cli(["selftest", "--backend", "cupy"]) == 2
     assert "backend 'cupy' cannot run here" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_json_path_it_cannot_write_before_checking(tmp_path, capsys):
+    assert cli(["selftest", "--backend", "numpy", "--json", str(tmp_path / "missing" / "s.json")]) == 2
+    captured = capsys.readouterr()
+    assert "--json: cannot write" in captured.err and "does not exist" in captured.err
+    assert "PASS" not in captured.out
 
 
 def test_no_matching_check_is_a_failure(capsys):

@@ -49,9 +49,23 @@ Memory-bound kernels on small shapes run from cache, so their fraction of
 the DRAM copy rate can exceed 1; that is a property of the shape, not an
 error.
 
+GPU-sized runs (``--size large``)
+--------------------------------
+Shapes several times a large GPU's 60 MB L2 (:data:`.cases.LARGE_SHAPES`):
+GEMM + bias + activation at 4096³ and 8192³ and the layers of an MLP
+784→4096→4096→10 at batch 8192, activations on 1 GiB, softmax and
+cross-entropy over 32000 and 128256 classes, SGD and Adam over 100M
+parameters, and that MLP's training step. GPU backends only (a CPU backend
+is refused before anything is allocated), no NumPy reference; PyTorch's GEMM
+cases run twice, in float32 and with TF32 tensor cores; inputs are made on
+the device, rotate through several sets where one set would stay in the L2,
+and a case the device cannot hold is skipped (:mod:`.device`). The JSON
+report is rewritten after every case.
+
 Modules: :mod:`.cases` (what is measured), :mod:`.timing` (clocks and
 sampling), :mod:`.machine` (machine info and limits), :mod:`.report` (tables),
-:mod:`.plot` (charts), :mod:`.command` (the options and the run).
+:mod:`.plot` (charts), :mod:`.device` (the GPU side of large runs),
+:mod:`.command` (the options and the run).
 """
 
 from __future__ import annotations

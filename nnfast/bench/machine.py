@@ -18,10 +18,10 @@ CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
 
 
-def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str) -> Callable[[], Any]:
+def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str, seed: int = 1) -> Callable[[], Any]:
     """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS)."""
     m, k, n = dims
-    rng = np.random.default_rng(1)
+    rng = xp.random.default_rng(seed)  # on the device for CuPy: GPU-sized operands never pass through the host
     a = xp.asarray(rng.standard_normal((m, k)).astype(dtype))
     b = xp.asarray(rng.standard_normal((k, n)).astype(dtype))
     out = xp.empty((m, n), dtype=dtype)

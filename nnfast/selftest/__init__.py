@@ -37,6 +37,7 @@ import argparse
 import sys
 from typing import Sequence
 
+from ..paths import check_output_path
 from .check import Check, CheckFailed, Context
 from .compare import Measure, Pair, compare, tolerance
 from .runner import DTYPES, PRECISIONS, SCHEMA, Precision, Report, Result, checks, run, run_check
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     """Run ``nnfast selftest`` as ``args`` (from :func:`add_arguments`) says; 0 if every check passed, else 1."""
     dtype = args.selftest_dtype
+    if args.selftest_json:
+        check_output_path(args.selftest_json, "--json")  # before the checks, not after them
     report = run(args.selftest_backend, DTYPES if dtype == "all" else (dtype,), match=args.selftest_match,
                  json_path=args.selftest_json, log=lambda line: print(line, flush=True))
     return 0 if report.ok else 1

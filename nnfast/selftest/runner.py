@@ -183,8 +183,6 @@ def _finite(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _write_json(path: str, report: Report) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(report.as_json(), f, indent=1, ensure_ascii=False)
