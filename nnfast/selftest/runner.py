@@ -191,11 +191,13 @@ def _write_json(path: str, report: Report) -> None:
 
 
 def run(backend: Any = None, dtypes: Iterable[Any] = ("float32",), *, match: str | Sequence[str] | None = None,
-        json_path: str | None = None, log: Callable[[str], None] = print) -> Report:
-    """Run every check (or those whose name contains ``match``, or one of them) on ``backend``; log a line per check.
+        select: Callable[[Check], bool] | None = None, json_path: str | None = None,
+        log: Callable[[str], None] = print) -> Report:
+    """Run the checks on ``backend``; log a line per check and the summary.
 
     ``backend``: a backend name or instance (default: the current backend).
-    The JSON report, if asked for, is rewritten after every check, so a run
+    ``match``: run only the checks whose name contains it (or one of them);
+    ``select``: only those it returns true for. The JSON report, if asked for, is rewritten after every check, so a run
     that is killed still leaves what it had done.
     """
     from ..backends import backend_for, get_backend
@@ -214,7 +216,7 @@ def run(backend: Any = None, dtypes: Iterable[Any] = ("float32",), *, match: str
     for dtype in dtypes:
         for check in checks(dtype):
             for precision in PRECISIONS if check.gemm else PRECISIONS[:1]:
-                if wanted and not any(text in check.name for text in wanted):
+                if wanted and not any(text in check.name for text in wanted) or select and not select(check):
                     continue
                 result = run_check(check, backend, reference, dtype, precision)
                 report.results.append(result)
