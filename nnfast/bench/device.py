@@ -11,6 +11,7 @@ cores allowed.
 
 from __future__ import annotations
 
+import gc
 import itertools
 from typing import Any, Callable, Sequence
 
@@ -85,6 +86,7 @@ def free_bytes(xp: Any) -> int | None:
 
 def release(xp: Any, torch: Any = None) -> None:
     """Give the memory cached by CuPy's and PyTorch's pools back to the device (between cases)."""
+    gc.collect()  # arrays held only by reference cycles (a model and its optimizer) go first
     try:
         xp.get_default_memory_pool().free_all_blocks()
     except Exception:
