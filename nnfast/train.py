@@ -1,12 +1,15 @@
 """The training loop behind ``nnfast train``: an MLP, softmax cross-entropy, SGD or Adam.
 
 The data set is copied to the backend once; each step gathers a shuffled
-batch there, runs the fused forward / loss / backward / update, and adds the
-loss to a running sum that stays on the device. The host reads one number
-per epoch (the loss sum and the test accuracy), so a GPU is never stalled by
-a per-step synchronisation. On the CPU backends the loss of each step is
-checked for NaN/Inf before the update; on the GPU that check happens once per
-epoch unless ``on_nonfinite="skip"`` asks for it per step.
+batch there, runs forward / loss / backward / update as one
+:class:`~nnfast.train_step.TrainStep` call (the backend's fastest plan: a
+fused CPU step, a replayed CUDA graph), and adds the loss to a running sum
+that stays on the device. A step whose loss is NaN/Inf changes nothing. The
+host reads one number per epoch (the loss sum and the test accuracy), so a
+GPU is never stalled by a per-step synchronisation. On the CPU backends the
+loss of each step is read to stop (or count a skipped step) at once; on the
+GPU that happens once per epoch unless ``on_nonfinite="skip"`` asks for it
+per step.
 
 Checkpoints record the model, the optimizer, and the trainer's exact
 position (epoch, batch, shuffling RNG state at the start of the epoch, the
@@ -38,6 +41,7 @@ from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .paths import check_output_path
 from .serialization import load, save
+from .train_step import TrainStep
 
 #: Learning rate used when none is given, per optimizer.
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
@@ -203,6 +207,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         result.test_accuracy = evaluate(model, x_test, y_test)
         return result
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
+    step = _step_function(model, loss_fn, opt, x_train, y_train, dist)
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
@@ -218,23 +223,16 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         with _progress(cfg, batches, first, f"epoch {epoch + 1}/{cfg.epochs}") as bar:
             for batch in range(first, batches):
                 idx = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
-                rows = dist.shard(idx)
-                logits = model.forward(x_train[rows])
-                loss, dlogits = dist.global_loss(*loss_fn(logits, y_train[rows]))
-                if check_each_step and not math.isfinite(float(backend.to_numpy(loss))):
+                loss = step(idx)  # a step whose loss is not finite changes nothing
+                if check_each_step and not math.isfinite(value := float(backend.to_numpy(loss))):
                     if cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
-                            f"loss is {float(backend.to_numpy(loss))} at epoch {epoch + 1}, batch {batch} "
+                            f"loss is {value} at epoch {epoch + 1}, batch {batch} "
                             f"(step {epoch * batches + batch + 1}); parameters are left as they were "
                             "before this step" + (f" and {cfg.checkpoint} is untouched" if cfg.checkpoint else ""))
                     skipped += 1
                     skipped_samples += int(idx.shape[0])
-                    opt.zero_grad()
                 else:
-                    model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
-                    dist.reduce_gradients()
-                    opt.step()
-                    opt.zero_grad()
                     loss_sum = loss_sum + loss.astype(xp.float64) * idx.shape[0]
                 bar.update(1)
                 if on_step is not None:
@@ -266,6 +264,37 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
             _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, shuffle_rng.bit_generator.state, loss_sum,
                   dist.world_size)
     return result
+
+
+def _step_function(model: MLP, loss_fn: SoftmaxCrossEntropy, opt: Optimizer, x: Any, y: Any,
+                   dist: SingleProcess) -> Callable[[Any], Any]:
+    """``step(idx)``: one guarded training step on the rows ``idx`` of ``(x, y)``; returns the loss.
+
+    One process runs :class:`~nnfast.train_step.TrainStep` (the backend's fastest
+    plan); a data-parallel run calls the layers itself, with the hook's
+    sharding, loss and gradient reduction in between, and the same guard: a
+    step whose (global) loss is not finite changes nothing on any rank.
+    """
+    if dist.world_size == 1:
+        train_step = TrainStep(model, loss_fn, opt)
+        return lambda idx: train_step(x[idx], y[idx])
+    backend = model.backend
+
+    def data_parallel_step(idx: Any) -> Any:
+        rows = dist.shard(idx)
+        opt.zero_grad()
+        loss, dlogits = dist.global_loss(*loss_fn(model.forward(x[rows]), y[rows]))
+        if not math.isfinite(float(backend.to_numpy(loss))):  # the same value on every rank
+            return loss
+        try:
+            model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
+            dist.reduce_gradients()
+            opt.step()
+        finally:
+            opt.zero_grad()
+        return loss
+
+    return data_parallel_step
 
 
 def _check_checkpoint_path(cfg: TrainConfig) -> None:

@@ -61,16 +61,21 @@ def launch(ranks: int, *args: str, timeout: float = 300, env: dict | None = None
     environment.update(env or {})
     environment = {k: v for k, v in environment.items() if v != ""}  # an empty value in ``env`` unsets
     began = time.monotonic()
-    proc = subprocess.Popen([_mpiexec(), "-n", str(ranks), sys.executable, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=environment,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the job did not end within {timeout} s (a hang)\nstdout:\n{out}\nstderr:\n{err}")
+    with subprocess.Popen([_mpiexec(), "-n", str(ranks), sys.executable, *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=environment,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"the job did not end within {timeout} s (a hang)\nstdout:\n{out}\nstderr:\n{err}")
     return proc.returncode, out, err, time.monotonic() - began
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
+        return dict(f)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +92,7 @@ def test_two_ranks_follow_the_single_process_trajectory(trajectories, case):
     if settings["backend"] not in nf.available_backends():
         pytest.skip(f"backend {settings['backend']} is not available here")
     reference, reference_state = run(config(case))
-    ranks = [dict(np.load(trajectories / f"{case}.rank{r}.npz")) for r in range(2)]
+    ranks = [_read(trajectories / f"{case}.rank{r}.npz") for r in range(2)]
     # float64: reduction order only; float32: its rounding, amplified over 15 steps.
     rtol = 1e-10 if settings["dtype"] == "float64" else 2e-5
     expected = {f"param/{name}": nf.to_numpy(p.data) for name, p in reference.model.named_parameters()}
@@ -176,18 +181,18 @@ def test_a_failing_rank_ends_the_job_with_an_error(tmp_path, scenario, expect):
 def test_ctrl_c_to_mpiexec_stops_every_rank_and_rank_zero_saves(tmp_path):
     args = _cli_args(tmp_path, "numpy") + [str(tmp_path / "ck.npz"), "--epochs", "100000", "--distributed"]
     env = dict(os.environ, NNFAST_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "nnfast.cli", *args], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    try:
-        assert proc.stdout.readline().startswith("training"), "rank 0 did not start training"
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C does to mpiexec; it passes it to every rank
-        out, err = proc.communicate(timeout=BOUND)
-    except BaseException:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
+    with subprocess.Popen([_mpiexec(), "-n", "2", sys.executable, "-m", "nnfast.cli", *args], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                          start_new_session=True) as proc:
+        try:
+            assert proc.stdout.readline().startswith("training"), "rank 0 did not start training"
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C does to mpiexec; it passes it to every rank
+            out, err = proc.communicate(timeout=BOUND)
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
     assert proc.returncode == 130, err
     assert err.count("nnfast: interrupted in epoch") == 1 and "--resume" in err, err  # rank 0 alone
     with np.load(tmp_path / "ck.npz") as f:
