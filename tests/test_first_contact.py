@@ -28,6 +28,7 @@ STAGES = ["environment", "warm-up", "selftest", "pytest-gpu", "memcheck", "racec
 MAX_FILES = 6
 
 sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+import sanitizer_driver  # noqa: E402
 import summary  # noqa: E402
 
 
@@ -127,6 +128,40 @@ def test_the_budget_fits_nine_minutes():
     assert sum(floors.values()) + summary_cap < budget
 
 
+# ------------------------------------------------------------------ the sanitizer stages' driver
+def test_the_sanitizer_driver_launches_every_family_and_every_forced_gemm_path():
+    from nnfast.selftest import checks
+
+    every = checks("float32")
+    full = [c for c in every if sanitizer_driver.selected(quick=False)(c)]
+    quick = [c for c in every if sanitizer_driver.selected(quick=True)(c)]
+    assert {c.family for c in full} == {c.family for c in every} - {"train"}
+    assert {c.family for c in quick} == {c.family for c in every} - {"train", "linear"}
+    forced = {c.name for c in every if c.family == "gemm" and "default plan" not in c.name}
+    assert len(forced) >= 12 and forced <= {c.name for c in quick}  # every tile on every path, even --quick
+    assert not any("default plan" in c.name or "misaligned" in c.name and c.family == "activation" for c in quick)
+
+
+def test_the_sanitizer_driver_turns_the_pool_off_before_the_run(monkeypatch):
+    cupy = pytest.importorskip("cupy")
+    from nnfast import selftest
+
+    seen = {}
+
+    def run(backend, dtypes, select, log):
+        seen.update(backend=backend, dtypes=dtypes, allocator=cupy.cuda.get_allocator())
+        return type("Report", (), {"ok": False})()
+
+    monkeypatch.setattr(selftest, "run", run)
+    before = cupy.cuda.get_allocator()
+    try:
+        assert sanitizer_driver.main(["--no-pool", "--dtype", "float64"]) == 1  # a failed check: exit 1
+        assert seen["backend"] == "cupy" and seen["dtypes"] == ("float64",)
+        assert seen["allocator"] is cupy.cuda.memory._malloc  # what CuPy uses without a pool: cudaMalloc itself
+    finally:
+        cupy.cuda.set_allocator(before)
+
+
 # ------------------------------------------------------------------ the summary's reading of logs
 def _stage(logs: Path, name: str, rc: int, log: str, note: str = "") -> dict:
     (logs / f"{name}.log").write_text(log, encoding="utf-8")
@@ -136,18 +171,73 @@ def _stage(logs: Path, name: str, rc: int, log: str, note: str = "") -> dict:
 @pytest.mark.parametrize("rc, log, status, result", [
     (0, "... PASS\n========= ERROR SUMMARY: 0 errors\n", "ok", "0 errors"),
     (99, "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 3 errors\n",
-     "FAILED (exit 99)", "3 errors"),
+     "FAILED (exit 99)", "3 errors, most frequent: Invalid __global__ read of size 4 bytes"),
     (1, "========= Error: Device not supported\nCUDARuntimeError: cudaErrorUnknown\n", "refused",
      "could not instrument this device: Device not supported"),
     (0, "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
         "selftest passed: backend cupy, float32: 64 checks, 64 passed, 0 failed (9.0 s)\n", "ok",
      "0 hazards, driver: 64 checks, 0 failed"),
     (4, "compute-sanitizer not found\n", "unavailable", "compute-sanitizer not found"),
-    (124, "PASS gemm\n", "TIMED OUT", "stopped after its 60 s limit"),
+    (124, "PASS  gemm a\nFAIL  gemm b\nPASS  gemm c\n", "TIMED OUT",
+     "stopped after its 60 s limit; driver: 3 checks done, 1 failed"),
 ])
 def test_sanitizer_verdicts(tmp_path, rc, log, status, result):
     got_status, got_result = summary.verdict(_stage(tmp_path, "memcheck", rc, log), tmp_path, tmp_path)
     assert got_status == status and result in got_result
+
+
+MEMCHECK_LOG = """\
+========= COMPUTE-SANITIZER
+PASS  softmax rows
+========= Invalid __global__ read of size 4 bytes
+=========     at void softmax_rows<float, 4>(const float *, float *, int, int)+0x1b0 in softmax.cu:88
+=========     by thread (31,0,0) in block (2,0,0)
+=========     Address 0x7f3c12000400 is out of bounds
+========= Invalid __global__ read of size 4 bytes
+=========     at void softmax_rows<float, 4>(const float *, float *, int, int)+0x1b0 in softmax.cu:88
+=========     by thread (30,0,0) in block (2,0,0)
+=========     Address 0x7f3c120003fc is out of bounds
+========= Invalid __global__ write of size 16 bytes
+=========     at void adam_multi<float>(...)+0x90 in optim.cu:40
+========= Error: process didn't terminate successfully
+========= ERROR SUMMARY: 3 errors
+"""
+RACECHECK_LOG = """\
+========= Error: Race reported between Write access at void gemm<float, 64>(...)+0x2a0 in linear.cu:301
+=========     and Read access at void gemm<float, 64>(...)+0x300 in linear.cu:288 [128 hazards]
+========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)
+"""
+
+
+def test_sanitizer_findings_are_grouped_by_kind_and_place(tmp_path):
+    assert summary.sanitizer_findings(MEMCHECK_LOG) == [
+        "Invalid __global__ read of size 4 bytes at void softmax_rows<float, 4>(const float *, float *, int, int)"
+        "+0x1b0 in softmax.cu:88 (×2)",
+        "Invalid __global__ write of size 16 bytes at void adam_multi<float>(...)+0x90 in optim.cu:40"]
+    assert summary.sanitizer_findings(RACECHECK_LOG) == [
+        "Error: Race reported between Write access at void gemm<float, 64>(...)+0x2a0 in linear.cu:301 and "
+        "Read access at void gemm<float, 64>(...)+0x300 in linear.cu:288 [128 hazards]"]
+    assert summary.sanitizer_findings("========= ERROR SUMMARY: 0 errors\n") == []
+    stage = _stage(tmp_path, "racecheck", 99, RACECHECK_LOG)
+    status, result = summary.verdict(stage, tmp_path, tmp_path)
+    assert status == "FAILED (exit 99)" and result.startswith("1 hazards, most frequent: Error: Race reported")
+
+
+def test_the_summary_lists_the_sanitizer_findings(tmp_path):
+    (tmp_path / "memcheck.log").write_text(MEMCHECK_LOG, encoding="utf-8")
+    (tmp_path / "racecheck.log").write_text("========= RACECHECK SUMMARY: 0 hazards displayed\n", encoding="utf-8")
+    (tmp_path / "stages.tsv").write_text("memcheck\t99\t12.0\t75\t\nracecheck\t0\t9.0\t75\t\n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    summary.write(tmp_path, out, dry_run=False)
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    section = md[md.index("## compute-sanitizer findings"):].split("\n## ")[0].strip().splitlines()
+    assert section[2:] == ["- memcheck: Invalid __global__ read of size 4 bytes at void softmax_rows<float, 4>"
+                           "(const float *, float *, int, int)+0x1b0 in softmax.cu:88 (×2)",
+                           "- memcheck: Invalid __global__ write of size 16 bytes at void adam_multi<float>(...)"
+                           "+0x90 in optim.cu:40"]
+    assert ("| memcheck | FAILED (exit 99) | 12.0 s | 75 s | 3 errors, driver: 1 checks done, 0 failed, "
+            "most frequent: Invalid __global__ read") in md
 
 
 def test_pytest_training_and_skipped_verdicts(tmp_path):
@@ -163,6 +253,16 @@ def test_pytest_training_and_skipped_verdicts(tmp_path):
         "epoch": 2, "loss": 0.2023, "test_accuracy": 0.9638, "seconds": 0.15, "samples_per_second": 9381}
     skipped = {"name": "bench", "rc": -1, "seconds": 0.0, "limit": 0, "note": "no time left in the 520 s budget"}
     assert summary.verdict(skipped, tmp_path, tmp_path) == ("not run", "no time left in the 520 s budget")
+
+
+def test_warm_up_verdicts(tmp_path):
+    stage = _stage(tmp_path, "warm-up", 0, "warm-up: ...\n")
+    (tmp_path / "warm_up.json").write_text(json.dumps({"files": [{"file": "linear.cu", "seconds": 18.0}],
+                                                       "wall_s": 19.2, "serial_s": 23.4}))
+    assert summary.verdict(stage, tmp_path, tmp_path) == ("ok", "19.2 s wall (serially 23.4 s)")
+    (tmp_path / "warm_up.json").write_text(json.dumps({"files": [], "wall_s": 9.5, "backend": {
+        "arch": "sm_90", "kernels": 1500, "compiled": 1400, "cached": 100, "seconds": 9.4}}))
+    assert summary.verdict(stage, tmp_path, tmp_path) == ("ok", "9.5 s wall; 1400 of 1500 kernels compiled, 100 cached")
 
 
 def test_bench_table_of_a_gpu_report():

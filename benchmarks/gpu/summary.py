@@ -4,7 +4,9 @@
 Reads what the stages left: ``stages.tsv`` (name, exit status, seconds,
 limit, note per stage), each stage's log, ``environment.json`` and
 ``warm_up.json`` in the log directory; ``selftest.json`` and ``bench.json``
-in the output directory.
+in the output directory. compute-sanitizer's findings are grouped by kind
+and place (the kernel, its offset and source line) and listed in
+``summary.md``; the stage table gives the counts and the most frequent one.
 """
 
 from __future__ import annotations
@@ -59,10 +61,10 @@ def verdict(stage: dict[str, Any], logs: Path, out: Path) -> tuple[str, str]:
     log = _text(logs / f"{name}.log")
     if rc == -1:
         return "not run", stage["note"] or "no time left in the budget"
+    if name in ("memcheck", "racecheck"):
+        return _sanitizer(rc, log, stage["note"], stage["limit"])
     if rc in TIMED_OUT:
         return "TIMED OUT", f"stopped after its {stage['limit']} s limit; {_last_line(log)}"
-    if name in ("memcheck", "racecheck"):
-        return _sanitizer(rc, log, stage["note"])
     if rc in UNAVAILABLE:
         return "unavailable", _last_line(log)
     status = "ok" if rc == 0 else f"FAILED (exit {rc})"
@@ -74,7 +76,9 @@ def verdict(stage: dict[str, Any], logs: Path, out: Path) -> tuple[str, str]:
     if name == "warm-up":
         w = _load(logs / "warm_up.json") or {}
         serial = f" (serially {w['serial_s']:.1f} s)" if "serial_s" in w else ""
-        return status, f"{w.get('wall_s', float('nan')):.1f} s wall{serial}" if w else _last_line(log)
+        b = w.get("backend") if isinstance(w.get("backend"), dict) else {}
+        counts = f"; {b['compiled']} of {b['kernels']} kernels compiled, {b['cached']} cached" if "kernels" in b else ""
+        return status, f"{w.get('wall_s', float('nan')):.1f} s wall{serial}{counts}" if w else _last_line(log)
     if name == "selftest":
         s = _load(out / "selftest.json") or {}
         failed = s.get("failed", [])
@@ -96,20 +100,61 @@ def verdict(stage: dict[str, Any], logs: Path, out: Path) -> tuple[str, str]:
     return status, _last_line(log)
 
 
-def _sanitizer(rc: int, log: str, note: str) -> tuple[str, str]:
+#: A finding of compute-sanitizer: memcheck's "Invalid __global__ read of size 4 bytes", racecheck's
+#: "Error: Race reported between ...", an analysis "ERROR: Potential WAW hazard ...", a device trap.
+FINDING = re.compile(r"^=+ ((?:Invalid |Misaligned |Out-of-range |Race reported|Error: |ERROR: |Warning: "
+                     r"|Program hit |Barrier error|Malloc/Free error).*)$", re.M)
+#: Where a finding happened: the next line's "at <kernel>+0x1b0 in file.cu:12" (or the older "at 0x1b0 in
+#: <kernel>"); for a race, the other access ("and Read access at ...").
+WHERE = re.compile(r"^=+\s+(at|in|and) (.*)$")
+#: Lines of the sanitizer's own that are not findings (the driver's exit status is read from its summary line).
+NOT_FINDINGS = ("SUMMARY", "process didn't terminate successfully", "Target application returned an error")
+
+
+def sanitizer_findings(log: str, limit: int = 5) -> list[str]:
+    """The distinct findings of a compute-sanitizer log, each with where it happened, most frequent first."""
+    lines = log.splitlines()
+    counts: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        m = FINDING.match(line)
+        if not m or any(text in line for text in NOT_FINDINGS):
+            continue
+        where = WHERE.match(lines[i + 1]) if i + 1 < len(lines) else None
+        text = m.group(1).strip()
+        if where:
+            text += f" {'and' if where.group(1) == 'and' else 'at'} {where.group(2).strip()}"
+        # Device addresses differ from thread to thread: one finding, not many. (Code offsets are short.)
+        text = re.sub(r"0x[0-9a-fA-F]{9,}", "0x…", text)
+        counts[text[:240]] = counts.get(text[:240], 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return [f"{text} (×{n})" if n > 1 else text for text, n in ranked[:limit]]
+
+
+def _sanitizer(rc: int, log: str, note: str, limit: int = 0) -> tuple[str, str]:
+    """The verdict of memcheck or racecheck: a refused device and a missing tool are not failures."""
     if rc == 4:
         return "unavailable", "compute-sanitizer not found"
-    if REFUSED.search(log):
-        return "refused", f"compute-sanitizer could not instrument this device: {REFUSED.search(log).group(0)}"
+    refused = REFUSED.search(log)
+    if refused:
+        return "refused", f"compute-sanitizer could not instrument this device: {refused.group(0)}"
     errors = re.findall(r"ERROR SUMMARY: (\d+) error", log)
     hazards = re.findall(r"RACECHECK SUMMARY: (\d+) hazard", log)
     checks = re.findall(r"(\d+) checks, (\d+) passed, (\d+) failed", log)
     parts = ([f"{errors[-1]} errors"] if errors else []) + ([f"{hazards[-1]} hazards"] if hazards else [])
     if checks:
         parts.append(f"driver: {checks[-1][0]} checks, {checks[-1][2]} failed")
+    else:  # stopped before its summary: how far the driver came
+        ran = re.findall(r"^(PASS|FAIL)  ", log, re.M)
+        if ran:
+            parts.append(f"driver: {len(ran)} checks done, {ran.count('FAIL')} failed")
+    findings = sanitizer_findings(log, limit=1)
+    if findings:
+        parts.append(f"most frequent: {findings[0]}")
     text = ", ".join(parts) or _last_line(log)
     if note:
         text += f" ({note})"
+    if rc in TIMED_OUT:
+        return "TIMED OUT", f"stopped after its {limit} s limit; {text}"
     return ("ok" if rc == 0 else f"FAILED (exit {rc})"), text
 
 
@@ -141,6 +186,16 @@ def bench_table(bench: dict[str, Any]) -> list[str]:
             _rate(impls.get("torch-cuda"), r["metric"]), _rate(impls.get("torch-cuda-tf32"), r["metric"]),
             f"{ours['speedup_vs_torch']:.2f}×" if ours and "speedup_vs_torch" in ours else "–"]) + " |")
     return rows
+
+
+def _sanitizer_section(logs: Path, rows: list[dict[str, Any]]) -> list[str]:
+    """What memcheck and racecheck found, kernel by kernel (nothing when they found nothing)."""
+    md = []
+    for s in rows:
+        if s["name"] in ("memcheck", "racecheck") and s["rc"] != -1:
+            findings = sanitizer_findings(_text(logs / f"{s['name']}.log"), limit=10)
+            md += [f"- {s['name']}: {f}" for f in findings]
+    return ["", "## compute-sanitizer findings", "", *md] if md else []
 
 
 def training(logs: Path) -> dict[str, Any]:
@@ -180,6 +235,7 @@ def write(logs: Path, out: Path, dry_run: bool) -> list[str]:
            f"{selftest.get('info', {}).get('backend', '?')} ({', '.join(selftest.get('dtypes', []))}), "
            f"{len(failed)} failed."]
     md += [f"- FAIL {r['name']} ({r['dtype']}, {r['shape']}): {'; '.join(r['problems'])[:300]}" for r in failed[:20]]
+    md += _sanitizer_section(logs, rows)
     bench = _load(out / "bench.json")
     if bench:
         limits = bench.get("limits", {}).get("gpu") or bench.get("limits", {}).get("cpu") or {}

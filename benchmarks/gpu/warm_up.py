@@ -54,9 +54,9 @@ def warm_up(dry_run: bool = False, jobs: int | None = None) -> dict[str, Any]:
 
     began = time.perf_counter()
     if not dry_run and hasattr(cupy_backend, "warm_up"):  # the backend's own parallel build
-        cupy_backend.warm_up()
-        return {"how": "nnfast.backends.cupy_backend.warm_up", "files": [],
-                "wall_s": time.perf_counter() - began}
+        result = cupy_backend.warm_up()
+        return {"how": "nnfast.backends.cupy_backend.warm_up", "files": [], "wall_s": time.perf_counter() - began,
+                "backend": result if isinstance(result, dict) else repr(result)}
     files = list(cuda_launch.KERNEL_FILES)
     # Fresh interpreters, not forks: a forked process cannot use a CUDA context.
     with ProcessPoolExecutor(jobs or len(files), mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['file']:<20} {r['instantiations']:4d} instantiations  {r['seconds']:6.1f} s")
     serial = f" (the files one after another: {report['serial_s']:.1f} s)" if "serial_s" in report else ""
     print(f"warm-up: {report['how']}: {report['wall_s']:.1f} s wall{serial}")
+    if "backend" in report:
+        print(f"warm-up: {report['backend']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)

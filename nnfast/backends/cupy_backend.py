@@ -138,9 +138,10 @@ def recorded_launches() -> Iterator[list[cuda_launch.Launch]]:
 
 
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
-    _function(launch.file, launch.kernel)(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
+    # Recorded before the launch, so a launch that raises (a compile error, a bad configuration) is still named.
     for seen in _recorders:
         seen.append(launch)
+    _function(launch.file, launch.kernel)(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
 
 
 _NULL = np.uint64(0)

@@ -15,14 +15,13 @@ On the CUDA backend each check pins the tile (and the split-K factor) with
 * ``split K``: the inner dimension split over three blocks and a second pass.
 
 Shapes come from the tile (partial tiles at the edges, an inner dimension
-that cycles the ring of pipeline stages), and each check also verifies, on
-the CUDA backend, that the launch took the path it was meant to (the
-instantiation's tile and vector flag, the number of splits). Other backends
-run the same layers: the forcing does not concern them, the shapes and
-operand layouts do. (The CUDA backend records its launches for this:
-:func:`nnfast.backends.cupy_backend.recorded_launches`.) Two more checks per dtype give the public ops transposed
-and strided views, and run the unforced plans at a training shape and for
-one row.
+that cycles the ring of pipeline stages). On the CUDA backend each check
+records its launches (:func:`nnfast.backends.cupy_backend.recorded_launches`)
+and fails unless they took the path forced: the instantiation's tile and
+vector flag, the number of splits. Other backends run the same layers: the
+forcing does not concern them, the shapes and operand layouts do. Two more
+checks per dtype give the public ops transposed and strided views, and run
+the unforced plans at a training shape and for one row.
 """
 
 from __future__ import annotations

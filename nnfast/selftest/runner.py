@@ -31,10 +31,11 @@ class Precision:
     """A matrix-multiply precision the GEMM checks run under: how to enter it, and its tolerance factor.
 
     Full float32 (``"highest"``) is the only one today. A mode that rounds the
-    GEMM's operands (TF32 tensor cores keep 10 bits of mantissa: a relative
-    error near 5e-4 per product) is one more entry, with its context manager
-    and a factor of about 100 on the float32 tolerance; every check marked
-    ``gemm`` then runs once more under it, its name suffixed with the mode.
+    GEMM's operands (TF32 tensor cores keep 10 bits of mantissa: for random
+    data a relative error near 3e-4 per dot product) is one more entry, with
+    a context manager that enters the mode and a factor of about 100 on the
+    float32 tolerance; every check marked ``gemm`` then runs once more under
+    it, its name suffixed with the mode.
     """
 
     name: str
