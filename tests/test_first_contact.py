@@ -110,6 +110,41 @@ def test_a_hanging_stage_is_stopped_and_the_rest_runs(tmp_path):
     _check_outputs(out)
 
 
+def test_the_gpu_run_passes_each_stage_its_gpu_arguments(tmp_path):
+    """Without --dry-run (no GPU needed: every command is a stand-in that writes down how it was called)."""
+    calls = tmp_path / "calls.txt"
+    shim = tmp_path / "python"
+    shim.write_text("#!/usr/bin/env bash\n"
+                    f'case "$*" in *summary.py*) exec {sys.executable} "$@" ;; esac\n'
+                    f'echo "python $*" >> {calls}; echo stand-in; exit 7\n')
+    sanitizer = tmp_path / "compute-sanitizer"
+    sanitizer.write_text("#!/usr/bin/env bash\n"
+                         'if [ "$1" = --help ]; then echo "--report-api-errors  --racecheck-report"; exit 0; fi\n'
+                         f'echo "sanitizer $*" >> {calls}; echo "========= ERROR SUMMARY: 0 errors"\n')
+    for f in (shim, sanitizer):
+        f.chmod(0o755)
+    proc, out = _run(tmp_path, python=str(shim), COMPUTE_SANITIZER=str(sanitizer), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    statuses = _statuses(proc.stdout)
+    assert statuses["memcheck"] == statuses["racecheck"] == "ok", proc.stdout
+    assert all(statuses[s] == "FAILED (exit 7)" for s in STAGES if s not in ("memcheck", "racecheck")), statuses
+    lines = calls.read_text(encoding="utf-8").splitlines()
+    expected = [
+        "nnfast.cli selftest --backend cupy --dtype all --json",
+        "pytest -m gpu",
+        f"sanitizer --tool memcheck --error-exitcode 99 --report-api-errors no {shim} "
+        "benchmarks/gpu/sanitizer_driver.py --no-pool",
+        f"sanitizer --tool racecheck --error-exitcode 99 --racecheck-report hazard {shim} "
+        "benchmarks/gpu/sanitizer_driver.py --quick --dtype float32",
+        "nnfast.cli bench --backend cupy --size large --no-progress --json",
+        "nnfast.cli train --backend cupy --no-progress",
+        "torch_train.py --device cuda --epochs 3 --data"]
+    for text in expected:
+        assert any(text in line for line in lines), (text, lines)
+    assert f"to record this run: cp {out}/summary.md benchmarks/gpu/RESULTS.md" in proc.stdout
+    _check_outputs(out)
+
+
 def _script_numbers() -> tuple[int, int, dict[str, int]]:
     """The script's default budget, the summary's cap and each stage's floor."""
     text = SCRIPT.read_text(encoding="utf-8")

@@ -4,6 +4,8 @@
 #   NNFAST_COMMIT=<sha> bash benchmarks/gpu/first_contact.sh            # on the GPU machine
 #   bash benchmarks/gpu/first_contact.sh --dry-run                     # anywhere: every stage on the CPU
 #
+# COMPUTE_SANITIZER names the compute-sanitizer to use (default: the one on PATH, else under /usr/local/cuda*).
+#
 # Runs from a bare checkout with python3 (PYTHONPATH is set to the checkout; nothing is installed).
 # Stages, in order: environment (nvidia-smi, versions, SMs, clocks); NVRTC warm-up of every kernel file
 # in parallel processes, timed; nnfast selftest on cupy (float32 and float64); pytest -m gpu;
@@ -16,7 +18,7 @@
 # their minimum (their floor) before the deadline (NNFAST_FIRST_CONTACT_BUDGET seconds, default
 # 520, from the start). A stage that fails or times out is recorded and the next one runs.
 #
-# Files in $OUT (default ./first_contact_out): summary.md (ready to commit as
+# Files in $OUT (default ./first_contact_out, git-ignored): summary.md (ready to commit as
 # benchmarks/gpu/RESULTS.md), selftest.json, bench.json, train.json, logs.tar.gz.
 #
 # --dry-run runs every stage on the numba backend at tiny sizes (NVRTC compiles one instantiation
@@ -92,7 +94,8 @@ if [ "$DRY" = 1 ]; then
     WARM=(--dry-run)
 else
     BACKEND=cupy
-    SANITIZER="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
+    SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
+        | head -n 1)}"
     SELFTEST=(--dtype all)
     BENCH=(--backend cupy --size large)
     DATA=()
@@ -142,6 +145,8 @@ timeout -k 5 "$SUMMARY_CAP" "$PY" "$HERE/summary.py" --logs "$LOGS" --out "$OUT"
 echo "summary.py exit status $?" >> "$LOGS/summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C "$WORK" logs
 echo
+# On a GPU, summary.md is the record of the run; the dry run's is not one.
+[ "$DRY" = 1 ] || echo "== to record this run: cp $OUT/summary.md benchmarks/gpu/RESULTS.md, then commit it"
 echo "== summary ($(($(date +%s) - START)) s in all; $(ls "$OUT" | tr '\n' ' ')in $OUT)"
 cat "$LOGS/summary.txt"
 rm -rf "$WORK"
