@@ -1,4 +1,4 @@
-"""The ``nnfast`` command: ``train``, ``info`` and ``bench``."""
+"""The ``nnfast`` command: ``train``, ``info``, ``bench`` and ``selftest``."""
 
 from __future__ import annotations
 
@@ -252,6 +252,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench_module = None
     if bench_module is not None:
         bench_module.add_arguments(bench)
+    from . import selftest
+
+    selftest.add_arguments(sub.add_parser(
+        "selftest", help="check every op of a backend against the NumPy reference (exit 1 on any mismatch)",
+        description="Check every op of a backend against the NumPy reference on this machine: one line per "
+                    "check, a summary, exit status 1 if any check failed. The first thing to run on a new GPU."))
 
     args = parser.parse_args(argv)
     try:
@@ -262,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             return bench_module.run(args)
+        if args.command == "selftest":
+            return selftest.command(args)
     except (BackendError, ValueError, TypeError, OSError) as err:  # OSError: FileNotFoundError, a full disk, ...
         print(f"nnfast: error: {err}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from nnfast.activations import BY_NAME, TABLE, Activation
 from nnfast.backends import available_backends
 from nnfast.backends.base import Backend
 from nnfast.ops import OPS as LIBRARY_OPS
+from nnfast.selftest.training import OPTIMIZER_SETTINGS
 
 #: Every backend that can run here.
 AVAILABLE = available_backends()
@@ -266,14 +267,7 @@ def _run_rows(op: str):
 
 
 # ---------------------------------------------------------------- optimizers
-#: The settings the optimizers are run with (every flag of the rows both ways).
-OPTIMIZER_SETTINGS = {
-    "sgd_update": [dict(lr=0.1, momentum=0.0), dict(lr=0.05, momentum=0.9),
-                   dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-                   dict(lr=0.2, momentum=0.5, weight_decay=0.1)],
-    "adam_update": [dict(lr=1e-3), dict(lr=1e-2, weight_decay=0.1, decoupled=True),
-                    dict(lr=1e-2, weight_decay=0.1, decoupled=False, beta1=0.5, beta2=0.9, eps=1e-6)],
-}
+# The settings the optimizers are run with (every flag of the rows both ways): nnfast selftest's.
 
 
 def _optim_samples(op: str):

@@ -7,6 +7,7 @@ sample in the data, and a learning rate so large that training diverges.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,9 +21,18 @@ from nnfast.train import NonFiniteLossError, TrainConfig, train
 
 from op_table import AVAILABLE
 
-DIGITS = load_digits()
 BATCH = 256
-BATCHES = math.ceil(DIGITS.x_train.shape[0] / BATCH)  # steps per epoch
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> Dataset:
+    """The digits, loaded when a test needs them (scikit-learn is not imported at collection)."""
+    return load_digits()
+
+
+def _batches() -> int:
+    """Steps per epoch."""
+    return math.ceil(_digits().x_train.shape[0] / BATCH)
 
 
 def _cfg(backend="numpy", **kw):
@@ -69,7 +79,7 @@ def _params(model):
 @pytest.mark.parametrize("name", AVAILABLE)
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path, monkeypatch, name, value):
-    bad_step = BATCHES + 3  # epoch 2, batch index 2
+    bad_step = _batches() + 3  # epoch 2, batch index 2
     poison = _Poison(monkeypatch, [bad_step], value)
     ckpt = tmp_path / "run.npz"
     snapshots = {}
@@ -103,12 +113,12 @@ def test_stop_without_checkpoint_says_so(monkeypatch):
 
 @pytest.mark.parametrize("name", AVAILABLE)
 def test_skip_skips_exactly_the_bad_steps(monkeypatch, name):
-    bad = {2, 4, BATCHES + 5}
+    bad = {2, 4, _batches() + 5}
     poison = _Poison(monkeypatch, bad)
     seen, before = [], {}
 
     def on_step(epoch, batch):
-        step = epoch * BATCHES + batch + 1
+        step = epoch * _batches() + batch + 1
         if step + 1 in bad:
             before[step + 1] = _params(poison.model)
         if step in bad:  # the skipped step changed nothing
@@ -119,18 +129,18 @@ def test_skip_skips_exactly_the_bad_steps(monkeypatch, name):
 
     lines = []
     result = train(_cfg(name, on_nonfinite="skip"), log=lines.append, on_step=on_step)
-    assert seen == list(range(1, 2 * BATCHES + 1))
+    assert seen == list(range(1, 2 * _batches() + 1))
     assert [s.skipped_steps for s in result.history] == [2, 1]
     assert all(math.isfinite(s.loss) for s in result.history)
     assert "(2 steps skipped: non-finite loss)" in lines[-2] and "(1 steps skipped" in lines[-1]
 
 
 def test_skip_on_every_step_finishes_and_changes_nothing(monkeypatch):
-    poison = _Poison(monkeypatch, range(1, 10 * BATCHES))
+    poison = _Poison(monkeypatch, range(1, 10 * _batches()))
     initial = []
     result = train(_cfg(on_nonfinite="skip"), log=lambda _: None,
                    on_step=lambda e, b: initial.append(_params(poison.model)) if not initial else None)
-    assert [s.skipped_steps for s in result.history] == [BATCHES, BATCHES]
+    assert [s.skipped_steps for s in result.history] == [_batches(), _batches()]
     for a, b in zip(_params(poison.model), initial[0]):
         np.testing.assert_array_equal(a, b)
     assert all(s.loss == 0.0 for s in result.history)  # nothing averaged, not NaN
@@ -138,21 +148,21 @@ def test_skip_on_every_step_finishes_and_changes_nothing(monkeypatch):
 
 def test_mean_loss_counts_skipped_samples_exactly(monkeypatch):
     """Skipping the last, short batch: the epoch loss is the mean over the samples actually used."""
-    assert DIGITS.x_train.shape[0] % BATCH, "the digits split should end in a short batch"
-    poison = _Poison(monkeypatch, [BATCHES])  # the short batch
+    assert _digits().x_train.shape[0] % BATCH, "the digits split should end in a short batch"
+    poison = _Poison(monkeypatch, [_batches()])  # the short batch
     stats = train(_cfg(epochs=1, on_nonfinite="skip"), log=lambda _: None).history[0]
     assert stats.skipped_steps == 1
     used = [(loss, n) for loss, n in poison.losses if math.isfinite(loss)]
-    assert len(used) == BATCHES - 1
+    assert len(used) == _batches() - 1
     expected = sum(loss * n for loss, n in used) / sum(n for _, n in used)
     assert stats.loss == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", AVAILABLE)
 def test_poisoned_sample_stops_or_is_skipped(name):
-    x = DIGITS.x_train.copy()
+    x = _digits().x_train.copy()
     x[17, 5] = np.nan
-    data = Dataset("poisoned", x, DIGITS.y_train, DIGITS.x_test, DIGITS.y_test)
+    data = Dataset("poisoned", x, _digits().y_train, _digits().x_test, _digits().y_test)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 1, batch \d+ \(step \d+\)"):
         train(_cfg(name), log=lambda _: None, data=data)
     result = train(_cfg(name, on_nonfinite="skip", epochs=3, lr=0.3), log=lambda _: None, data=data)
@@ -173,15 +183,15 @@ def test_cli_on_nonfinite_stop_and_skip(tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "cli.npz"
     argv = ["train", "--backend", "numpy", "--epochs", "2", "--hidden", "8", "--batch-size", str(BATCH),
             "--no-progress", "--checkpoint", str(ckpt)]
-    _Poison(monkeypatch, [BATCHES + 2])
+    _Poison(monkeypatch, [_batches() + 2])
     assert main(argv) == 1
     out = capsys.readouterr()
-    assert f"nnfast: error: loss is nan at epoch 2, batch 1 (step {BATCHES + 2})" in out.err
+    assert f"nnfast: error: loss is nan at epoch 2, batch 1 (step {_batches() + 2})" in out.err
     assert "Traceback" not in out.err
     good = ckpt.read_bytes()
     nf.load(ckpt, nf.MLP([64, 8, 10]))  # the epoch-1 checkpoint is intact and loads
 
-    _Poison(monkeypatch, [BATCHES + 2])
+    _Poison(monkeypatch, [_batches() + 2])
     assert main(argv + ["--on-nonfinite", "skip", "--overwrite"]) == 0  # a new run over the old checkpoint
     out = capsys.readouterr().out
     assert "(1 steps skipped: non-finite loss)" in out and "final test accuracy" in out

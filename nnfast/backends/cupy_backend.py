@@ -158,7 +158,31 @@ class Recording:
 _recording = threading.local()
 
 
+#: The lists of :func:`recorded_launches` blocks now open.
+_recorders: list[list[cuda_launch.Launch]] = []
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[cuda_launch.Launch]]:
+    """Inside the block, every kernel launch of this backend is appended to the list it yields.
+
+    Each entry is the :class:`~nnfast.backends.cuda_launch.Launch` (a
+    ``GemmPlan`` for a GEMM) as launched: its instantiation, grid and block.
+    ``nnfast selftest`` uses it to see that a forced GEMM path is the one
+    that ran.
+    """
+    seen: list[cuda_launch.Launch] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
+
+
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
+    # Listed before the launch, so a launch that raises (a compile error, a bad configuration) is still named.
+    for seen in _recorders:
+        seen.append(launch)
     fn = _function(launch.file, launch.kernel)
     if launch.shared_mem > cuda_launch.DEFAULT_SHARED_MEM and fn.max_dynamic_shared_size_bytes < launch.shared_mem:
         fn.max_dynamic_shared_size_bytes = launch.shared_mem  # a block above 48 KiB must be allowed first

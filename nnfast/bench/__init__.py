@@ -63,11 +63,24 @@ Contention
 case again, in the same rounds, while a busy-looping process keeps one core
 busy, and reports the contended median and the speed kept.
 
+GPU-sized runs (``--size large``)
+--------------------------------
+Shapes several times a large GPU's 60 MB L2 (:data:`.cases.LARGE_SHAPES`):
+GEMM + bias + activation at 4096³ and 8192³ and the layers of an MLP
+784→4096→4096→10 at batch 8192, activations on 1 GiB, softmax and
+cross-entropy over 32000 and 128256 classes, SGD and Adam over 100M
+parameters, and that MLP's training step. GPU backends only (a CPU backend
+is refused before anything is allocated), no NumPy reference; PyTorch's GEMM
+cases run twice, in float32 and with TF32 tensor cores; inputs are made on
+the device, rotate through several sets where one set would stay in the L2,
+and a case the device cannot hold is skipped (:mod:`.device`). The JSON
+report is rewritten after every case.
+
 Modules: :mod:`.cases` (what is measured), :mod:`.timing` (clocks and
 sampling), :mod:`.machine` (machine info and limits), :mod:`.stream` (the
 memory limit's loops), :mod:`.contention` (the competing process),
-:mod:`.report` (tables), :mod:`.plot` (charts), :mod:`.command` (the options
-and the run).
+:mod:`.report` (tables), :mod:`.plot` (charts), :mod:`.device` (the GPU side
+of large runs), :mod:`.command` (the options and the run).
 """
 
 from __future__ import annotations

@@ -92,6 +92,107 @@ OPS["train_step"] = OpSpec("train_step", TRAIN_STEP)
 OP_GROUPS = tuple(dict.fromkeys(spec.group for spec in OPS.values()))
 
 
+# ---------------------------------------------------------------- GPU-sized cases (--size large)
+#: Shape tag of the cases of ``--size large``.
+LARGE = "large-gpu"
+#: The L2 cache the large shapes are sized against where the device does not say (an H100 / H200: 60 MB).
+DEFAULT_L2_BYTES = 60 * 10**6
+
+
+def _large(*dims: Any, label: str | None = None) -> Shape:
+    return Shape(LARGE, tuple(dims), label or "×".join(map(str, dims)))
+
+
+def _gemm(b: int, i: int, o: int) -> Shape:
+    return _large(b, i, o, label=f"{b}×{i}→{o}")
+
+
+_GEMM_LARGE = (_gemm(4096, 4096, 4096), _gemm(8192, 8192, 8192),
+               _gemm(8192, 784, 4096), _gemm(8192, 4096, 4096), _gemm(8192, 4096, 10))  # the last three: an MLP
+_ROWS_LARGE = (_large(8192, 32000), _large(32768, 32000), _large(4096, 128256))  # a 128k vocabulary last
+_ADAM_SIZES = (8192, 8192, 4096, 10)  # 100.7M parameters
+_TRAIN_LARGE = ((784, 4096, 4096, 10), 8192)
+
+#: The shapes of ``nnfast bench --size large``, per case family: inputs several times a large GPU's L2
+#: (1 GiB of float32 for the element-wise ops), GEMMs of 4096³ and 8192³ and the layers of a wide MLP at
+#: batch 8192, a 32000 and a 128k vocabulary, Adam over 100M parameters.
+LARGE_SHAPES: dict[str, tuple[Shape, ...]] = {
+    "linear_forward": _GEMM_LARGE,
+    "linear_backward": _GEMM_LARGE,
+    "activation_forward": (_large(16384, 16384),),
+    "activation_backward": (_large(16384, 16384),),
+    "softmax": _ROWS_LARGE,
+    "log_softmax": _ROWS_LARGE,
+    "softmax_cross_entropy": _ROWS_LARGE,
+    "sgd_update": (_large(*_ADAM_SIZES, label=f"{_mlp_label(_ADAM_SIZES)} 100.7M params"),),
+    "adam_update": (_large(*_ADAM_SIZES, label=f"{_mlp_label(_ADAM_SIZES)} 100.7M params"),),
+    "train_step": (Shape(LARGE, _TRAIN_LARGE, f"{_mlp_label(_TRAIN_LARGE[0])} b{_TRAIN_LARGE[1]}"),),
+}
+
+
+def _params(sizes: Sequence[int]) -> int:
+    return int(sum(math.prod(s) for s in mlp_param_shapes(sizes)))
+
+
+def _linear_bytes(d: tuple[int, ...], s: int, backward: bool) -> tuple[int, int]:
+    b, i, o = d
+    if not backward:  # x, W, b in; y and the saved pre-activation out
+        return (b * i + i * o + o) * s, (b * i + i * o + o + 2 * b * o) * s
+    read = 2 * b * o + b * i + i * o  # dy, saved, x, W
+    return read * s, (read + b * o + i * o + b * i + o) * s  # dz, dW, dx, db
+
+
+def _rows_bytes(d: tuple[int, ...], s: int, labels: bool) -> tuple[int, int]:
+    extra = 8 * d[0] if labels else 0  # int64 labels in; per-row losses out
+    return math.prod(d) * s + extra, 2 * math.prod(d) * s + 2 * extra
+
+
+def _train_bytes(d: tuple[Any, ...], s: int) -> tuple[int, int]:
+    sizes, batch = d
+    read = batch * sizes[0] * s + 8 * batch + _params(sizes) * s  # x, labels, parameters
+    return read, read + (2 * _params(sizes) + 3 * batch * sum(sizes[1:])) * s  # grads, velocities, activations
+
+
+def _elementwise(reads: int, holds: int) -> Callable[[tuple[Any, ...], int], tuple[int, int]]:
+    return lambda d, s: (reads * math.prod(d) * s, holds * math.prod(d) * s)
+
+
+def _optimizer(arrays: int) -> Callable[[tuple[Any, ...], int], tuple[int, int]]:
+    return lambda d, s: (arrays * _params(d) * s, arrays * _params(d) * s)
+
+
+#: Bytes of the arrays one implementation of a case holds, ``(inputs it reads, every array)``, per case
+#: family, from its dims and the bytes per element.
+_FOOTPRINT: dict[str, Callable[[tuple[Any, ...], int], tuple[int, int]]] = {
+    "linear_forward": lambda d, s: _linear_bytes(d, s, False),
+    "linear_backward": lambda d, s: _linear_bytes(d, s, True),
+    "activation_forward": _elementwise(1, 2),
+    "activation_backward": _elementwise(2, 4),  # dy, saved in; dx out, and the forward's input
+    "softmax": lambda d, s: _rows_bytes(d, s, False),
+    "log_softmax": lambda d, s: _rows_bytes(d, s, False),
+    "softmax_cross_entropy": lambda d, s: _rows_bytes(d, s, True),
+    "sgd_update": _optimizer(3),  # parameters, gradients, velocities
+    "adam_update": _optimizer(4),  # and both moments
+    "train_step": _train_bytes,
+}
+
+
+def footprint(spec: OpSpec, shape: Shape, itemsize: int) -> tuple[int, int]:
+    """Bytes one implementation of a case holds: ``(the inputs it reads, every array of it)``."""
+    return _FOOTPRINT[spec.name](shape.dims, itemsize)
+
+
+def rotations(input_bytes: int, l2_bytes: int) -> int:
+    """Input sets to rotate through so that a call never finds its inputs in an L2 of ``l2_bytes``.
+
+    One when the inputs alone are three times the cache; else enough sets to
+    make three caches' worth (at most 16).
+    """
+    if input_bytes >= 3 * l2_bytes:
+        return 1
+    return min(16, math.ceil(3 * l2_bytes / max(input_bytes, 1)))
+
+
 def work(spec: OpSpec, shape: Shape, itemsize: int) -> float:
     """Work of one call: flop for GFLOP/s kernels, bytes for GB/s kernels (see the package docstring)."""
     return spec.bench.work(shape.dims, itemsize)
@@ -114,24 +215,45 @@ def shape_record(spec: OpSpec, shape: Shape) -> Any:
 
 
 # ---------------------------------------------------------------- callables
-def inputs(spec: OpSpec, variant: str, shape: Shape, dtype: str) -> dict[str, Any]:
-    """The arguments of one case as NumPy arrays, the same for every implementation."""
+#: Optimizer state arguments: given small non-zero values (zeros are never data: they can run faster).
+_STATE = {"velocities": 0.01, "exp_avgs": 0.01, "exp_avg_sqs": 1e-4}
+
+
+def inputs(spec: OpSpec, variant: str, shape: Shape, dtype: str, seed: int = 0, device: Any = None,
+           ) -> dict[str, Any]:
+    """The arguments of one case, the same for every implementation given the same ``seed``.
+
+    NumPy arrays made by NumPy's generator; with ``device`` (a GPU backend),
+    arrays of that device made by its generator, the tensors an op derives
+    from others (``saved``) computed by that backend: GPU-sized inputs never
+    pass through the host.
+    """
     from ..backends import backend_for
 
-    return spec.bench.inputs(np.random.default_rng(0), shape.dims, np.dtype(dtype), variant, backend_for("numpy"))
+    if device is None:
+        xp, rng, maker = np, np.random.default_rng(seed), backend_for("numpy")
+    else:
+        xp, rng, maker = device.xp, device.xp.random.default_rng(seed), device
+    data = spec.bench.inputs(rng, shape.dims, np.dtype(dtype), variant, maker)
+    for name, scale in _STATE.items():
+        if name in data:
+            data[name] = [xp.abs(rng.standard_normal(a.shape) * scale).astype(dtype) for a in data[name]]
+    return data
 
 
 class LayerAPIMissing(RuntimeError):
     """The layer API (``nnfast.MLP``, ``SGD``, ...) is not in this build."""
 
 
-def make_nnfast(backend: Any, spec: OpSpec, variant: str, shape: Shape, dtype: str) -> Callable[[], Any]:
+def make_nnfast(backend: Any, spec: OpSpec, variant: str, shape: Shape, dtype: str, seed: int = 0,
+                device: Any = None) -> Callable[[], Any]:
     """A zero-argument callable running one case on an nnfast backend.
 
     Inputs are converted to the backend's arrays once, here; the callable
     only launches the op (on a GPU it does not wait: the timer synchronises).
+    ``seed`` and ``device``: as :func:`inputs` takes them.
     """
-    data = inputs(spec, variant, shape, dtype)
+    data = inputs(spec, variant, shape, dtype, seed, device)
     if spec.name == "train_step":
         return _nnfast_train_step(backend, dtype, data)
     args = {k: _convert(v, backend.asarray) for k, v in data.items()}
@@ -139,12 +261,21 @@ def make_nnfast(backend: Any, spec: OpSpec, variant: str, shape: Shape, dtype: s
     return lambda: method(**args)
 
 
-def make_torch(torch: Any, device: str, spec: OpSpec, variant: str, shape: Shape,
-               dtype: str) -> Callable[[], Any]:
-    """The PyTorch equivalent of one case (eager mode, the primitives autograd itself calls)."""
-    data = inputs(spec, variant, shape, dtype)
-    args = {k: _convert(v, lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)) for k, v in data.items()}
-    return spec.bench.torch(torch, args)
+def make_torch(torch: Any, device: str, spec: OpSpec, variant: str, shape: Shape, dtype: str, seed: int = 0,
+               on: Any = None) -> Callable[[], Any]:
+    """The PyTorch equivalent of one case (eager mode, the primitives autograd itself calls).
+
+    ``on``: the GPU backend that makes the inputs on the device (:func:`inputs`);
+    PyTorch gets its own copy of them.
+    """
+    data = inputs(spec, variant, shape, dtype, seed, on)
+
+    def tensor(a: Any) -> Any:
+        if isinstance(a, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+        return torch.as_tensor(a, device=device).clone()  # a device array, through its CUDA array interface
+
+    return spec.bench.torch(torch, {k: _convert(v, tensor) for k, v in data.items()})
 
 
 def at_precision(fn: Callable[[], Any], precision: str) -> Callable[[], Any]:

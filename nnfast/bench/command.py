@@ -14,8 +14,9 @@ import numpy as np
 
 from ..op_spec import Shape
 from ..paths import check_output_path
-from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, at_precision, make_nnfast, make_torch,
-                    shape_record, torch_at_precision, work)
+from . import device as gpu_run
+from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, at_precision, footprint, make_nnfast, make_torch,
+                    rotations, shape_record, torch_at_precision, work)
 from .contention import Spinner
 from .machine import ThreadLimits, limit_candidates, load_average, machine_info, measure_limits
 from .plot import plot
@@ -33,13 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ops = ", ".join(list(OPS) + list(OP_GROUPS))
     parser.add_argument("--backend", dest="bench_backend", action="append", metavar="NAME",
                         help="backend(s) to measure, repeatable or comma-separated (default: every "
-                             "available one); numpy, the reference, is always measured")
+                             "available one); numpy, the reference, is always measured (but at --size large)")
     parser.add_argument("--ops", dest="bench_ops", action="append", metavar="OPS",
                         help=f"kernels to measure, comma-separated op or group names (default: all): {ops}")
     parser.add_argument("--dtype", dest="bench_dtype", default="float32", metavar="DTYPE",
                         help="float32 (default), float64, or both (comma-separated or 'all')")
     parser.add_argument("--quick", dest="bench_quick", action="store_true",
-                        help="small shapes and few samples: a run of seconds (a smoke check, not a measurement)")
+                        help="small shapes and few samples: a run of seconds (a smoke check, not a measurement); "
+                             "with --size large, the large shapes and few samples")
+    parser.add_argument("--size", dest="bench_size", choices=("default", "large"), default="default",
+                        help="default: shapes for a CPU (and a first look at a GPU); large: GPU-sized shapes, "
+                             "several times a 60 MB L2 (GEMMs of 4096³ and 8192³, 1 GiB element-wise, a 128k "
+                             "vocabulary, Adam over 100M parameters), GPU backends only, with PyTorch TF32 "
+                             "columns and no NumPy reference")
     parser.add_argument("--repeat", dest="bench_repeat", type=int, default=None, metavar="N",
                         help=f"samples per implementation and case (default {FULL.repeat}, "
                              f"{QUICK.repeat} with --quick)")
@@ -129,20 +136,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     quick = bool(getattr(args, "bench_quick", False))
-    settings = Settings(**vars(QUICK if quick else FULL))
+    large = getattr(args, "bench_size", "default") == "large"
+    settings = Settings(**vars(QUICK if quick else gpu_run.LARGE_SETTINGS if large else FULL))
     if repeat is not None:
         settings.repeat = repeat
     notes: list[str] = []
 
-    # Backends: numpy (the reference) always, then what was asked for or is available.
-    names = ["numpy"] + [b for b in (requested or available_backends()) if b != "numpy"]
-    names = list(dict.fromkeys(names))
+    # Backends: numpy (the reference) always, then what was asked for or is available; at --size large
+    # the GPU backends alone.
+    names = [] if large else ["numpy"]
+    names = list(dict.fromkeys(names + [b for b in (requested or available_backends()) if b != "numpy" or large]))
     backends: dict[str, Any] = {}
     for name in names:
         try:
             backends[name] = backend_for(name)
         except BackendError as err:
             notes.append(f"backend {name} skipped: {err}")
+    if large:
+        try:
+            backends = gpu_run.gpu_backends(backends, requested, specs, dtypes, notes)
+        except ValueError as err:
+            print(f"nnfast bench: error: {err}", file=sys.stderr)
+            return 2
     gpu = any(getattr(be, "xp", np) is not np for be in backends.values())
 
     torch = None if getattr(args, "bench_no_torch", False) else _import_torch()
@@ -155,9 +170,13 @@ def run(args: argparse.Namespace) -> int:
     elif not getattr(args, "bench_no_torch", False):
         notes.append("PyTorch does not import here: no torch column")
 
-    cases = [(spec, variant, shape)
-             for spec in specs for variant in spec.variants for shape in spec.shapes
-             if not quick or shape.size == "small"]
+    if large:
+        cases = [(spec, variant, shape) for spec in specs for variant in spec.variants
+                 for shape in LARGE_SHAPES[spec.name]]
+    else:
+        cases = [(spec, variant, shape)
+                 for spec in specs for variant in spec.variants for shape in spec.shapes
+                 if not quick or shape.size == "small"]
 
     load = load_average()
     cpus = os.cpu_count() or 1
@@ -199,26 +218,16 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     errors: list[dict[str, str]] = []
-    for dtype in dtypes:
-        for spec, variant, shape in cases:
-            progress.set_postfix_str(f"{dtype} {spec.name} {variant} {shape.label}".replace("  ", " "))
-            row = measure_case(spec, variant, shape, dtype, backends, torch, torch_devices, settings,
-                               limits, skipped, errors, spinner)
-            if row is not None:
-                results.append(row)
-            progress.update(1)
-    progress.close()
-
-    info = machine_info(torch, gpu)  # its load average is the one at the end of the run
+    info = machine_info(torch, gpu)
     if start_load is not None and "load_average_1min" in info:
-        info["load_average_1min_end"] = info["load_average_1min"]
         info["load_average_1min"] = round(start_load, 2)
-    report = {
+    report = {  # its lists fill in as the cases are measured
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "command": " ".join(["nnfast bench", *_argv_of(args)]),
         "machine": info,
-        "settings": {"quick": quick, "threads": getattr(args, "bench_threads", None) or "default",
+        "settings": {"quick": quick, "size": getattr(args, "bench_size", "default"),
+                     "threads": getattr(args, "bench_threads", None) or "default",
                      "dtypes": dtypes, "backends": list(backends), "torch": torch_devices,
                      "ops": [s.name for s in specs], "repeat": settings.repeat, "min_time_s": settings.min_time,
                      "warmup_s": settings.warmup_time, "statistic": "median",
@@ -231,6 +240,23 @@ def _run_cases(args: argparse.Namespace, cases: list[tuple[OpSpec, str, Shape]],
         "errors": errors,
         "notes": notes,
     }
+    large = getattr(args, "bench_size", "default") == "large"
+    device = next((be for be in backends.values() if getattr(be, "xp", np) is not np), None) if large else None
+    json_path = next((path for what, path, _ in _outputs(args) if what == "JSON report"), None)
+    for dtype in dtypes:
+        for spec, variant, shape in cases:
+            progress.set_postfix_str(f"{dtype} {spec.name} {variant} {shape.label}".replace("  ", " "))
+            row = measure_case(spec, variant, shape, dtype, backends, torch, torch_devices, settings,
+                               limits, skipped, errors, spinner, device=device)
+            if row is not None:
+                results.append(row)
+            progress.update(1)
+            if json_path is not None:  # a run stopped by a time limit still leaves what it measured
+                _write(json_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    progress.close()
+    end_load = load_average()
+    if end_load is not None and "load_average_1min" in report["machine"]:
+        report["machine"]["load_average_1min_end"] = round(end_load, 2)
 
     print(render_text(report))
     for note in notes:
@@ -266,6 +292,8 @@ def _argv_of(args: argparse.Namespace) -> list[str]:
     for flag, dest in (("--repeat", "bench_repeat"), ("--threads", "bench_threads")):
         if getattr(args, dest, None):
             out += [flag, str(getattr(args, dest))]
+    if getattr(args, "bench_size", "default") != "default":
+        out += ["--size", args.bench_size]
     return out
 
 
@@ -292,19 +320,30 @@ def _case_name(spec: OpSpec, variant: str, shape: Shape, dtype: str) -> str:
 def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends: dict[str, Any],
                  torch: Any, torch_devices: list[str], settings: Settings, limits: dict[str, Any],
                  skipped: list[dict[str, str]], errors: list[dict[str, str]],
-                 spinner: Spinner | None = None) -> dict[str, Any] | None:
+                 spinner: Spinner | None = None, device: Any = None) -> dict[str, Any] | None:
     """Measure one case on every implementation side by side; the report row, or None.
 
     With a ``spinner`` (``--contended``), every implementation is also
-    measured with it running, in the same rounds.
+    measured with it running, in the same rounds. ``device``: the GPU backend
+    of a GPU-sized run (``--size large``), which makes every implementation's
+    inputs on the device, in rotating sets when one set fits in the L2 cache
+    (:mod:`.device`); the case is skipped when the device cannot hold them.
     """
     case = _case_name(spec, variant, shape, dtype)
     timed: list[Timed] = []
     kinds: dict[str, tuple[str, str]] = {}  # key -> (kind, device)
+    sets = 1
+    if device is not None:
+        read, held = footprint(spec, shape, np.dtype(dtype).itemsize)
+        sets = rotations(read, gpu_run.l2_bytes(device.xp))
+        too_big = gpu_run.too_big(device.xp, sets * held * (len(backends) + 3 * len(torch_devices) + 1))
+        if too_big:
+            skipped.append({"impl": "all", "case": case, "reason": too_big})
+            return None
 
-    def add(key: str, kind: str, device: str, build: Callable[[], Callable[[], Any]], clock: Clock) -> None:
+    def add(key: str, kind: str, where: str, build: Callable[[int], Callable[[], Any]], clock: Clock) -> None:
         try:
-            fn = build()
+            fn = gpu_run.rotating(build, sets)
             fn()
             clock.sync()
         except (NotImplementedError, LayerAPIMissing) as err:
@@ -314,7 +353,7 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
             errors.append({"impl": key, "case": case, "reason": f"{type(err).__name__}: {err}"})
             return
         timed.append(Timed(key, fn, clock))
-        kinds[key] = (kind, device)
+        kinds[key] = (kind, where)
 
     # A float32 GEMM-bound case on the GPU runs at both matmul precisions, PyTorch at the matching setting:
     # "highest" on the "gpu" device, "high" (TF32 tensor cores) on "gpu-tf32", each with its own GEMM limit.
@@ -325,28 +364,30 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
         on_gpu = getattr(be, "xp", np) is not np
         if on_gpu and gpu_clock is None:
             gpu_clock = CupyClock()
-        for suffix, device, precision in (precisions if on_gpu else (("", "cpu", None),)):
-            add(name + suffix, "nnfast", device,
-                lambda be=be, p=precision: _at(at_precision, make_nnfast(be, spec, variant, shape, dtype), p),
+        for suffix, where, precision in (precisions if on_gpu else (("", "cpu", None),)):
+            add(name + suffix, "nnfast", where,
+                lambda seed, be=be, p=precision: _at(at_precision,
+                                                     make_nnfast(be, spec, variant, shape, dtype, seed, device), p),
                 gpu_clock if on_gpu else Clock())
-    for device in torch_devices:
-        if device == "cpu":
-            add("torch", "torch", "cpu", lambda: make_torch(torch, "cpu", spec, variant, shape, dtype), Clock())
+    for where in torch_devices:
+        if where == "cpu":
+            add("torch", "torch", "cpu", lambda seed: make_torch(torch, "cpu", spec, variant, shape, dtype, seed, device),
+                Clock())
             continue
         for suffix, row_device, precision in precisions:
             add("torch-cuda" + suffix, "torch", row_device,
-                lambda p=precision: _at(lambda fn, q: torch_at_precision(torch, fn, q),
-                                        make_torch(torch, "cuda", spec, variant, shape, dtype), p),
+                lambda seed, p=precision: _at(lambda fn, q: torch_at_precision(torch, fn, q),
+                                              make_torch(torch, "cuda", spec, variant, shape, dtype, seed, device), p),
                 TorchCudaClock(torch))
     if not any(kinds[t.key][0] == "nnfast" for t in timed):
         return None
     # The machine limit of this kernel, measured side by side with it on each device in the row.
     limit_keys: dict[str, list[tuple[str, str, float]]] = {}  # device -> [(key, what, work of one call)]
-    for device in sorted({kinds[t.key][1] for t in timed}):
-        clock = (gpu_clock or CupyClock()) if device != "cpu" else Clock()
-        for key, what, amount, build in limit_candidates(spec, shape, dtype, device):
-            limit_keys.setdefault(device, []).append((key, what, amount))
-            add(key, "limit", device, build, clock)
+    for where in sorted({kinds[t.key][1] for t in timed}):
+        clock = (gpu_clock or CupyClock()) if where != "cpu" else Clock()
+        for key, what, amount, build in limit_candidates(spec, shape, dtype, where):
+            limit_keys.setdefault(where, []).append((key, what, amount))
+            add(key, "limit", where, build, clock)
     if spinner is not None:  # every implementation again, beside a busy core; the limits quiet only
         for t in list(timed):
             t.before = spinner.off
@@ -358,34 +399,39 @@ def measure_case(spec: OpSpec, variant: str, shape: Shape, dtype: str, backends:
     except Exception as err:  # a kernel that fails after its first call
         errors.append({"impl": "?", "case": case, "reason": f"{type(err).__name__}: {err}"})
         return None
+    finally:
+        if device is not None:
+            for t in timed:
+                t.fn = None  # the inputs go with the callables, then the pools give their memory back
+            gpu_run.release(device.xp, torch)
 
     itemsize = np.dtype(dtype).itemsize
     amount = work(spec, shape, itemsize)
     by_key = {t.key: t for t in timed}
 
     row_limits: dict[str, Any] = {}
-    for device, candidates in limit_keys.items():
+    for where, candidates in limit_keys.items():
         # A limit is the machine's peak for that work: its best sample (its
         # median is kept as median_rate), the fastest way of the candidates.
         measured = [{"what": what, **figures(by_key[key], w)} for key, what, w in candidates if key in by_key]
         for f, (_, _, w) in zip(measured, [c for c in candidates if c[0] in by_key]):
             f["median_rate"], f["rate"] = f["rate"], w / f["min_s"] / 1e9
         if measured:
-            row_limits[device] = max(measured, key=lambda f: f["rate"])
-        elif device in limits:  # the limit's own measurement failed: the run-level figure
-            ref = limits[device]["copy"] if spec.metric == "GB/s" else limits[device]["gemm"][dtype]
-            row_limits[device] = {"what": ref["what"], "rate": ref["rate"]}
+            row_limits[where] = max(measured, key=lambda f: f["rate"])
+        elif where in limits:  # the limit's own measurement failed: the run-level figure
+            ref = limits[where]["copy"] if spec.metric == "GB/s" else limits[where]["gemm"][dtype]
+            row_limits[where] = {"what": ref["what"], "rate": ref["rate"]}
 
     impls: dict[str, Any] = {}
     for t in timed:
         if t.key.endswith(CONTENDED):
             continue
-        kind, device = kinds[t.key]
+        kind, where = kinds[t.key]
         if kind == "limit":
             continue
-        fig = {"kind": kind, "device": device, **figures(t, amount)}
-        if device in row_limits:
-            fig["limit_fraction"] = fig["rate"] / row_limits[device]["rate"]
+        fig = {"kind": kind, "device": where, **figures(t, amount)}
+        if where in row_limits:
+            fig["limit_fraction"] = fig["rate"] / row_limits[where]["rate"]
         busy = by_key.get(t.key + CONTENDED)
         if busy is not None:
             fig["contended"] = figures(busy, amount)

@@ -19,14 +19,15 @@ CPU_COPY_BYTES = 64 * 2**20
 GPU_COPY_BYTES = 256 * 2**20
 
 
-def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str, tf32: bool = False) -> Callable[[], Any]:
+def make_gemm(xp: Any, dims: tuple[int, int, int], dtype: str, tf32: bool = False,
+              seed: int = 1) -> Callable[[], Any]:
     """``A @ B`` with A (M, K), B (K, N) in the array module ``xp`` (NumPy/BLAS or CuPy/cuBLAS).
 
     ``tf32``: a float32 product on the tensor cores in TF32 (CuPy's compute type for float32 set to
     TF32 for the call, then put back): the measured tensor-core rate the TF32 kernels are compared with.
     """
     m, k, n = dims
-    rng = np.random.default_rng(1)
+    rng = xp.random.default_rng(seed)  # on the device for CuPy: GPU-sized operands never pass through the host
     a = xp.asarray(rng.standard_normal((m, k)).astype(dtype))
     b = xp.asarray(rng.standard_normal((k, n)).astype(dtype))
     out = xp.empty((m, n), dtype=dtype)
@@ -238,10 +239,12 @@ def _mib(nbytes: float) -> str:
     return f"{nbytes / 2**20:.3g} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.3g} KiB"
 
 
-def limit_candidates(spec: OpSpec, shape: Any, dtype: str, device: str) -> list[tuple[str, str, float, Callable[[], Callable[[], Any]]]]:
+def limit_candidates(spec: OpSpec, shape: Any, dtype: str, device: str
+                     ) -> list[tuple[str, str, float, Callable[[int], Callable[[], Any]]]]:
     """The ways of measuring a case's machine limit on ``device``: ``(key, what, work, build)``.
 
-    The row's limit is the fastest of them. GFLOP/s kernels: the BLAS (or
+    ``build(seed)`` makes the callable (``seed`` picks the operands). The
+    row's limit is the fastest of them. GFLOP/s kernels: the BLAS (or
     cuBLAS) GEMM at the kernel's shape (at the reference shape for the
     training step). GB/s kernels on the CPU: the op's memory traffic
     (:mod:`.stream`) at the case's size, on every thread and on one; on a
@@ -255,17 +258,17 @@ def limit_candidates(spec: OpSpec, shape: Any, dtype: str, device: str) -> list[
             import cupy as xp
         tf32 = device == "gpu-tf32"  # the tensor-core rate that matmul precision "high" is compared with
         return [(f"limit-{device}", f"{lib}.matmul {m}×{k}×{n} {dtype}{' TF32' if tf32 else ''}", 2.0 * m * k * n,
-                 lambda: make_gemm(xp, (m, k, n), dtype, tf32))]
+                 lambda seed: make_gemm(xp, (m, k, n), dtype, tf32, seed + 1))]
     if device != "cpu":
         import cupy
 
         return [(f"limit-{device}", f"cupy.copyto {GPU_COPY_BYTES // 2**20} MiB, device to device, read + write",
-                 2.0 * GPU_COPY_BYTES, lambda: make_copy(cupy, GPU_COPY_BYTES))]
+                 2.0 * GPU_COPY_BYTES, lambda seed: make_copy(cupy, GPU_COPY_BYTES))]
     itemsize = np.dtype(dtype).itemsize
     per_element = bytes_per_element(spec.streams) * itemsize
     n = max(1, round(work(spec, shape, itemsize) / per_element))
     arrays = spec.streams[0] + spec.streams[1] + spec.streams[2]
     what = f"stream {describe(spec.streams)}, {arrays} × {n} {dtype} ({_mib(arrays * n * itemsize)})"
     return [(f"limit-cpu-{threads}", f"{what}, {label}", float(n * per_element),
-             lambda threads=threads: make_stream(spec.streams, n, dtype, threads))
+             lambda seed, threads=threads: make_stream(spec.streams, n, dtype, threads))
             for threads, label in (("all", "every thread"), ("one", "one thread"))]

@@ -57,7 +57,8 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
     nnfast_keys = [k for k in order if not k.startswith("torch")]
     header = ["MLP (SGD)" if train else "kernel", "shape" if not train else "batch", "dtype"]
     header += [f"{k} ms/step" if train else k for k in order]
-    header += [f"{k} vs numpy" for k in fast]
+    vs_numpy = fast if "numpy" in order else []  # a GPU-sized run has no NumPy reference
+    header += [f"{k} vs numpy" for k in vs_numpy]
     if has_torch:
         header += [f"{k} vs torch" for k in fast]
     header += [f"{k} % limit" for k in nnfast_keys]
@@ -77,7 +78,7 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
                 line.append(f"{f['median_s'] * 1e3:.3g}")
             else:
                 line.append(f"{_fmt_time(f['median_s'])} · {_fmt_rate(f['rate'], r['metric'])}")
-        for k in fast:
+        for k in vs_numpy:
             f = r["impls"].get(k, {})
             line.append(f"{f['speedup_vs_numpy']:.2f}×" if "speedup_vs_numpy" in f else "–")
         if has_torch:

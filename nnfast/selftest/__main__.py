@@ -1,0 +1,7 @@
+"""``python -m nnfast.selftest``: the same as ``nnfast selftest``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
