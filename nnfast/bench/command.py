@@ -15,8 +15,8 @@ import numpy as np
 from ..op_spec import Shape
 from ..paths import check_output_path
 from . import device as gpu_run
-from .cases import (DTYPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, at_precision, footprint, make_nnfast, make_torch,
-                    rotations, shape_record, torch_at_precision, work)
+from .cases import (DTYPES, LARGE_SHAPES, OP_GROUPS, OPS, LayerAPIMissing, OpSpec, at_precision, footprint, make_nnfast,
+                    make_torch, rotations, shape_record, torch_at_precision, work)
 from .contention import Spinner
 from .machine import ThreadLimits, limit_candidates, load_average, machine_info, measure_limits
 from .plot import plot
