@@ -232,18 +232,24 @@ def _fake_cupy():
     return cupy
 
 
+def _fake_compute_types(monkeypatch) -> list[int]:
+    """A stand-in for CuPy's float32 compute type, which the TF32 limit sets to TF32 around its cuBLAS
+    call; the list of the types set."""
+    compute_types: list[int] = []
+    linalg = types.SimpleNamespace(COMPUTE_TYPE_TF32=7, get_compute_type=lambda dtype: 0,
+                                   set_compute_type=lambda dtype, kind: compute_types.append(kind))
+    monkeypatch.setitem(sys.modules, "cupy._core", types.SimpleNamespace(_routines_linalg=linalg))
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    return compute_types
+
+
 def test_bench_gpu_paths_with_a_stand_in_device(tmp_path, monkeypatch, capsys):
     from nnfast import backends
     from nnfast.backends.numpy_backend import NumpyBackend
 
     cupy = _fake_cupy()
     monkeypatch.setitem(sys.modules, "cupy", cupy)
-    # CuPy's float32 compute type, which the TF32 limit sets to TF32 around its cuBLAS call
-    compute_types: list[int] = []
-    linalg = types.SimpleNamespace(COMPUTE_TYPE_TF32=7, get_compute_type=lambda dtype: 0,
-                                   set_compute_type=lambda dtype, kind: compute_types.append(kind))
-    monkeypatch.setitem(sys.modules, "cupy._core", types.SimpleNamespace(_routines_linalg=linalg))
-    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    compute_types = _fake_compute_types(monkeypatch)
     monkeypatch.setattr(bench_machine, "GPU_COPY_BYTES", 16 * 2**20)  # host memory stands in for the device's
     monkeypatch.setitem(bench.GEMM_REF, "gpu", (256, 256, 256))
 
