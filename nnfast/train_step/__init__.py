@@ -47,7 +47,7 @@ from .plan import Plan, PlanKey
 #: Faster plans per backend name: ``"module:function"``, the function taking
 #: ``(model, loss_fn, optimizer, key)`` and returning a :class:`Plan`, or None
 #: for a model it does not handle (the eager plan then runs).
-PLAN_BUILDERS: dict[str, str] = {}
+PLAN_BUILDERS: dict[str, str] = {"numba": "nnfast.train_step.numba_fused:build"}
 
 #: Plans kept per ``TrainStep`` (one per batch size), least recently used dropped first.
 MAX_PLANS = 4

@@ -96,7 +96,7 @@ WS_T = 2 * MR * 16 + 64
 
 # Descriptor slots. Addresses are 0 when absent.
 (A, TA, B, TB, C, M, N, K, MCB, NCB, KCB, NNB, MG, NTASKS, EPI, BIAS, ACT, RELU, Z, SAVED, BWD, PART, PROWS,
- UPD, P, S1, S2, COEF, WSA, WSB, WST, DESC) = range(32)
+ UPD, P, S1, S2, COEF, WSA, WSB, WST, WORKERS, DESC) = range(33)
 #: Epilogue kinds.
 STORE, FORWARD, DX, UPDATE = range(4)
 
@@ -331,7 +331,8 @@ class Workspace:
         self.counter = np.zeros(8, np.int64)  # a cache line of its own
 
     def slots(self) -> dict[int, int]:
-        return {WSA: self.a.ctypes.data, WSB: self.b.ctypes.data, WST: self.t.ctypes.data}
+        """The descriptor slots of the buffers, for :func:`describe`."""
+        return {"WSA": self.a.ctypes.data, "WSB": self.b.ctypes.data, "WST": self.t.ctypes.data}
 
 
 _workspaces = threading.local()
@@ -349,11 +350,11 @@ def workspace(dtype: np.dtype) -> Workspace:
     return ws
 
 
-def describe(M: int, N: int, K: int, workers: int, **slots: int) -> np.ndarray:
-    """A descriptor for an M x K x N product on ``workers`` workers; ``slots``: e.g. ``A=addr, TA=1``."""
+def describe(m: int, n: int, k: int, workers: int, **slots: int) -> np.ndarray:
+    """A descriptor for an m x k x n product on ``workers`` workers; ``slots``: e.g. ``A=addr, TA=1``."""
     d = np.zeros(DESC, np.int64)
-    d[[MCB, NCB, KCB, NNB, MG, NTASKS]] = split(M, N, K, workers)
-    d[M], d[N], d[K] = M, N, K
+    d[[MCB, NCB, KCB, NNB, MG, NTASKS]] = split(m, n, k, workers)
+    d[[M, N, K, WORKERS]] = m, n, k, workers
     names = globals()
     for name, value in slots.items():
         d[names[name]] = value
@@ -361,7 +362,16 @@ def describe(M: int, N: int, K: int, workers: int, **slots: int) -> np.ndarray:
 
 
 @njit(cache=True, error_model="numpy")
-def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter, workers):
+def run(task, d, f, counter):
+    """The tasks of ``d``: in parallel when its ``WORKERS`` slot says more than one."""
+    if d[WORKERS] > 1:
+        run_parallel(task, d, f, counter, d[WORKERS])
+    else:
+        run_serial(task, d, f)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter):
     d[A] = address_of(addr(a))
     d[B] = address_of(addr(b))
     d[C] = address_of(addr(c))
@@ -372,10 +382,7 @@ def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter, workers):
     d[WSA] = address_of(addr(ws_a))
     d[WSB] = address_of(addr(ws_b))
     d[WST] = address_of(addr(ws_t))
-    if workers > 1:
-        run_parallel(task, d, f, counter, workers)
-    else:
-        run_serial(task, d, f)
+    run(task, d, f, counter)
 
 
 def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
@@ -397,8 +404,8 @@ def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool =
     workers = threads if threads > 1 and M * N * K >= PARALLEL_MIN_MACS else 1
     act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
     d = np.array((0, trans_a, 0, trans_b, 0, M, N, K, *split(M, N, K, workers), FORWARD, bias is not None, act,
-                  activation == "relu", z is not None) + (0,) * (DESC - Z - 1), np.int64)
+                  activation == "relu", z is not None) + (0,) * (WORKERS - Z - 1) + (workers,), np.int64)
     ws = workspace(dtype)
     _gemm_op(task_kernel(dtype).address, d, np.full(1, alpha, dtype), a, b, y, y if bias is None else bias,
-             y if z is None else z, ws.a, ws.b, ws.t, ws.counter, workers)
+             y if z is None else z, ws.a, ws.b, ws.t, ws.counter)
     return y, z
