@@ -66,6 +66,7 @@ or the thread count.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numba
@@ -297,8 +298,14 @@ def run_parallel(task, d, f, counter, workers):
 
 
 # ------------------------------------------------------------ Python side
-def split(M: int, N: int, K: int, workers: int) -> tuple[int, int, int, int, int, int]:
-    """``(mcb, ncb, kcb, nnb, mg, ntasks)``: the blocking and the tasks of an M x K x N product."""
+def split(M: int, N: int, K: int, workers: int, rows: int = MR) -> tuple[int, int, int, int, int, int]:
+    """``(mcb, ncb, kcb, nnb, mg, ntasks)``: the blocking and the tasks of an M x K x N product.
+
+    Row groups are a multiple of ``rows`` (and of MR): the ``DX`` epilogue's
+    partial bias gradients are per block of ``PROWS`` rows, and a block must
+    belong to one task.
+    """
+    multiple = MR * rows // math.gcd(MR, rows)
     nr = 16  # the float32 panel width, a multiple of float64's: one split for both dtypes
     nnb = -(-N // NC)
     target = workers * TASKS_PER_WORKER if workers > 1 else 1
@@ -306,7 +313,7 @@ def split(M: int, N: int, K: int, workers: int) -> tuple[int, int, int, int, int
     ncb = -(-(-(-N // nnb)) // nr) * nr
     nnb = -(-N // ncb)
     groups = -(-target // nnb) if nnb < target else 1
-    mg = -(-(-(-M // groups)) // MR) * MR
+    mg = -(-(-(-M // groups)) // multiple) * multiple
     groups = -(-M // mg)
     mcb = _block(mg, MC, MR)
     kcb = _block(K, KC, 1)
@@ -353,7 +360,7 @@ def workspace(dtype: np.dtype) -> Workspace:
 def describe(m: int, n: int, k: int, workers: int, **slots: int) -> np.ndarray:
     """A descriptor for an m x k x n product on ``workers`` workers; ``slots``: e.g. ``A=addr, TA=1``."""
     d = np.zeros(DESC, np.int64)
-    d[[MCB, NCB, KCB, NNB, MG, NTASKS]] = split(m, n, k, workers)
+    d[[MCB, NCB, KCB, NNB, MG, NTASKS]] = split(m, n, k, workers, slots.get("PROWS") or MR)
     d[[M, N, K, WORKERS]] = m, n, k, workers
     names = globals()
     for name, value in slots.items():

@@ -1,0 +1,150 @@
+"""The Numba backend's fused training step: the eager step's bits, for every setting it takes.
+
+``tests/test_train_step.py`` runs the contract on every backend; here the
+fused plan is driven through what the contract's small model does not reach:
+other activations (one whose derivative needs the input, a hidden identity, a
+last layer with an activation), layers without bias, every optimizer option,
+every loss option, a batch spanning several K blocks of the weight gradient
+and several row blocks of the bias gradient, and the parallel step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+import nnfast as nf  # noqa: E402
+from nnfast.backends.numba_kernels import gemm  # noqa: E402
+from nnfast.backends.numba_kernels import train_step as kernels  # noqa: E402
+from nnfast.train_step import numba_fused  # noqa: E402
+
+
+def _model(layers, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    built = []
+    for spec in layers:
+        if isinstance(spec, tuple):
+            n_in, n_out, act, bias = spec
+            built.append(nf.Linear(n_in, n_out, activation=act, bias=bias, dtype=dtype, seed=rng))
+        else:  # an activation layer class
+            built.append(spec())
+    return nf.Sequential(*built)
+
+
+def _pair(layers, optimizer, dtype, loss_options):
+    """Two identical (model, loss, optimizer) triples on the Numba backend."""
+    out = []
+    with nf.use_backend("numba"):
+        for _ in range(2):
+            model = _model(layers, dtype)
+            kind, options = optimizer
+            opt = (nf.SGD if kind == "sgd" else nf.Adam)(model.parameters(), **options)
+            out.append((model, nf.SoftmaxCrossEntropy(**loss_options), opt))
+    return out
+
+
+def _eager(model, loss_fn, opt, x, labels):
+    opt.zero_grad()
+    loss, dlogits = loss_fn(model.forward(x), labels)
+    model.backward(dlogits, need_input_grad=False)
+    opt.step()
+    opt.zero_grad()
+    return loss
+
+
+def _same_steps(layers, optimizer, dtype="float32", batches=(8, 8, 5), loss_options=None, ignore=False):
+    loss_options = loss_options or {}
+    (em, el, eo), (fm, fl, fo) = _pair(layers, optimizer, dtype, loss_options)
+    step = nf.TrainStep(fm, fl, fo)
+    rng = np.random.default_rng(1)
+    n_in, classes = layers[0][0], [s for s in layers if isinstance(s, tuple)][-1][1]
+    for batch in batches:
+        x = rng.standard_normal((batch, n_in)).astype(dtype)
+        labels = rng.integers(0, classes, size=batch)
+        if ignore:
+            labels[::3] = loss_options.get("ignore_index", -100)
+        expected = nf.to_numpy(_eager(em, el, eo, x, labels))
+        got = nf.to_numpy(step(x, labels))
+        np.testing.assert_array_equal(got, expected)
+    assert all(name.startswith("fused") for name in step.plan_names), step.plan_names
+    for (name, p), q in zip(fm.named_parameters(), em.parameters()):
+        np.testing.assert_array_equal(nf.to_numpy(p.data), nf.to_numpy(q.data), err_msg=name)
+    for key, value in fo.state_dict().items():
+        np.testing.assert_array_equal(value, eo.state_dict()[key], err_msg=key)
+    return step
+
+
+MOMENTUM = ("sgd", {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-3})
+
+
+@pytest.mark.parametrize("layers", [
+    [(10, 16, "relu", True), (16, 12, "relu", True), (12, 4, None, True)],
+    [(10, 16, "gelu", True), (16, 4, None, True)],                       # derivative from the input
+    [(10, 16, None, True), (16, 12, "tanh", False), (12, 4, "tanh", True)],  # identity, no bias, last act
+    [(10, 4, None, False)],                                               # one layer, no bias
+], ids=["relu", "gelu", "identity-nobias-lastact", "single"])
+def test_layers_and_activations(layers):
+    _same_steps(layers, MOMENTUM)
+
+
+def test_separate_activation_layers_fuse():
+    layers = [(10, 16, None, True), nf.ReLU, (16, 4, None, True)]
+    _same_steps(layers, MOMENTUM)
+
+
+@pytest.mark.parametrize("optimizer", [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    ("adam", {"lr": 1e-2}),
+    ("adam", {"lr": 1e-2, "weight_decay": 1e-2, "decoupled": False}),
+    ("adam", {"lr": 1e-2, "weight_decay": 1e-2}),
+], ids=["sgd", "nesterov", "adam", "adam-l2", "adamw"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_optimizers(optimizer, dtype):
+    _same_steps([(10, 16, "tanh", True), (16, 4, None, True)], optimizer, dtype)
+
+
+@pytest.mark.parametrize("loss_options, ignore", [
+    ({"label_smoothing": 0.1}, False),
+    ({"ignore_index": 2}, True),
+    ({"ignore_index": -100}, True),
+    ({"reduction": "sum"}, False),
+    ({"reduction": "none"}, False),
+], ids=["smoothing", "ignore-class", "ignore-all-of-some", "sum", "none"])
+def test_loss_options(loss_options, ignore):
+    step = _same_steps([(10, 16, "relu", True), (16, 4, None, True)], MOMENTUM, loss_options=loss_options,
+                       ignore=ignore)
+    assert step.loss_fn.reduction == loss_options.get("reduction", "mean")
+
+
+def test_large_batch_spans_k_and_row_blocks():
+    """Batch 300: two K blocks of the weight gradient (its partial sums kept between them), 19 db row blocks."""
+    _same_steps([(20, 24, "relu", True), (24, 6, None, True)], MOMENTUM, batches=(300, 37))
+
+
+def test_parallel_step(monkeypatch):
+    """The parallel step (every GEMM split between workers, softmax-CE over row blocks) keeps the bits."""
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread only")
+    monkeypatch.setattr(numba_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(gemm, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "CE_PARALLEL_MIN", 0)
+    step = _same_steps([(30, 70, "relu", True), (70, 40, "relu", True), (40, 5, None, True)], MOMENTUM,
+                       batches=(64, 300))
+    assert all(plan.parallel for plan in step._plans.values())
+
+
+def test_models_it_does_not_take_run_eager():
+    with nf.use_backend("numba"):
+        model = nf.Sequential(nf.Linear(6, 8), nf.Tanh(), nf.Tanh(), nf.Linear(8, 3))
+        step = nf.TrainStep(model, nf.SoftmaxCrossEntropy(), nf.SGD(model.parameters(), lr=0.1))
+        step(np.ones((4, 6), np.float32), np.zeros(4, np.int64))
+    assert step.plan_names == ["eager (batch 4)"]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 127, 128, 129, 255, 256, 1000, 4099])
+def test_loss_sum_is_numpys(n):
+    a = np.random.default_rng(n).standard_normal(n) * np.logspace(-3, 3, n)
+    assert kernels.pairwise_sum(a) == a.sum()
