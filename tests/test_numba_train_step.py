@@ -1,4 +1,4 @@
-"""The Numba backend's fused training step: the eager step's bits, for every setting it takes.
+"""The Numba backend's fused training step: the eager step's results, for every setting it takes.
 
 ``tests/test_train_step.py`` runs the contract on every backend; here the
 fused plan is driven through what the contract's small model does not reach:
@@ -6,6 +6,15 @@ other activations (one whose derivative needs the input, a hidden identity, a
 last layer with an activation), layers without bias, every optimizer option,
 every loss option, a batch spanning several K blocks of the weight gradient
 and several row blocks of the bias gradient, and the parallel step.
+
+The fused step performs every operation of the eager step in the same order,
+but one of them is not bit-reproducible across compiled units: the softmax-CE
+sums its exponentials with ``fastmath`` reassociation, so the order of that
+sum is whatever vectorisation LLVM picks where the CE is compiled -- once on
+its own for the eager op, once inside the fused step. The loss and the
+logits' gradient may then differ in the last bit (seen: 1 ulp of a float64
+loss) and so may everything after; hence a tolerance of a few ulps per step
+(:func:`assert_close`), not equality.
 """
 
 from __future__ import annotations
@@ -54,6 +63,13 @@ def _eager(model, loss_fn, opt, x, labels):
     return loss
 
 
+def assert_close(got, expected, err_msg=""):
+    """Equal to rounding: the few ulps a reassociated softmax-CE sum can move a step."""
+    tight = {np.dtype(np.float32): (2e-5, 1e-7), np.dtype(np.float64): (1e-12, 1e-15)}
+    rtol, atol = tight[np.asarray(expected).dtype]
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
 def _same_steps(layers, optimizer, dtype="float32", batches=(8, 8, 5), loss_options=None, ignore=False):
     loss_options = loss_options or {}
     (em, el, eo), (fm, fl, fo) = _pair(layers, optimizer, dtype, loss_options)
@@ -67,12 +83,13 @@ def _same_steps(layers, optimizer, dtype="float32", batches=(8, 8, 5), loss_opti
             labels[::3] = loss_options.get("ignore_index", -100)
         expected = nf.to_numpy(_eager(em, el, eo, x, labels))
         got = nf.to_numpy(step(x, labels))
-        np.testing.assert_array_equal(got, expected)
+        assert got.shape == expected.shape and got.dtype == expected.dtype
+        assert_close(got, expected)
     assert all(name.startswith("fused") for name in step.plan_names), step.plan_names
     for (name, p), q in zip(fm.named_parameters(), em.parameters()):
-        np.testing.assert_array_equal(nf.to_numpy(p.data), nf.to_numpy(q.data), err_msg=name)
+        assert_close(nf.to_numpy(p.data), nf.to_numpy(q.data), err_msg=name)
     for key, value in fo.state_dict().items():
-        np.testing.assert_array_equal(value, eo.state_dict()[key], err_msg=key)
+        assert_close(value, eo.state_dict()[key], err_msg=key)
     return step
 
 

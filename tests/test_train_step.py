@@ -54,7 +54,9 @@ def _assert_same(a, b, exact):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
-    """Bit for bit on the CPU backends (the same operations in the same order), over batch sizes that vary."""
+    """Over batch sizes that vary. Bit for bit on NumPy (the eager plan itself); to rounding on the GPU and on
+    Numba, whose fused plan performs the same operations in the same order but compiles the softmax-CE, whose
+    sum of exponentials is reassociated, into its own unit (see tests/test_numba_train_step.py)."""
     name = backend.name
     eager = _setup(name, optimizer, dtype)
     fused = _setup(name, optimizer, dtype)
@@ -64,8 +66,8 @@ def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
             expected = nf.to_numpy(_eager_step(*eager, x, labels))
             got = nf.to_numpy(step(x, labels))
             assert got.shape == () and got.dtype == np.dtype(dtype)
-            _assert_same({"loss": got}, {"loss": expected}, exact=name != "cupy")
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+            _assert_same({"loss": got}, {"loss": expected}, exact=name == "numpy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
     assert all(p.grad is None for p in fused[0].parameters())
     assert fused[2].step_count == 7
 
@@ -110,7 +112,7 @@ def test_plans_are_remade_when_arrays_or_settings_change(backend):
         opt.lr = 0.05  # a changed hyperparameter takes effect
     _eager_step(*eager, *batches[1])
     step(*batches[1])
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
     # Arrays replaced behind the step's back (what nf.load does): the next step uses the new ones.
     _eager_step(*eager, *batches[2])
     _eager_step(*eager, *batches[3])
@@ -120,7 +122,7 @@ def test_plans_are_remade_when_arrays_or_settings_change(backend):
     assert fused[2].step_count == 4
     step(*batches[0])
     _eager_step(*eager, *batches[0])
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
 
 
 def test_one_plan_per_batch_size_and_a_bounded_number(backend):

@@ -161,7 +161,7 @@ class FusedPlan:
                 part = partials[l - 1]
                 descs[3 * l + ts.DXR] = gemm.describe(
                     batch, k_in, k_out, workers(batch, k_out, k_in), A=dzs[l].ctypes.data, B=W.ctypes.data, TB=1,
-                    C=dzs[l - 1].ctypes.data, EPI=gemm.DX, SAVED=saved[l - 1].ctypes.data,
+                    C=dzs[l - 1].ctypes.data, EPI=gemm.DX, SAVED=saved[l - 1].ctypes.data, RELU=below_act == "relu",
                     BWD=0 if below_act == "identity" else backward_kernel(below_act, dtype).address,
                     PART=part.ctypes.data if part is not None else 0, PROWS=rows, **ws)
                 fps[3 * l + ts.DXR, 0] = below_alpha

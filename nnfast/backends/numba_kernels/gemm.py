@@ -75,7 +75,8 @@ from numba import carray, cfunc, njit, prange, types
 
 from ._calls import call_backward, call_forward, call_update, ptr_at
 from ._sched import address_of, as_ptr, call_task, next_task
-from ._simd import addr
+from ._math import like
+from ._simd import addr, vadd, vload, vmul, vselect_gt, vsplat, vstore
 from .activations import forward_kernel
 from .gemm_micro import MR, micro, nr_of, pack_a, pack_b
 
@@ -138,24 +139,49 @@ def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, act, alpha, Z
 
 
 @njit(error_model="numpy")
-def _store_dx(T, C, ci, cj, mr, nr, first, S, bwd, alpha, Pt, prows):
-    """``DX`` epilogue: ``C = (tile + C) * act'(S)`` (``act'`` at address ``bwd``, 0: identity),
-    and each row of it added to its block's partial column sums ``Pt`` (when ``prows > 0``)."""
+def _store_dx(T, C, ci, cj, mr, nr, first, S, bwd, relu, alpha, Pt, prows):
+    """``DX`` epilogue: ``C = (tile + C) * act'(S)`` (``act'`` at address ``bwd``, 0: identity;
+    ReLU's in registers), each row of it added to its block's partial column sums ``Pt``
+    (when ``prows > 0``), row after row as :func:`.linear.dz_db` adds them."""
     NR = nr_of(T)
+    h = NR // 2
     pT = addr(T)
+    pC = addr(C)
+    pS = addr(S)
+    pP = addr(Pt)
+    ldc = C.shape[1]
+    one = vsplat(pT, like(alpha, 1.0))
+    zero = vsplat(pT, like(alpha, 0.0))
     for i in range(mr):
         r = ci + i
+        t = i * NR
+        c = r * ldc + cj
+        q = (r // prows) * ldc + cj if prows > 0 else 0
+        if nr == NR and (relu or bwd == 0):  # a whole row of the tile, in registers
+            a0 = vload(pT, t)
+            a1 = vload(pT, t + h)
+            if not first:
+                a0 = vadd(a0, vload(pC, c))
+                a1 = vadd(a1, vload(pC, c + h))
+            if relu:
+                a0 = vmul(a0, vselect_gt(vload(pS, c), zero, one, zero))
+                a1 = vmul(a1, vselect_gt(vload(pS, c + h), zero, one, zero))
+            vstore(pC, c, a0)
+            vstore(pC, c + h, a1)
+            if prows > 0:
+                vstore(pP, q, vadd(vload(pP, q), a0))
+                vstore(pP, q + h, vadd(vload(pP, q + h), a1))
+            continue
         crow = C[r, cj:cj + nr]
-        t = T[i * NR:i * NR + nr]
+        trow = T[t:t + nr]
         if not first:
             for j in range(nr):
-                t[j] += crow[j]
+                trow[j] += crow[j]
         if bwd != 0:
-            call_backward(bwd, ptr_at(pT, i * NR), ptr_at(addr(S), r * S.shape[1] + cj),
-                          ptr_at(addr(C), r * C.shape[1] + cj), nr, alpha)
+            call_backward(bwd, ptr_at(pT, t), ptr_at(pS, c), ptr_at(pC, c), nr, alpha)
         else:
             for j in range(nr):
-                crow[j] = t[j]
+                crow[j] = trow[j]
         if prows > 0:
             prow = Pt[r // prows, cj:cj + nr]
             for j in range(nr):
@@ -165,22 +191,29 @@ def _store_dx(T, C, ci, cj, mr, nr, first, S, bwd, alpha, Pt, prows):
 @njit(error_model="numpy")
 def _store_update(T, C, ci, cj, mr, nr, first, upd, d, f):
     """``UPDATE`` epilogue: the tile (+ C of earlier K blocks) is the gradient of
-    ``P[ci:ci+mr, cj:cj+nr]``; apply the update at address ``upd`` to it."""
+    ``P[ci:ci+mr, cj:cj+nr]``; apply the update at address ``upd`` to it, row by row."""
     NR = nr_of(T)
+    h = NR // 2
     pT = addr(T)
+    pC = addr(C)
     n = C.shape[1]
     p = as_ptr(d[P], f)
     s1 = as_ptr(d[S1] if d[S1] != 0 else d[P], f)
     s2 = as_ptr(d[S2] if d[S2] != 0 else d[P], f)
     coef = as_ptr(d[COEF], f)
     for i in range(mr):
-        if not first:
-            crow = C[ci + i, cj:cj + nr]
-            t = T[i * NR:i * NR + nr]
-            for j in range(nr):
-                t[j] += crow[j]
         off = (ci + i) * n + cj
-        call_update(upd, ptr_at(p, off), ptr_at(pT, i * NR), ptr_at(s1, off), ptr_at(s2, off), nr, coef)
+        t = i * NR
+        if not first:
+            if nr == NR:
+                vstore(pT, t, vadd(vload(pT, t), vload(pC, off)))
+                vstore(pT, t + h, vadd(vload(pT, t + h), vload(pC, off + h)))
+            else:
+                crow = C[ci + i, cj:cj + nr]
+                trow = T[t:t + nr]
+                for j in range(nr):
+                    trow[j] += crow[j]
+        call_update(upd, ptr_at(p, off), ptr_at(pT, t), ptr_at(s1, off), ptr_at(s2, off), nr, coef)
 
 
 @njit(error_model="numpy")
@@ -254,7 +287,7 @@ def _task(d, f, t, w):
                     if not last or epi <= FORWARD:
                         _store_tile(T, C_, i, j, mr, nr, first, last, bias, has_bias, act, alpha, Z_, save_z)
                     elif epi == DX:
-                        _store_dx(T, C_, i, j, mr, nr, first, S_, bwd, alpha, Pt, prows)
+                        _store_dx(T, C_, i, j, mr, nr, first, S_, bwd, relu, alpha, Pt, prows)
                     else:
                         _store_update(T, C_, i, j, mr, nr, first, upd, d, pf)
 

@@ -28,7 +28,7 @@ import numpy as np
 from numba import carray, cfunc, njit, prange, types
 
 from ._calls import ptr_at
-from ._simd import addr
+from ._simd import addr, vadd, vdiv, vlanes, vload, vmul, vsplat, vsqrt, vstore, vsub
 
 #: Elements per parallel work item.
 CHUNK = 1 << 15
@@ -62,41 +62,50 @@ def adam_coefficients(dtype, step, lr, beta1, beta2, eps, weight_decay, decouple
 
 @njit(error_model="numpy")
 def _sgd_span(pp, gp, vp, n, cp):
-    """SGD over ``n`` elements at ``pp`` (``vp``: the velocity, unused without momentum)."""
-    p = carray(pp, n)
-    g = carray(gp, n)
+    """SGD over ``n`` elements at ``pp`` (``vp``: the velocity, unused without momentum).
+
+    Whole SIMD vectors first (a tile row of the fused step is two of them, too
+    short for LLVM's vectorised loop), then the tail; the same operations in
+    both, without contraction, so every element gets the same bits.
+    """
     c = carray(cp, SGD_SIZE)
     lr = c[SGD_LR]
     wd = c[SGD_WD]
     mu = c[SGD_MU]
     has_wd = c[SGD_HAS_WD] != 0
-    if c[SGD_MOMENTUM] == 0:
-        for i in range(n):
-            pi = p[i]
-            d = g[i] + wd * pi if has_wd else g[i]
-            p[i] = pi - lr * d
-        return
-    v = carray(vp, n)
+    momentum = c[SGD_MOMENTUM] != 0
     nesterov = c[SGD_NESTEROV] != 0
-    for i in range(n):
+    h = vlanes(pp)
+    vlr = vsplat(pp, lr)
+    vwd = vsplat(pp, wd)
+    vmu = vsplat(pp, mu)
+    nv = n - n % h
+    for i in range(0, nv, h):
+        pi = vload(pp, i)
+        d = vload(gp, i)
+        if has_wd:
+            d = vadd(d, vmul(vwd, pi))
+        if momentum:
+            vi = vadd(vmul(vload(vp, i), vmu), d)
+            vstore(vp, i, vi)
+            d = vadd(d, vmul(vmu, vi)) if nesterov else vi
+        vstore(pp, i, vsub(pi, vmul(vlr, d)))
+    p = carray(pp, n)
+    g = carray(gp, n)
+    v = carray(vp if momentum else pp, n)
+    for i in range(nv, n):
         pi = p[i]
         d = g[i] + wd * pi if has_wd else g[i]
-        vi = v[i] * mu + d
-        v[i] = vi
-        if nesterov:
-            d = d + mu * vi
-        else:
-            d = vi
+        if momentum:
+            vi = v[i] * mu + d
+            v[i] = vi
+            d = d + mu * vi if nesterov else vi
         p[i] = pi - lr * d
 
 
 @njit(error_model="numpy")
 def _adam_span(pp, gp, mp, vp, n, cp):
-    """Adam / AdamW over ``n`` elements at ``pp``."""
-    p = carray(pp, n)
-    g = carray(gp, n)
-    m = carray(mp, n)
-    v = carray(vp, n)
+    """Adam / AdamW over ``n`` elements at ``pp`` (whole vectors, then the tail, as :func:`_sgd_span`)."""
     c = carray(cp, ADAM_SIZE)
     b1 = c[ADAM_B1]
     b2 = c[ADAM_B2]
@@ -108,7 +117,26 @@ def _adam_span(pp, gp, mp, vp, n, cp):
     sq2 = c[ADAM_SQ2]
     e = c[ADAM_EPS]
     decoupled = c[ADAM_DECOUPLED] != 0
-    for i in range(n):
+    h = vlanes(pp)
+    nv = n - n % h
+    for i in range(0, nv, h):
+        pi = vload(pp, i)
+        gi = vload(gp, i)
+        if decoupled:
+            pi = vmul(pi, vsplat(pp, decay))
+        else:
+            gi = vadd(gi, vmul(vsplat(pp, wd), pi))
+        mi = vadd(vmul(vload(mp, i), vsplat(pp, b1)), vmul(vsplat(pp, c1), gi))
+        vi = vadd(vmul(vload(vp, i), vsplat(pp, b2)), vmul(vmul(vsplat(pp, c2), gi), gi))
+        vstore(mp, i, mi)
+        vstore(vp, i, vi)
+        denom = vadd(vdiv(vsqrt(vi), vsplat(pp, sq2)), vsplat(pp, e))
+        vstore(pp, i, vsub(pi, vdiv(vmul(vsplat(pp, step), mi), denom)))
+    p = carray(pp, n)
+    g = carray(gp, n)
+    m = carray(mp, n)
+    v = carray(vp, n)
+    for i in range(nv, n):
         pi = p[i]
         gi = g[i]
         if decoupled:
