@@ -179,7 +179,17 @@ def pack_a(A, trans, i0, mc, p0, kc, Ap):
         base = ip * kc * MR
         rows = min(MR, mc - ip * MR)
         row0 = i0 + ip * MR
-        if trans:  # op(A)[i, p] = A[p, i]: read rows of A, MR at a time
+        if trans and rows == MR:  # op(A)[i, p] = A[p, i]: MR consecutive values of each row of A
+            for p in range(kc):
+                src = (p0 + p) * lda + row0
+                dst = base + p * MR
+                Ap[dst] = Af[src]
+                Ap[dst + 1] = Af[src + 1]
+                Ap[dst + 2] = Af[src + 2]
+                Ap[dst + 3] = Af[src + 3]
+                Ap[dst + 4] = Af[src + 4]
+                Ap[dst + 5] = Af[src + 5]
+        elif trans:
             for p in range(kc):
                 src = (p0 + p) * lda + row0
                 dst = base + p * MR
