@@ -165,3 +165,48 @@ def test_models_it_does_not_take_run_eager():
 def test_loss_sum_is_numpys(n):
     a = np.random.default_rng(n).standard_normal(n) * np.logspace(-3, 3, n)
     assert kernels.pairwise_sum(a) == a.sum()
+
+
+class _Recorder:
+    """Stands for a step kernel: records the signatures compiled and those called, and runs the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled, self.called = kernel, [], []
+
+    def compile(self, signature):
+        self.compiled.append(signature)
+        return self.kernel.compile(signature)
+
+    def __call__(self, *args):
+        self.called.append(tuple(numba.typeof(a) for a in args))
+        return self.kernel(*args)
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_prepare_compiles_what_the_step_calls(monkeypatch, parallel, reduction):
+    """``TrainStep.prepare`` compiles the step kernel for exactly the argument types a step passes (a list or a
+    non-contiguous input included), so the first step compiles nothing."""
+    if parallel and numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread only")
+    if parallel:
+        monkeypatch.setattr(numba_fused, "PARALLEL_MIN_MACS", 0)
+    recorders = {}
+
+    def recorded(name):
+        return recorders.setdefault(name, _Recorder(getattr(kernels, name)))
+
+    for name in ("step_serial", "step_parallel"):
+        monkeypatch.setattr(kernels, name, recorded(name))
+    (em, el, eo), (fm, fl, fo) = _pair([(10, 16, "relu", True), (16, 4, None, True)], MOMENTUM, "float32",
+                                       {"reduction": reduction})
+    step = nf.TrainStep(fm, fl, fo)
+    step.prepare(8, 5)
+    recorder = recorders["step_parallel" if parallel else "step_serial"]
+    assert len(recorder.compiled) == 2 and not recorder.called
+    rng = np.random.default_rng(3)
+    for batch in (8, 5):
+        x = rng.standard_normal((batch, 20))[:, ::2]  # float64, strided: converted by the step
+        labels = rng.integers(0, 4, size=batch).tolist()
+        assert_close(nf.to_numpy(step(x, labels)), nf.to_numpy(_eager(em, el, eo, x.astype(np.float32), labels)))
+    assert recorder.called == recorder.compiled

@@ -176,3 +176,27 @@ def test_bad_construction_is_refused():
         numba_model, numba_loss, numba_opt = _setup("numba")
         with pytest.raises(ValueError, match="loss_fn: lives on backend 'numba', the model on 'numpy'"):
             nf.TrainStep(model, numba_loss, opt)
+
+
+def test_prepare_makes_the_plans_and_changes_nothing(backend):
+    model, loss_fn, opt = _setup(backend.name, "adam")
+    step = nf.TrainStep(model, loss_fn, opt)
+    before = _state(model, opt)
+    step.prepare(8, 3, 8)
+    assert [name.split(" (")[1] for name in step.plan_names] == ["batch 8)", "batch 3)"]
+    _assert_same(_state(model, opt), before, exact=True)
+    assert opt.step_count == 0 and all(p.grad is None for p in model.parameters())
+    eager = _setup(backend.name, "adam")
+    prepared = dict(step._plans)
+    for x, labels in _batches(2, 3):  # the prepared plan is the one that runs, and runs right
+        step(x, labels)
+        _eager_step(*eager, x, labels)
+    assert all(step._plans[key] is plan for key, plan in prepared.items())
+    _assert_same(_state(model, opt), _state(*eager[::2]), exact=backend.name == "numpy")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, "8"])
+def test_prepare_refuses_a_bad_batch_size(bad):
+    step = nf.TrainStep(*_setup("numpy"))
+    with pytest.raises(ValueError, match=f"batch_sizes: expected positive integers, got {bad!r}"):
+        step.prepare(8, bad)

@@ -105,6 +105,23 @@ class TrainStep:
         labels = self.loss_fn.as_labels(labels, x.shape[0])
         return self._plan(PlanKey(int(x.shape[0]), x.dtype))(x, labels)
 
+    def prepare(self, *batch_sizes: int) -> None:
+        """Make the plans for these batch sizes now, so that the first steps do not pay for it.
+
+        A plan that has a ``prepare()`` (the Numba plan: compiling its kernels,
+        or loading them from the disk cache) has it called. Training loops call
+        this before timing the first epoch, with the batch size and the size of
+        the last, partial batch.
+        """
+        dtype = self._input.dtype
+        for batch in dict.fromkeys(batch_sizes):
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise ValueError(f"batch_sizes: expected positive integers, got {batch!r}")
+            plan = self._plan(PlanKey(batch, dtype))
+            prepare = getattr(plan, "prepare", None)
+            if prepare is not None:
+                prepare()
+
     def _plan(self, key: PlanKey) -> Plan:
         signature = self._current_signature()
         if signature != self._signature:  # arrays replaced or settings changed: every plan is stale

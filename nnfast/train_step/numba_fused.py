@@ -16,10 +16,14 @@ an ``SGD`` or ``Adam`` optimizer; for anything else it returns None and the
 eager plan runs.
 
 Threads: a step whose work is below :data:`PARALLEL_MIN_MACS` runs on the
-calling thread as one call (waking the other threads for each of its GEMMs
-costs more than it saves; the figure is measured, see ``benchmarks/``).
-Above it, each GEMM big enough to split (:data:`.gemm.PARALLEL_MIN_MACS`)
-runs on every thread with dynamic scheduling.
+calling thread as one call: a step of L layers has 3L - 1 GEMMs, and waking
+the other threads for each costs more than it saves on small ones (measured
+on a loaded 2-core machine, TBB layer: the parallel step 1.4x faster than the
+serial one at 2.7M multiply-adds, 0.6-0.9x at 6-34M, so the figure is a
+rough one; re-measure with ``nnfast bench --ops train_step`` on a quiet
+machine). Above it, each GEMM big enough to split
+(:data:`.gemm.PARALLEL_MIN_MACS`) runs on every thread with dynamic
+scheduling.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from ..optim import SGD, Adam
 from .plan import PlanKey
 
 #: Below this many multiply-adds per step (forward; the backward is twice that) a step runs on one thread.
-PARALLEL_MIN_MACS = 1 << 21
+PARALLEL_MIN_MACS = 1 << 24
 
 
 def build(model: Any, loss_fn: Any, optimizer: Any, key: PlanKey) -> FusedPlan | None:
@@ -198,6 +202,13 @@ class FusedPlan:
         self._keep = (keep, ys, saved, dzs, partials)
         self._status = np.zeros(1, np.int64)
         self._loss_shape = (batch,) if loss.reduction == "none" else ()
+
+    def prepare(self) -> None:
+        """Compile (or load from the cache) the step kernel for this plan's argument types, without running it."""
+        x = np.empty((self.key.batch, self._args[0][ts.FWD, gemm.K]), self.dtype)
+        labels = np.empty(self.key.batch, np.int64)
+        args = (x, labels, *self._args, np.empty(1, self.dtype), self._status, self.workspace.counter)
+        self._kernel.compile(tuple(numba.typeof(a) for a in args))
 
     def __call__(self, x: Any, labels: Any) -> Any:
         self.backend._threads()
