@@ -210,3 +210,38 @@ def test_prepare_compiles_what_the_step_calls(monkeypatch, parallel, reduction):
         labels = rng.integers(0, 4, size=batch).tolist()
         assert_close(nf.to_numpy(step(x, labels)), nf.to_numpy(_eager(em, el, eo, x.astype(np.float32), labels)))
     assert recorder.called == recorder.compiled
+
+
+def test_subclasses_with_their_own_methods_run_eager():
+    """The fused plan replaces the loss's, the optimizer's and the layers' methods: one of their own is called."""
+    calls = []
+
+    class CountedLoss(nf.SoftmaxCrossEntropy):
+        def __call__(self, logits, labels):
+            calls.append("loss")
+            return super().__call__(logits, labels)
+
+    class CountedSGD(nf.SGD):
+        def step(self):
+            calls.append("step")
+            super().step()
+
+    class CountedLinear(nf.Linear):
+        def forward_with(self, x, activation, alpha):
+            calls.append("forward")
+            return super().forward_with(x, activation, alpha)
+
+    x, labels = np.ones((4, 6), np.float32), np.zeros(4, np.int64)
+    with nf.use_backend("numba"):
+        for loss_class, opt_class, linear_class in ((CountedLoss, nf.SGD, nf.Linear),
+                                                    (nf.SoftmaxCrossEntropy, CountedSGD, nf.Linear),
+                                                    (nf.SoftmaxCrossEntropy, nf.SGD, CountedLinear)):
+            model = nf.Sequential(linear_class(6, 8, activation="relu"), nf.Linear(8, 3))
+            step = nf.TrainStep(model, loss_class(), opt_class(model.parameters(), lr=0.1))
+            calls.clear()
+            step(x, labels)
+            assert step.plan_names == ["eager (batch 4)"] and calls, (loss_class, opt_class, linear_class)
+        model = nf.Sequential(nf.Linear(6, 8, activation="relu"), nf.Linear(8, 3))
+        step = nf.TrainStep(model, nf.SoftmaxCrossEntropy(), nf.SGD(model.parameters(), lr=0.1))
+        step(x, labels)
+    assert step.plan_names == ["fused (batch 4)"]

@@ -12,8 +12,9 @@ optimizer and loss setting.
 It takes models that are a ``Linear`` or a ``Sequential`` of ``Linear``
 layers, each optionally followed by an activation layer (``MLP``), with
 C-contiguous float parameters and optimizer state of the input's dtype, and
-an ``SGD`` or ``Adam`` optimizer; for anything else it returns None and the
-eager plan runs.
+an ``SGD`` or ``Adam`` optimizer; for anything else -- a subclass that has
+its own forward, backward, loss or update included -- it returns None and
+the eager plan runs.
 
 Threads: a step whose work is below :data:`PARALLEL_MIN_MACS` runs on the
 calling thread as one call: a step of L layers has 3L - 1 GEMMs, and waking
@@ -39,7 +40,9 @@ from ..backends.numba_kernels import gemm, optim as optim_kernels
 from ..backends.numba_kernels import train_step as ts
 from ..backends.numba_kernels.activations import backward_kernel, forward_kernel
 from ..backends.numba_kernels.linear import MAX_BLOCKS
+from ..activation_layers import ActivationLayer
 from ..layers import Linear, Sequential
+from ..losses import SoftmaxCrossEntropy
 from ..optim import SGD, Adam
 from .plan import PlanKey
 
@@ -53,7 +56,9 @@ def build(model: Any, loss_fn: Any, optimizer: Any, key: PlanKey) -> FusedPlan |
     dtype = np.dtype(key.dtype)
     if layers is None or dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         return None
-    if not isinstance(optimizer, (SGD, Adam)):
+    if not (_stock(optimizer, SGD, "step", "_update") or _stock(optimizer, Adam, "step", "_update")):
+        return None
+    if not _stock(loss_fn, SoftmaxCrossEntropy, "__call__"):
         return None
     for layer, _, _ in layers:
         if layer.dtype != dtype or layer.W.shape != (layer.in_features, layer.out_features) or (
@@ -67,12 +72,13 @@ def build(model: Any, loss_fn: Any, optimizer: Any, key: PlanKey) -> FusedPlan |
 
 def _linear_layers(model: Any) -> list[tuple[Linear, str, float]] | None:
     """``(layer, activation, alpha)`` for each Linear of ``model``, or None when it is not such a chain."""
-    if isinstance(model, Linear):
+    if _stock(model, Linear, *_LINEAR):
         entries = [(model, model.activation, model.alpha)]
-    elif isinstance(model, Sequential) and len(model):
+    elif _stock(model, Sequential, "forward", "backward") and len(model):
         entries = []
         for layer, act in model._plan:
-            if not isinstance(layer, Linear):
+            if not _stock(layer, Linear, *_LINEAR) or (
+                    act is not None and not _stock(act, ActivationLayer, "forward", "backward")):
                 return None
             entries.append((layer, act.activation, act.alpha) if act is not None
                            else (layer, layer.activation, layer.alpha))
@@ -82,6 +88,15 @@ def _linear_layers(model: Any) -> list[tuple[Linear, str, float]] | None:
         if a.out_features != b.in_features:
             return None
     return entries
+
+
+_LINEAR = ("forward", "backward", "forward_with", "backward_with")
+
+
+def _stock(obj: Any, cls: type, *methods: str) -> bool:
+    """Whether ``obj`` is a ``cls`` whose ``methods`` are ``cls``'s own: the plan replaces them, so a
+    subclass with its own (a patched loss, a custom layer) runs the eager plan, which calls them."""
+    return isinstance(obj, cls) and all(getattr(type(obj), m) is getattr(cls, m) for m in methods)
 
 
 def _usable(a: Any, dtype: np.dtype) -> bool:
