@@ -177,6 +177,11 @@ def info_lines() -> list[str]:
         import numba
 
         lines.append(f"numba threads: {numba.get_num_threads()} (layer {numba.threading_layer() if _numba_ran() else 'not started'})")
+        from .backends.numba_backend import kernel_cache_status
+
+        warm, folder = kernel_cache_status()
+        lines.append(f"numba kernel cache: {'warm' if warm else 'cold (the first training run compiles the CPU kernels)'}"
+                     f" in {folder}")
     except ImportError:
         pass
     if _unavailable_reason("cupy") is None:

@@ -1,8 +1,10 @@
 """The training loop behind ``nnfast train``: an MLP, softmax cross-entropy, SGD or Adam.
 
 The data set is copied to the backend once; each step gathers a shuffled
-batch there, runs the fused forward / loss / backward / update, and adds the
-loss to a running sum that stays on the device. The host reads one number
+batch there, runs the forward / loss / backward / update, and adds the
+loss to a running sum that stays on the device. In one process on the CPU a
+step is one ``nf.TrainStep`` call (one compiled call on numba, whose kernels
+are compiled or loaded before the first epoch, so epoch times leave that out). The host reads one number
 per epoch (the loss sum and the test accuracy), so a GPU is never stalled by
 a per-step synchronisation. On the CPU backends the loss of each step is
 checked for NaN/Inf before the update; on the GPU that check happens once per
@@ -34,6 +36,7 @@ from .layers import MLP
 from .losses import SoftmaxCrossEntropy
 from .optim import SGD, Adam, Optimizer
 from .serialization import load, save
+from .train_step import TrainStep
 
 #: Learning rate used when none is given, per optimizer.
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
@@ -186,6 +189,12 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
 
+    # One process on the CPU: each step is one TrainStep call (on numba, one compiled call), whose
+    # kernels are compiled before the first epoch so that its time is the training's alone.
+    step = TrainStep(model, loss_fn, opt) if parallel is None and xp is np else None
+    if step is not None:
+        _prepare(step, backend.name, (min(cfg.batch_size, n), n % cfg.batch_size), log)
+
     result = TrainResult(model)
     for epoch in range(start_epoch, cfg.epochs):
         if epoch_rng_state is not None:
@@ -199,9 +208,18 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
             for batch in range(first, batches):
                 idx = order[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]
                 rows = dist.shard(idx)
-                logits = model.forward(x_train[rows])
-                loss, dlogits = dist.global_loss(*loss_fn(logits, y_train[rows]))
-                if check_each_step and not math.isfinite(float(backend.to_numpy(loss))):
+                if step is not None:
+                    loss = step(x_train[rows], y_train[rows])  # a non-finite loss has changed nothing
+                    finite = math.isfinite(float(loss))
+                else:
+                    loss, dlogits = dist.global_loss(*loss_fn(model.forward(x_train[rows]), y_train[rows]))
+                    finite = not check_each_step or math.isfinite(float(backend.to_numpy(loss)))
+                    if finite:
+                        model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
+                        dist.reduce_gradients()
+                        opt.step()
+                    opt.zero_grad()
+                if not finite:
                     if cfg.on_nonfinite == "stop":
                         raise NonFiniteLossError(
                             f"loss is {float(backend.to_numpy(loss))} at epoch {epoch + 1}, batch {batch} "
@@ -209,12 +227,7 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
                             "before this step" + (f" and {cfg.checkpoint} is untouched" if cfg.checkpoint else ""))
                     skipped += 1
                     skipped_samples += int(idx.shape[0])
-                    opt.zero_grad()
                 else:
-                    model.backward(dlogits, need_input_grad=False, after_layer=dist.after_layer)
-                    dist.reduce_gradients()
-                    opt.step()
-                    opt.zero_grad()
                     loss_sum = loss_sum + loss.astype(xp.float64) * idx.shape[0]
                 bar.update(1)
                 if on_step is not None:
@@ -242,6 +255,19 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         if cfg.checkpoint and dist.is_main:
             _save(cfg.checkpoint, cfg, model, opt, epoch + 1, 0, None, loss_sum, dist.world_size)
     return result
+
+
+def _prepare(step: TrainStep, backend_name: str, batch_sizes: tuple[int, ...], log: Callable[[str], None]) -> None:
+    """Make the step's plans; on numba compile (or load) its kernels, saying so when that takes long."""
+    sizes = tuple(b for b in batch_sizes if b > 0)
+    if backend_name != "numba":
+        step.prepare(*sizes)
+        return
+    from .backends.numba_backend import warm_up
+
+    seconds = warm_up(step, sizes, announce=log)
+    if seconds >= 1.0:
+        log(f"CPU kernels ready in {seconds:.1f} s (not counted in the epoch times)")
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:

@@ -18,6 +18,8 @@ def test_info_lists_versions_and_backends(capsys):
     for name in ("numpy", "numba", "cupy"):
         assert f"backend {name}: " in out
     assert "gpu: " in out and "cpu cores" in out
+    if "backend numba: available" in out:
+        assert "numba kernel cache: warm" in out or "numba kernel cache: cold" in out
 
 
 def test_train_prints_epoch_lines(capsys):

@@ -14,6 +14,7 @@ numba = pytest.importorskip("numba")
 
 import nnfast as nf  # noqa: E402
 from nnfast.backends import numba_backend, threads  # noqa: E402
+from nnfast.train import TrainConfig, train  # noqa: E402
 
 
 def _setup():
@@ -72,6 +73,24 @@ def test_cache_is_warm_once_a_step_has_run():
     warm, folder = numba_backend.kernel_cache_status()
     assert Path(folder).is_dir() and any(Path(folder).iterdir())
     assert warm, f"no step or GEMM entries in {folder}"
+
+
+def test_info_reports_a_cold_cache(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NNFAST_BACKEND="numba")
+    proc = subprocess.run([sys.executable, "-m", "nnfast.cli", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line, = [line for line in proc.stdout.splitlines() if line.startswith("numba kernel cache: ")]
+    assert line.startswith("numba kernel cache: cold") and str(tmp_path) in line
+
+
+def test_training_says_it_compiles_before_the_first_epoch(monkeypatch):
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", lambda: (False, "somewhere"))
+    lines = []
+    train(TrainConfig(backend="numba", hidden=(16,), epochs=1, batch_size=100, progress=False), log=lines.append)
+    said = [i for i, line in enumerate(lines) if line == numba_backend.COMPILING]
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
+    assert len(said) == 1 and said[0] < first_epoch
 
 
 def test_pip_tbb_is_loaded_unless_another_layer_is_asked_for(monkeypatch):
