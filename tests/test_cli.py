@@ -60,3 +60,15 @@ def test_console_script_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "nnfast.cli", "--help"], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 0 and "train" in proc.stdout and "bench" in proc.stdout
+
+
+def test_info_survives_numba_cache_internals_it_cannot_read(monkeypatch, capsys):
+    numba_backend = pytest.importorskip("nnfast.backends.numba_backend")
+
+    def unreadable():
+        raise AttributeError("'FunctionCache' object has no attribute '_cache_path'")
+
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", unreadable)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numba kernel cache: unknown (AttributeError: 'FunctionCache' object has no attribute" in out

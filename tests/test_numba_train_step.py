@@ -28,6 +28,7 @@ import nnfast as nf  # noqa: E402
 from nnfast.backends.numba_kernels import gemm  # noqa: E402
 from nnfast.backends.numba_kernels import train_step as kernels  # noqa: E402
 from nnfast.train_step import numba_fused  # noqa: E402
+from test_train_step import _eager_step  # noqa: E402
 
 
 def _model(layers, dtype, seed=0):
@@ -54,15 +55,6 @@ def _pair(layers, optimizer, dtype, loss_options):
     return out
 
 
-def _eager(model, loss_fn, opt, x, labels):
-    opt.zero_grad()
-    loss, dlogits = loss_fn(model.forward(x), labels)
-    model.backward(dlogits, need_input_grad=False)
-    opt.step()
-    opt.zero_grad()
-    return loss
-
-
 def assert_close(got, expected, err_msg=""):
     """Equal to rounding: the few ulps a reassociated softmax-CE sum can move a step."""
     tight = {np.dtype(np.float32): (2e-5, 1e-7), np.dtype(np.float64): (1e-12, 1e-15)}
@@ -81,7 +73,7 @@ def _same_steps(layers, optimizer, dtype="float32", batches=(8, 8, 5), loss_opti
         labels = rng.integers(0, classes, size=batch)
         if ignore:
             labels[::3] = loss_options.get("ignore_index", -100)
-        expected = nf.to_numpy(_eager(em, el, eo, x, labels))
+        expected = nf.to_numpy(_eager_step(em, el, eo, x, labels))
         got = nf.to_numpy(step(x, labels))
         assert got.shape == expected.shape and got.dtype == expected.dtype
         assert_close(got, expected)
@@ -208,7 +200,7 @@ def test_prepare_compiles_what_the_step_calls(monkeypatch, parallel, reduction):
     for batch in (8, 5):
         x = rng.standard_normal((batch, 20))[:, ::2]  # float64, strided: converted by the step
         labels = rng.integers(0, 4, size=batch).tolist()
-        assert_close(nf.to_numpy(step(x, labels)), nf.to_numpy(_eager(em, el, eo, x.astype(np.float32), labels)))
+        assert_close(nf.to_numpy(step(x, labels)), nf.to_numpy(_eager_step(em, el, eo, x.astype(np.float32), labels)))
     assert recorder.called == recorder.compiled
 
 
