@@ -198,6 +198,14 @@ def info_lines() -> list[str]:
         import numba
 
         lines.append(f"numba threads: {numba.get_num_threads()} (layer {numba.threading_layer() if _numba_ran() else 'not started'})")
+        from .backends.numba_backend import kernel_cache_status
+
+        try:
+            warm, folder = kernel_cache_status()
+            state = "warm" if warm else "cold (the first training run compiles the CPU kernels)"
+            lines.append(f"numba kernel cache: {state} in {folder}")
+        except (AttributeError, ValueError, OSError) as err:  # Numba's cache internals are not public API
+            lines.append(f"numba kernel cache: unknown ({type(err).__name__}: {err})")
     except ImportError:
         pass
     if _unavailable_reason("cupy") is None:

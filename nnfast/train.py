@@ -5,6 +5,8 @@ batch there, runs forward / loss / backward / update as one
 :class:`~nnfast.train_step.TrainStep` call (the backend's fastest plan: a
 fused CPU step, a replayed CUDA graph), and adds the loss to a running sum
 that stays on the device. A step whose loss is NaN/Inf changes nothing. The
+step's plans are made (on numba: its kernels compiled or loaded) before the
+first epoch, so that epoch times leave that out. The
 host reads one number per epoch (the loss sum and the test accuracy), so a
 GPU is never stalled by a per-step synchronisation. On the CPU backends the
 loss of each step is read to stop (or count a skipped step) at once; on the
@@ -208,11 +210,14 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
         result.test_accuracy = evaluate(model, x_test, y_test)
         return result
     check_each_step = xp is np or cfg.on_nonfinite == "skip"
-    step = _step_function(model, loss_fn, opt, x_train, y_train, dist)
+    step, train_step = _step_function(model, loss_fn, opt, x_train, y_train, dist)
     log(f"training {model.sizes} ({cfg.activation}) on {data.name}: {n} train / {data.x_test.shape[0]} test, "
         f"backend {backend.name}, {cfg.optimizer} lr {cfg.lr}, {cfg.epochs} epochs"
         + (f", matmul precision {get_matmul_precision()}" if get_matmul_precision() != "highest" else "")
         + (f", {dist.describe()}, global batch {cfg.batch_size}" if dist.world_size > 1 else ""))
+
+    if train_step is not None:  # plans made, kernels compiled or loaded: epoch times are the training's alone
+        _prepare(train_step, backend.name, (min(cfg.batch_size, n), n % cfg.batch_size), log)
 
     for epoch in range(start_epoch, cfg.epochs):
         if epoch_rng_state is not None:
@@ -269,8 +274,9 @@ def _train(cfg: TrainConfig, log: Callable[[str], None], stop: threading.Event,
 
 
 def _step_function(model: MLP, loss_fn: SoftmaxCrossEntropy, opt: Optimizer, x: Any, y: Any,
-                   dist: SingleProcess) -> Callable[[Any], Any]:
-    """``step(idx)``: one guarded training step on the rows ``idx`` of ``(x, y)``; returns the loss.
+                   dist: SingleProcess) -> tuple[Callable[[Any], Any], TrainStep | None]:
+    """``(step, train_step)``: ``step(idx)`` is one guarded training step on the rows ``idx`` of
+    ``(x, y)`` and returns the loss; ``train_step`` the TrainStep it calls (None: data parallel).
 
     One process runs :class:`~nnfast.train_step.TrainStep` (the backend's fastest
     plan); a data-parallel run calls the layers itself, with the hook's
@@ -279,7 +285,7 @@ def _step_function(model: MLP, loss_fn: SoftmaxCrossEntropy, opt: Optimizer, x: 
     """
     if dist.world_size == 1:
         train_step = TrainStep(model, loss_fn, opt)
-        return lambda idx: train_step(x[idx], y[idx])
+        return (lambda idx: train_step(x[idx], y[idx])), train_step
     backend = model.backend
 
     def data_parallel_step(idx: Any) -> Any:
@@ -296,7 +302,7 @@ def _step_function(model: MLP, loss_fn: SoftmaxCrossEntropy, opt: Optimizer, x: 
             opt.zero_grad()
         return loss
 
-    return data_parallel_step
+    return data_parallel_step, None
 
 
 def _check_checkpoint_path(cfg: TrainConfig) -> None:
@@ -306,6 +312,19 @@ def _check_checkpoint_path(cfg: TrainConfig) -> None:
     except FileExistsError:
         raise FileExistsError(f"checkpoint: {cfg.checkpoint!r} already exists; continue that run with --resume "
                               "(resume=True), or start a new one over it with --overwrite (overwrite=True)") from None
+
+
+def _prepare(step: TrainStep, backend_name: str, batch_sizes: tuple[int, ...], log: Callable[[str], None]) -> None:
+    """Make the step's plans; on numba compile (or load) its kernels, saying so when that takes long."""
+    sizes = tuple(b for b in batch_sizes if b > 0)
+    if backend_name != "numba":
+        step.prepare(*sizes)
+        return
+    from .backends.numba_backend import warm_up
+
+    seconds = warm_up(step, sizes, announce=log)
+    if seconds >= 1.0:
+        log(f"CPU kernels ready in {seconds:.1f} s (not counted in the epoch times)")
 
 
 def _resume_settings(cfg: TrainConfig) -> dict[str, Any]:

@@ -21,6 +21,8 @@ def test_info_lists_versions_and_backends(capsys):
     for name in ("numpy", "numba", "cupy"):
         assert f"backend {name}: " in out
     assert "gpu: " in out and "cpu cores" in out
+    if "backend numba: available" in out:
+        assert "numba kernel cache: warm" in out or "numba kernel cache: cold" in out
 
 
 def test_train_prints_epoch_lines(capsys):
@@ -204,3 +206,15 @@ def test_bench_says_where_each_file_was_written(tmp_path, capsys, monkeypatch):
     assert f"wrote the JSON report to {tmp_path / 'r.json'}\n" in out
     assert f"wrote the Markdown tables to {tmp_path / 'r.md'}\n" in out
     assert (tmp_path / "r.json").stat().st_size > 0 and (tmp_path / "r.md").stat().st_size > 0
+
+
+def test_info_survives_numba_cache_internals_it_cannot_read(monkeypatch, capsys):
+    numba_backend = pytest.importorskip("nnfast.backends.numba_backend")
+
+    def unreadable():
+        raise AttributeError("'FunctionCache' object has no attribute '_cache_path'")
+
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", unreadable)
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "numba kernel cache: unknown (AttributeError: 'FunctionCache' object has no attribute" in out

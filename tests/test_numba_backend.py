@@ -106,10 +106,10 @@ def test_linear_backward_identity_ignores_saved():
 
 def test_gemm_microkernel_uses_avx2_fma():
     """The micro-kernel compiles to packed FMAs on 256-bit registers."""
-    from nnfast.backends.numba_kernels import gemm
+    from nnfast.backends.numba_kernels import gemm_micro
     from nnfast.backends.numba_kernels._simd import addr
 
-    micro = numba.njit(error_model="numpy")(gemm._micro.py_func)
+    micro = numba.njit(error_model="numpy")(gemm_micro.micro.py_func)
 
     @numba.njit
     def drive(buf):

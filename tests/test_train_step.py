@@ -64,7 +64,9 @@ def _assert_same(a, b, exact):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
-    """Bit for bit on the CPU backends (the same operations in the same order), over batch sizes that vary."""
+    """Over batch sizes that vary. Bit for bit on NumPy (the eager plan itself); to rounding on the GPU and on
+    Numba, whose fused plan performs the same operations in the same order but compiles the softmax-CE, whose
+    sum of exponentials is reassociated, into its own unit (see tests/test_numba_train_step.py)."""
     name = backend.name
     eager = _setup(backend, optimizer, dtype)
     fused = _setup(backend, optimizer, dtype)
@@ -74,8 +76,8 @@ def test_a_step_is_the_eager_sequence(backend, optimizer, dtype):
             expected = nf.to_numpy(_eager_step(*eager, x, labels))
             got = nf.to_numpy(step(x, labels))
             assert got.shape == () and got.dtype == np.dtype(dtype)
-            _assert_same({"loss": got}, {"loss": expected}, exact=name != "cupy")
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+            _assert_same({"loss": got}, {"loss": expected}, exact=name == "numpy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
     assert all(p.grad is None for p in fused[0].parameters())
     assert fused[2].step_count == 7
 
@@ -120,7 +122,7 @@ def test_plans_are_remade_when_arrays_or_settings_change(backend):
         opt.lr = 0.05  # a changed hyperparameter takes effect
     _eager_step(*eager, *batches[1])
     step(*batches[1])
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
     # Arrays replaced behind the step's back (what nf.load does): the next step uses the new ones.
     _eager_step(*eager, *batches[2])
     _eager_step(*eager, *batches[3])
@@ -130,7 +132,7 @@ def test_plans_are_remade_when_arrays_or_settings_change(backend):
     assert fused[2].step_count == 4
     step(*batches[0])
     _eager_step(*eager, *batches[0])
-    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name != "cupy")
+    _assert_same(_state(*fused[::2]), _state(*eager[::2]), exact=name == "numpy")
 
 
 def test_one_plan_per_batch_size_and_a_bounded_number(backend):
@@ -184,3 +186,27 @@ def test_bad_construction_is_refused():
         numba_model, numba_loss, numba_opt = _setup("numba")
         with pytest.raises(ValueError, match="loss_fn: lives on backend 'numba', the model on 'numpy'"):
             nf.TrainStep(model, numba_loss, opt)
+
+
+def test_prepare_makes_the_plans_and_changes_nothing(backend):
+    model, loss_fn, opt = _setup(backend.name, "adam")
+    step = nf.TrainStep(model, loss_fn, opt)
+    before = _state(model, opt)
+    step.prepare(8, 3, 8)
+    assert [name.split(" (")[1] for name in step.plan_names] == ["batch 8)", "batch 3)"]
+    _assert_same(_state(model, opt), before, exact=True)
+    assert opt.step_count == 0 and all(p.grad is None for p in model.parameters())
+    eager = _setup(backend.name, "adam")
+    prepared = dict(step._plans)
+    for x, labels in _batches(2, 3):  # the prepared plan is the one that runs, and runs right
+        step(x, labels)
+        _eager_step(*eager, x, labels)
+    assert all(step._plans[key] is plan for key, plan in prepared.items())
+    _assert_same(_state(model, opt), _state(*eager[::2]), exact=backend.name == "numpy")
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True, "8"])
+def test_prepare_refuses_a_bad_batch_size(bad):
+    step = nf.TrainStep(*_setup("numpy"))
+    with pytest.raises(ValueError, match=f"batch_sizes: expected positive integers, got {bad!r}"):
+        step.prepare(8, bad)

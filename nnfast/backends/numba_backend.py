@@ -7,6 +7,11 @@ cross-entropy, fused optimizer updates). The public methods of
 and made them C-contiguous when these run. Kernels are compiled on first use
 and cached on disk (``cache=True``), so a second process starts warm.
 
+The first run on a machine compiles the kernels it uses (seconds); later
+runs load them. :func:`warm_up` does that before training starts (and says
+so when it takes long); :func:`kernel_cache_status` tells whether it will
+be needed.
+
 ``NNFAST_NUM_THREADS`` caps the kernel threads (``numba.set_num_threads``).
 Numba keeps that setting per calling thread, so each op re-applies the cap
 when it runs on a thread that has not seen it yet (one cheap query per op).
@@ -15,6 +20,10 @@ when it runs on a thread that has not seen it yet (one cheap query per op).
 from __future__ import annotations
 
 import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
 
 import numba
 import numpy as np
@@ -79,3 +88,78 @@ class NumbaBackend(Backend):
         self._threads()
         optim.adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
                           weight_decay, decoupled)
+
+
+#: What :func:`warm_up` announces when the kernels are compiled rather than loaded.
+COMPILING = "compiling CPU kernels (first run only) ..."
+
+
+def warm_up(step: Any, batch_sizes: tuple[int, ...], announce: Callable[[str], None] | None = None,
+            after: float = 1.0) -> float:
+    """Compile (or load from the disk cache) every kernel a training run on this backend uses.
+
+    ``step`` is the run's ``nf.TrainStep`` and ``batch_sizes`` the batch sizes
+    it will see (the batch size and that of the last, partial batch). Its
+    plans are made and their kernels compiled, and so are the forward GEMM and
+    the model's activations (evaluation uses ``model.forward``). Nothing is
+    trained and nothing the model keeps for a backward pass changes.
+
+    ``announce(COMPILING)`` is called once: at once when
+    :func:`kernel_cache_status` finds the cache cold, else when the work is
+    still going on after ``after`` seconds (from a timer thread: a kernel for
+    another dtype or activation may still have to be compiled), so that a
+    first run says why it is slow. Returns the seconds spent.
+    """
+    began = time.perf_counter()
+    timer = None
+    if announce is not None:
+        if not kernel_cache_status()[0]:
+            announce(COMPILING)
+        else:
+            timer = threading.Timer(after, announce, (COMPILING,))
+            timer.daemon = True
+            timer.start()
+    try:
+        step.backend._threads()
+        step.prepare(*batch_sizes)
+        _warm_forward(step.model)
+    finally:
+        if timer is not None:
+            timer.cancel()
+    return time.perf_counter() - began
+
+
+def _warm_forward(model: Any) -> None:
+    """Run the model's forward pass on one row of zeros: compiles what evaluation runs."""
+    from ..layers import _caches, _restore_caches
+    from ..train_step import _first_linear
+
+    first = _first_linear(model)
+    caches = _caches(model)
+    try:
+        model.forward(np.zeros((1, first.in_features), first.dtype))
+    finally:  # the forward of a dummy row must not become what a later backward reads
+        _restore_caches(caches)
+
+
+def kernel_cache_status() -> tuple[bool, str]:
+    """``(warm, where)``: whether the training kernels are in the disk cache, and the cache folder.
+
+    Warm means the disk cache has entries for the kernels every fused
+    training step uses -- the GEMM task, the step itself and the forward GEMM
+    of evaluation -- for this Python version; a run then loads them in about
+    a second. It does not look at the signatures inside: a first run in the
+    other dtype, or with an activation not used before, still compiles those
+    (:func:`warm_up` says so when it takes long). The folder is
+    ``NUMBA_CACHE_DIR`` when set, else Numba's choice (``__pycache__`` next
+    to the kernels when it is writable).
+    """
+    from .numba_kernels import gemm, train_step
+
+    folder = Path(gemm._gemm_op._cache._cache_path)
+    name = gemm._gemm_op._cache._cache_file._index_name
+    suffix = name[name.index(".py"):]  # the Python version and the index extension
+    steps = [d._cache._cache_file._index_name for d in (train_step.step_serial, train_step.step_parallel)]
+    warm = ((folder / name).exists() and any((folder / step).exists() for step in steps)
+            and any(folder.glob(f"gemm._task_cfunc.locals.task-*{suffix}")))
+    return warm, str(folder)

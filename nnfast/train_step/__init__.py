@@ -50,7 +50,8 @@ from .plan import Plan, PlanKey
 #: Faster plans per backend name: ``"module:function"``, the function taking
 #: ``(model, loss_fn, optimizer, key)`` and returning a :class:`Plan`, or None
 #: for a model it does not handle (the eager plan then runs).
-PLAN_BUILDERS: dict[str, str] = {"cupy": "nnfast.train_step.cuda_graph:build"}
+PLAN_BUILDERS: dict[str, str] = {"cupy": "nnfast.train_step.cuda_graph:build",
+                                  "numba": "nnfast.train_step.numba_fused:build"}
 
 #: Plans kept per ``TrainStep`` (one per batch size), least recently used dropped first.
 MAX_PLANS = 4
@@ -107,6 +108,23 @@ class TrainStep:
             raise ValueError("x: expected a non-empty batch, got 0 rows")
         labels = self.loss_fn.as_labels(labels, x.shape[0])
         return self._plan(PlanKey(int(x.shape[0]), x.dtype))(x, labels)
+
+    def prepare(self, *batch_sizes: int) -> None:
+        """Make the plans for these batch sizes now, so that the first steps do not pay for it.
+
+        A plan that has a ``prepare()`` (the Numba plan: compiling its kernels,
+        or loading them from the disk cache) has it called. Training loops call
+        this before timing the first epoch, with the batch size and the size of
+        the last, partial batch.
+        """
+        dtype = self._input.dtype
+        for batch in dict.fromkeys(batch_sizes):
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise ValueError(f"batch_sizes: expected positive integers, got {batch!r}")
+            plan = self._plan(PlanKey(batch, dtype))
+            prepare = getattr(plan, "prepare", None)
+            if prepare is not None:
+                prepare()
 
     def _plan(self, key: PlanKey) -> Plan:
         signature = self._current_signature()

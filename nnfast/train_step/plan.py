@@ -16,6 +16,11 @@ of ``TrainStep``:
   read);
 * every ``Parameter.grad`` is None after the call.
 
+A plan may also have a ``prepare()`` method, which ``TrainStep.prepare``
+calls when the plan is made ahead of the first step: there it does the
+one-time work of its first call (compiling, capturing) without changing
+anything.
+
 A plan may keep buffers and captured pointers: ``TrainStep`` makes a new one
 when a parameter's or state's array is replaced or a hyperparameter changes.
 ``optimizer.step_count`` may still change between calls (``nf.load``, an

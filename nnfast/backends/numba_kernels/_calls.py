@@ -11,7 +11,9 @@ few nanoseconds per tile or row.
 
 The loops are the C-callable kernels of :mod:`.activations`:
 ``forward(x, y, n, alpha)`` and ``backward(dy, saved, dx, n, alpha)`` on raw
-pointers (``void(T*, T*, int64, T)`` / ``void(T*, T*, T*, int64, T)``).
+pointers (``void(T*, T*, int64, T)`` / ``void(T*, T*, T*, int64, T)``). The
+GEMM's fused optimizer epilogue calls the updates of :mod:`.optim` the same
+way: ``update(p, grad, state1, state2, n, coefficients)``.
 """
 
 from __future__ import annotations
@@ -57,3 +59,14 @@ def call_backward(typingctx, fn, dy, saved, dx, n, alpha):
         return context.get_dummy_value()
 
     return types.none(fn, dy, saved, dx, n, alpha), codegen
+
+
+@intrinsic
+def call_update(typingctx, fn, p, g, s1, s2, n, coef):
+    """``fn(p, g, s1, s2, n, coef)``: an optimizer update (:func:`.optim.update_kernel`) at address ``fn``."""
+
+    def codegen(context, builder, sig, args):
+        _call(builder, args[0], list(args[1:]))
+        return context.get_dummy_value()
+
+    return types.none(fn, p, g, s1, s2, n, coef), codegen

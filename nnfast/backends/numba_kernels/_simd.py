@@ -159,6 +159,70 @@ def vadd(typingctx, a, b):
 
 
 @intrinsic
+def vsub(typingctx, a, b):
+    """``a - b`` per lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fsub(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """``a * b`` per lane (never contracted with an add: the same rounding as scalar code)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vdiv(typingctx, a, b):
+    """``a / b`` per lane."""
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def vsqrt(typingctx, a):
+    """``sqrt(a)`` per lane (correctly rounded, as ``np.sqrt``)."""
+
+    def codegen(context, builder, sig, args):
+        vty = args[0].type
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vty, [vty]), f"llvm.sqrt.v{vty.count}f{sig.args[0].dtype.bitwidth}")
+        return builder.call(fn, [args[0]])
+
+    return a(a), codegen
+
+
+@intrinsic
+def vsplat(typingctx, arr, value):
+    """A vector of ``arr``'s dtype with every lane ``value`` (already of that dtype)."""
+    vt = _simd_of(arr.dtype)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, args[1], context.get_value_type(vt))
+
+    return vt(arr, value), codegen
+
+
+@intrinsic
+def vselect_gt(typingctx, a, b, x, y):
+    """``x if a > b else y`` per lane (ordered: a NaN ``a`` picks ``y``, as the scalar ``if``)."""
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[2], args[3])
+
+    return x(a, b, x, y), codegen
+
+
+@intrinsic
 def vrelu(typingctx, a):
     """``0 if a < 0 else a`` per lane (NaN passes through, like ``np.maximum``)."""
 
@@ -219,5 +283,5 @@ def f32_from_bits(typingctx, i):
     return types.float32(i), codegen
 
 
-__all__ = ["SimdType", "addr", "f32_from_bits", "prefetch", "vadd", "vbroadcast", "vfma", "vlane",
-           "vlanes", "vload", "vmax", "vrelu", "vstore", "vzero"]
+__all__ = ["SimdType", "addr", "f32_from_bits", "prefetch", "vadd", "vbroadcast", "vdiv", "vfma", "vlane",
+           "vlanes", "vload", "vmax", "vmul", "vrelu", "vselect_gt", "vsplat", "vsqrt", "vstore", "vsub", "vzero"]

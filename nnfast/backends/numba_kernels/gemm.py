@@ -1,13 +1,13 @@
-"""Packed, cache-blocked, register-blocked GEMM with a fused bias + activation epilogue.
+"""Packed, cache-blocked, register-blocked GEMM with fused epilogues, driven by a descriptor.
 
-``C = act(op(A) @ op(B) + bias)`` where ``op(X)`` is ``X`` or ``X.T``: the
+``C = epilogue(op(A) @ op(B))`` where ``op(X)`` is ``X`` or ``X.T``: the
 transposed operands of the linear backward (``dW = x.T @ dz``,
 ``dx = dz @ W.T``) are read in place by the packing routines, never copied
 into a transposed array.
 
 Structure (the GotoBLAS / BLIS loop nest)::
 
-    for each task (columns jc:jc+NC of C, x a row group)  <- prange over tasks
+    for each task (a column block of C x a row group)   <- workers take tasks dynamically
       for pc in K, step KC:
         pack op(B)[pc:pc+KC, jc:jc+NC] -> Bp     (KC x NR micro-panels, once per task)
         for ic in the task's rows, step MC:
@@ -15,59 +15,71 @@ Structure (the GotoBLAS / BLIS loop nest)::
           for each NR-wide B micro-panel:        <- stays in L1 (KC*NR*4 = 16 KB)
             for each MR-tall A micro-panel:      <- the A block stays in L2
               micro-kernel: MR x NR tile = Ap_panel @ Bp_panel (+ C of earlier pc)
-              epilogue (last pc only): + bias, keep z, act, store
+              epilogue (last pc only)
 
-* **Packing** copies each operand block once into a contiguous buffer laid out
-  in exactly the order the micro-kernel reads it (``Ap[p*MR + r]``,
-  ``Bp[p*NR + c]``), so the K loop streams two unit-stride arrays and every
-  cache line fetched is fully used. Edge panels are zero-padded to MR / NR,
-  so the micro-kernel never branches on the matrix edge; only the epilogue
-  stores a partial tile. B is packed row by row with vector copies (each
-  row segment read once, sequentially).
-* **Epilogue**: a full tile with no activation or ReLU is finished in
-  registers (``+ C`` of earlier K blocks, ``+ bias``, ``max(., 0)``) and
-  stored straight into C, with the C lines prefetched (``prefetchw``) before
-  the K loop. Other activations (and edge tiles) go through a scratch tile
-  and the activation's vectorised loop (:mod:`.activations`, called through
-  its address, so this GEMM is compiled once per dtype for every
-  activation), a tile at a time while it is in L1.
-* **Micro-kernel**: MR = 6 rows x NR = two SIMD vectors (16 float32 or 8
-  float64). The 12 accumulators are explicit ``ymm`` values (see
-  :mod:`._simd`); per K step it loads two B vectors, broadcasts six A values
-  and issues 12 ``vfmadd231ps``. 12 accumulators + 2 B + 1 broadcast = 15
-  of the 16 ``ymm`` registers, enough independent FMAs to cover the FMA
-  latency (4 cycles x 2 ports). It takes raw data pointers, not arrays, so
-  a call costs no atomic reference-count updates (which also spilled the
-  accumulators around the runtime calls).
-* **Blocking**: KC = 256 (a B micro-panel, 16 KB, sits in the 32 KB L1),
-  MC = 120 (the A block, 120 KB, sits in the L2), NC = 512 (the B block,
-  512 KB, in L2/L3). Block sizes are shrunk to split M, N, K evenly.
-* **Threads**: ``prange`` over tasks, each a column block of C (times a row
-  group when N alone gives too few blocks). A task packs each B block once
-  and reuses it for all its rows, so packing B costs O(K N) in total, not
-  O(K N M / MC). Each thread packs into its own slice of a workspace
-  allocated once per thread and dtype (no allocation and no page faults per
-  call). Small products run serially (a thread launch costs more).
+The micro-kernel and the packing are in :mod:`.gemm_micro`.
+
+**Epilogues** (the last K block of each tile; earlier blocks store their
+partial sums in C):
+
+* ``STORE`` / ``FORWARD``: ``+ bias``, keep the pre-activation ``z`` if
+  asked, the activation. A full tile with no activation or ReLU is finished
+  in registers and stored straight into C (its lines prefetched before the K
+  loop); other activations (and edge tiles) go through a scratch tile and the
+  activation's vectorised loop, called through its address (:mod:`._calls`).
+* ``DX`` (the linear backward's ``dx = dz @ W.T`` of the next layer down):
+  the activation derivative of that layer, ``dz' = dx * act'(saved)``, is
+  applied to the tile while it is in L1, and the tile's rows are added to the
+  partial bias gradients (``PART``, one row per block of ``PROWS`` rows of C:
+  the blocks of :func:`.linear.dz_db`, added in the same order, so ``db``
+  has the same bits). ``dx`` itself is never stored.
+* ``UPDATE`` (``dW = x.T @ dz``): the optimizer update of ``W`` is applied
+  to the tile (:func:`.optim.update_kernel`, through its address) instead of
+  storing it: ``dW`` makes no round trip through memory.
+
+**Descriptor**: every operand is an address in an ``int64`` array (slots
+below), so one compiled task per dtype (:func:`task_kernel`) serves every
+shape, epilogue and caller: the layer ops, and the fused training step
+(:mod:`.train_step`), which calls it through its address and so does not
+compile a GEMM of its own.
+
+**Blocking**: KC = 256 (a B micro-panel, 16 KB, sits in the 32 KB L1),
+MC = 120 (the A block, 120 KB, sits in the L2), NC = 512 (the B block,
+512 KB, in L2/L3). Block sizes are shrunk to split M, N, K evenly.
+
+**Threads**: one worker per thread; each takes the next task from an atomic
+counter (:mod:`._sched`), so a thread that starts late or shares its core
+takes fewer tasks instead of stalling the region. There are
+:data:`TASKS_PER_WORKER` tasks per worker, column blocks of C first (a task
+packs each B block once and reuses it for all its rows), then row groups.
+Workers pack into their own slice of a workspace allocated once (no
+allocation and no page faults per call). Small products run serially (a
+thread launch costs more).
 
 No ``np.dot`` / BLAS is called. FMA contraction changes rounding by at most
 one ulp per product versus separate multiply-add; float64 results agree with
-NumPy to ~1e-15 relative, well inside the rtol 1e-10 contract.
+NumPy to ~1e-15 relative, well inside the rtol 1e-10 contract. The bits of an
+element depend on K's blocking only (:func:`split`), never on the task split
+or the thread count.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import carray, cfunc, njit, prange, types
 
-from ._calls import call_forward, ptr_at
-from ._simd import addr, prefetch, vadd, vbroadcast, vfma, vlanes, vload, vrelu, vstore, vzero
+from ._calls import call_backward, call_forward, call_update, ptr_at
+from ._sched import address_of, as_ptr, call_task, next_task
+from ._math import like
+from ._simd import addr, vadd, vload, vmul, vselect_gt, vsplat, vstore
 from .activations import forward_kernel
+from .gemm_micro import MR, micro, nr_of, pack_a, pack_b
 
-#: Rows of the register tile.
-MR = 6
 #: K block: a KC x NR micro-panel of B fits in L1.
 KC = 256
 #: M block (a multiple of MR): an MC x KC block of A fits in L2.
@@ -76,214 +88,27 @@ MC = 120
 NC = 512
 #: Below this many multiply-adds a product runs on the calling thread.
 PARALLEL_MIN_MACS = 1 << 21
+#: Tasks per worker of a parallel product (more balance the load, fewer pack A less often).
+TASKS_PER_WORKER = 2
+#: Workspace elements per worker: an A block, a B block, two scratch tiles (+ 64: vector loads of a padded
+#: panel never leave the buffer).
+WS_A = MC * KC + 64
+WS_B = KC * NC + 64
+WS_T = 2 * MR * 16 + 64
+
+# Descriptor slots. Addresses are 0 when absent.
+(A, TA, B, TB, C, M, N, K, MCB, NCB, KCB, NNB, MG, NTASKS, EPI, BIAS, ACT, RELU, Z, SAVED, BWD, PART, PROWS,
+ UPD, P, S1, S2, COEF, WSA, WSB, WST, WORKERS, DESC) = range(33)
+#: Epilogue kinds.
+STORE, FORWARD, DX, UPDATE = range(4)
 
 
-@njit(cache=True)
-def _nr(a):
-    """Columns of the register tile for ``a``'s dtype: two 256-bit vectors."""
-    return 64 // a.itemsize
-
-
-@njit(cache=True, error_model="numpy")
-def _micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
-    """One MR x NR tile: ``Ap[aoff:]`` (MR x kc panel) @ ``Bp[boff:]`` (kc x NR panel).
-
-    The accumulator tile lives in 12 SIMD registers for the whole K loop.
-    Then either (``direct``, a full tile) it is finished in registers and
-    stored straight into C (flat ``Cf``, row stride ``ldc``, tile origin
-    ``coff``): ``+= C`` when ``acc_c`` (a later K block), ``+ bias[jb:]`` when
-    ``jb >= 0``, ReLU when ``relu``; or it is stored to the scratch tile ``T``
-    for :func:`_store_tile` (edge tiles and the other activations).
-
-    Every buffer is a data pointer (:func:`._simd.addr`), not an array: no
-    reference counting around the call.
-    """
-    h = vlanes(T)
-    c00 = vzero(T)
-    c01 = vzero(T)
-    c10 = vzero(T)
-    c11 = vzero(T)
-    c20 = vzero(T)
-    c21 = vzero(T)
-    c30 = vzero(T)
-    c31 = vzero(T)
-    c40 = vzero(T)
-    c41 = vzero(T)
-    c50 = vzero(T)
-    c51 = vzero(T)
-    if direct:
-        # The C tile is touched only after the K loop: start fetching it now.
-        for r in range(MR):
-            prefetch(Cf, coff + r * ldc)
-            prefetch(Cf, coff + r * ldc + 2 * h - 1)
-    pa = aoff
-    pb = boff
-    for _ in range(kc):
-        b0 = vload(Bp, pb)
-        b1 = vload(Bp, pb + h)
-        a = vbroadcast(Ap, pa)
-        c00 = vfma(a, b0, c00)
-        c01 = vfma(a, b1, c01)
-        a = vbroadcast(Ap, pa + 1)
-        c10 = vfma(a, b0, c10)
-        c11 = vfma(a, b1, c11)
-        a = vbroadcast(Ap, pa + 2)
-        c20 = vfma(a, b0, c20)
-        c21 = vfma(a, b1, c21)
-        a = vbroadcast(Ap, pa + 3)
-        c30 = vfma(a, b0, c30)
-        c31 = vfma(a, b1, c31)
-        a = vbroadcast(Ap, pa + 4)
-        c40 = vfma(a, b0, c40)
-        c41 = vfma(a, b1, c41)
-        a = vbroadcast(Ap, pa + 5)
-        c50 = vfma(a, b0, c50)
-        c51 = vfma(a, b1, c51)
-        pa += MR
-        pb += 2 * h
-    if not direct:
-        nr = 2 * h
-        vstore(T, 0, c00)
-        vstore(T, h, c01)
-        vstore(T, nr, c10)
-        vstore(T, nr + h, c11)
-        vstore(T, 2 * nr, c20)
-        vstore(T, 2 * nr + h, c21)
-        vstore(T, 3 * nr, c30)
-        vstore(T, 3 * nr + h, c31)
-        vstore(T, 4 * nr, c40)
-        vstore(T, 4 * nr + h, c41)
-        vstore(T, 5 * nr, c50)
-        vstore(T, 5 * nr + h, c51)
-        return
-    r0 = coff
-    r1 = r0 + ldc
-    r2 = r1 + ldc
-    r3 = r2 + ldc
-    r4 = r3 + ldc
-    r5 = r4 + ldc
-    if acc_c:
-        c00 = vadd(c00, vload(Cf, r0))
-        c01 = vadd(c01, vload(Cf, r0 + h))
-        c10 = vadd(c10, vload(Cf, r1))
-        c11 = vadd(c11, vload(Cf, r1 + h))
-        c20 = vadd(c20, vload(Cf, r2))
-        c21 = vadd(c21, vload(Cf, r2 + h))
-        c30 = vadd(c30, vload(Cf, r3))
-        c31 = vadd(c31, vload(Cf, r3 + h))
-        c40 = vadd(c40, vload(Cf, r4))
-        c41 = vadd(c41, vload(Cf, r4 + h))
-        c50 = vadd(c50, vload(Cf, r5))
-        c51 = vadd(c51, vload(Cf, r5 + h))
-    if jb >= 0:
-        b0 = vload(bias, jb)
-        b1 = vload(bias, jb + h)
-        c00 = vadd(c00, b0)
-        c01 = vadd(c01, b1)
-        c10 = vadd(c10, b0)
-        c11 = vadd(c11, b1)
-        c20 = vadd(c20, b0)
-        c21 = vadd(c21, b1)
-        c30 = vadd(c30, b0)
-        c31 = vadd(c31, b1)
-        c40 = vadd(c40, b0)
-        c41 = vadd(c41, b1)
-        c50 = vadd(c50, b0)
-        c51 = vadd(c51, b1)
-    if relu:
-        c00 = vrelu(c00)
-        c01 = vrelu(c01)
-        c10 = vrelu(c10)
-        c11 = vrelu(c11)
-        c20 = vrelu(c20)
-        c21 = vrelu(c21)
-        c30 = vrelu(c30)
-        c31 = vrelu(c31)
-        c40 = vrelu(c40)
-        c41 = vrelu(c41)
-        c50 = vrelu(c50)
-        c51 = vrelu(c51)
-    vstore(Cf, r0, c00)
-    vstore(Cf, r0 + h, c01)
-    vstore(Cf, r1, c10)
-    vstore(Cf, r1 + h, c11)
-    vstore(Cf, r2, c20)
-    vstore(Cf, r2 + h, c21)
-    vstore(Cf, r3, c30)
-    vstore(Cf, r3 + h, c31)
-    vstore(Cf, r4, c40)
-    vstore(Cf, r4 + h, c41)
-    vstore(Cf, r5, c50)
-    vstore(Cf, r5 + h, c51)
-
-
-@njit(cache=True, error_model="numpy")
-def _pack_a(A, trans, i0, mc, p0, kc, Ap):
-    """Ap[(ip*kc + p)*MR + r] = op(A)[i0 + ip*MR + r, p0 + p], rows past mc zeroed."""
-    for ip in range((mc + MR - 1) // MR):
-        base = ip * kc * MR
-        rows = min(MR, mc - ip * MR)
-        if trans:  # op(A)[i, p] = A[p, i]: read rows of A, MR at a time
-            for p in range(kc):
-                src = A[p0 + p]
-                dst = base + p * MR
-                for r in range(rows):
-                    Ap[dst + r] = src[i0 + ip * MR + r]
-                for r in range(rows, MR):
-                    Ap[dst + r] = 0
-        else:
-            for r in range(rows):
-                src = A[i0 + ip * MR + r, p0:p0 + kc]
-                for p in range(kc):
-                    Ap[base + p * MR + r] = src[p]
-            for r in range(rows, MR):
-                for p in range(kc):
-                    Ap[base + p * MR + r] = 0
-
-
-@njit(cache=True, error_model="numpy")
-def _pack_b(B, trans, p0, kc, j0, nc, Bp):
-    """Bp[(jp*kc + p)*NR + c] = op(B)[p0 + p, j0 + jp*NR + c], columns past nc zeroed."""
-    NR = _nr(Bp)
-    h = NR // 2
-    full = nc // NR  # panels without padding
-    if trans:  # op(B)[p, j] = B[j, p]: read rows of B, write with stride NR
-        for jp in range((nc + NR - 1) // NR):
-            base = jp * kc * NR
-            cols = min(NR, nc - jp * NR)
-            for c in range(cols):
-                src = B[j0 + jp * NR + c, p0:p0 + kc]
-                for p in range(kc):
-                    Bp[base + p * NR + c] = src[p]
-            for c in range(cols, NR):
-                for p in range(kc):
-                    Bp[base + p * NR + c] = 0
-        return
-    # Row by row: each row segment of B is read once, sequentially, and its
-    # 16-float (two-vector) pieces are scattered to the panels.
-    ldb = B.shape[1]
-    Bf = B.reshape(B.size)
-    for p in range(kc):
-        src = (p0 + p) * ldb + j0
-        for jp in range(full):
-            dst = (jp * kc + p) * NR
-            vstore(Bp, dst, vload(Bf, src + jp * NR))
-            vstore(Bp, dst + h, vload(Bf, src + jp * NR + h))
-        if full * NR < nc:
-            dst = (full * kc + p) * NR
-            cols = nc - full * NR
-            for c in range(cols):
-                Bp[dst + c] = Bf[src + full * NR + c]
-            for c in range(cols, NR):
-                Bp[dst + c] = 0
-
-
-@njit(cache=True, error_model="numpy")
+@njit(error_model="numpy")
 def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, act, alpha, Z, save_z):
     """Write the valid mr x nr part of the tile: accumulate over K blocks, and on
     the last one add the bias, keep the pre-activation if asked, apply the
     activation whose forward loop is at address ``act`` (0: none)."""
-    NR = _nr(T)
+    NR = nr_of(T)
     for i in range(mr):
         crow = C[ci + i, cj:cj + nr]
         t = T[i * NR:i * NR + nr]
@@ -313,37 +138,140 @@ def _store_tile(T, C, ci, cj, mr, nr, first, last, bias, has_bias, act, alpha, Z
             crow[j] = t[j]
 
 
-@njit(cache=True, error_model="numpy")
-def _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, Ap, Bp, T,
-          K, mcb, ncb, kcb, nnb, mg):
-    """One task: columns ``[jc, jc + ncb)`` of C for the rows ``[m0, m0 + mg)``.
-
-    The B block of each K step is packed once and reused for every M block
-    of the task; an A block is packed per (M block, K step).
-    """
-    M, N = C.shape
-    NR = _nr(T)
-    pA = addr(Ap)
-    pB = addr(Bp)
+@njit(error_model="numpy")
+def _store_dx(T, C, ci, cj, mr, nr, first, S, bwd, relu, alpha, Pt, prows):
+    """``DX`` epilogue: ``C = (tile + C) * act'(S)`` (``act'`` at address ``bwd``, 0: identity;
+    ReLU's in registers), each row of it added to its block's partial column sums ``Pt``
+    (when ``prows > 0``), row after row as :func:`.linear.dz_db` adds them."""
+    NR = nr_of(T)
+    h = NR // 2
     pT = addr(T)
     pC = addr(C)
-    pbias = addr(bias)
+    pS = addr(S)
+    pP = addr(Pt)
+    ldc = C.shape[1]
+    one = vsplat(pT, like(alpha, 1.0))
+    zero = vsplat(pT, like(alpha, 0.0))
+    for i in range(mr):
+        r = ci + i
+        t = i * NR
+        c = r * ldc + cj
+        q = (r // prows) * ldc + cj if prows > 0 else 0
+        if nr == NR and (relu or bwd == 0):  # a whole row of the tile, in registers
+            a0 = vload(pT, t)
+            a1 = vload(pT, t + h)
+            if not first:
+                a0 = vadd(a0, vload(pC, c))
+                a1 = vadd(a1, vload(pC, c + h))
+            if relu:
+                a0 = vmul(a0, vselect_gt(vload(pS, c), zero, one, zero))
+                a1 = vmul(a1, vselect_gt(vload(pS, c + h), zero, one, zero))
+            vstore(pC, c, a0)
+            vstore(pC, c + h, a1)
+            if prows > 0:
+                vstore(pP, q, vadd(vload(pP, q), a0))
+                vstore(pP, q + h, vadd(vload(pP, q + h), a1))
+            continue
+        crow = C[r, cj:cj + nr]
+        trow = T[t:t + nr]
+        if not first:
+            for j in range(nr):
+                trow[j] += crow[j]
+        if bwd != 0:
+            call_backward(bwd, ptr_at(pT, t), ptr_at(pS, c), ptr_at(pC, c), nr, alpha)
+        else:
+            for j in range(nr):
+                crow[j] = trow[j]
+        if prows > 0:
+            prow = Pt[r // prows, cj:cj + nr]
+            for j in range(nr):
+                prow[j] += crow[j]
+
+
+@njit(error_model="numpy")
+def _store_update(T, C, ci, cj, mr, nr, first, upd, d, f):
+    """``UPDATE`` epilogue: the tile (+ C of earlier K blocks) is the gradient of
+    ``P[ci:ci+mr, cj:cj+nr]``; apply the update at address ``upd`` to it, row by row."""
+    NR = nr_of(T)
+    h = NR // 2
+    pT = addr(T)
+    pC = addr(C)
+    n = C.shape[1]
+    p = as_ptr(d[P], f)
+    s1 = as_ptr(d[S1] if d[S1] != 0 else d[P], f)
+    s2 = as_ptr(d[S2] if d[S2] != 0 else d[P], f)
+    coef = as_ptr(d[COEF], f)
+    for i in range(mr):
+        off = (ci + i) * n + cj
+        t = i * NR
+        if not first:
+            if nr == NR:
+                vstore(pT, t, vadd(vload(pT, t), vload(pC, off)))
+                vstore(pT, t + h, vadd(vload(pT, t + h), vload(pC, off + h)))
+            else:
+                crow = C[ci + i, cj:cj + nr]
+                trow = T[t:t + nr]
+                for j in range(nr):
+                    trow[j] += crow[j]
+        call_update(upd, ptr_at(p, off), ptr_at(pT, t), ptr_at(s1, off), ptr_at(s2, off), nr, coef)
+
+
+@njit(error_model="numpy")
+def _task(d, f, t, w):
+    """Task ``t`` of the product described by ``d`` (run by worker ``w``; ``f``: the float parameters)."""
+    Mv = d[M]
+    Nv = d[N]
+    Kv = d[K]
+    ta = d[TA] != 0
+    tb = d[TB] != 0
+    pf = addr(f)
+    NR = nr_of(f)
+    A_ = carray(as_ptr(d[A], pf), (Kv, Mv) if ta else (Mv, Kv))
+    B_ = carray(as_ptr(d[B], pf), (Nv, Kv) if tb else (Kv, Nv))
+    C_ = carray(as_ptr(d[C], pf), (Mv, Nv))
+    pA = ptr_at(as_ptr(d[WSA], pf), w * WS_A)
+    pB = ptr_at(as_ptr(d[WSB], pf), w * WS_B)
+    pT = ptr_at(as_ptr(d[WST], pf), w * WS_T)
+    Ap = carray(pA, WS_A)
+    Bp = carray(pB, WS_B)
+    T = carray(pT, WS_T)
+    pC = as_ptr(d[C], pf)
+    epi = d[EPI]
+    alpha = f[0]
+    has_bias = d[BIAS] != 0
+    pbias = as_ptr(d[BIAS] if has_bias else d[C], pf)
+    bias = carray(pbias, Nv)
+    act = d[ACT]
+    relu = d[RELU] != 0
+    save_z = d[Z] != 0
+    Z_ = carray(as_ptr(d[Z] if save_z else d[C], pf), (Mv, Nv))
+    S_ = carray(as_ptr(d[SAVED] if d[SAVED] != 0 else d[C], pf), (Mv, Nv))
+    bwd = d[BWD]
+    prows = d[PROWS] if d[PART] != 0 else 0
+    Pt = carray(as_ptr(d[PART] if prows > 0 else d[C], pf), ((Mv + prows - 1) // prows if prows > 0 else 1, Nv))
+    upd = d[UPD]
+    mcb = d[MCB]
+    ncb = d[NCB]
+    kcb = d[KCB]
+    nnb = d[NNB]
+    mg = d[MG]
     m0 = (t // nnb) * mg
-    m1 = min(M, m0 + mg)
+    m1 = min(Mv, m0 + mg)
     jc = (t % nnb) * ncb
-    nc = min(ncb, N - jc)
-    nkb = (K + kcb - 1) // kcb
+    nc = min(ncb, Nv - jc)
+    nkb = (Kv + kcb - 1) // kcb
+    # Full tiles of the last K block finish in registers unless the epilogue needs the scalar path.
+    fast_last = epi <= FORWARD and not save_z and (act == 0 or relu)
     for kb in range(nkb):
         pc = kb * kcb
-        kc = min(kcb, K - pc)
+        kc = min(kcb, Kv - pc)
         first = kb == 0
         last = kb == nkb - 1
-        # Full tiles finish in registers unless the epilogue needs the scalar path.
-        fast_epilogue = not last or (not save_z and (act == 0 or relu))
-        _pack_b(B, tb, pc, kc, jc, nc, Bp)
+        fast = not last or fast_last
+        pack_b(B_, tb, pc, kc, jc, nc, Bp)
         for ic in range(m0, m1, mcb):
             mc = min(mcb, m1 - ic)
-            _pack_a(A, ta, ic, mc, pc, kc, Ap)
+            pack_a(A_, ta, ic, mc, pc, kc, Ap)
             for jp in range((nc + NR - 1) // NR):
                 nr = min(NR, nc - jp * NR)
                 j = jc + jp * NR
@@ -351,64 +279,150 @@ def _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, Ap, B
                 for ip in range((mc + MR - 1) // MR):
                     mr = min(MR, mc - ip * MR)
                     i = ic + ip * MR
-                    if fast_epilogue and mr == MR and nr == NR:
-                        _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * N + j, N,
-                               True, not first, pbias, jb, last and relu)
+                    direct = fast and mr == MR and nr == NR
+                    micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
+                          direct, direct and not first, pbias, jb if direct else -1, direct and last and relu)
+                    if direct:
+                        continue
+                    if not last or epi <= FORWARD:
+                        _store_tile(T, C_, i, j, mr, nr, first, last, bias, has_bias, act, alpha, Z_, save_z)
+                    elif epi == DX:
+                        _store_dx(T, C_, i, j, mr, nr, first, S_, bwd, relu, alpha, Pt, prows)
                     else:
-                        _micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, 0, N,
-                               False, False, pbias, -1, False)
-                        _store_tile(T, C, i, j, mr, nr, first, last,
-                                    bias, has_bias, act, alpha, Z, save_z)
+                        _store_update(T, C_, i, j, mr, nr, first, upd, d, pf)
+
+
+def _task_cfunc(T: types.Float):
+    @cfunc(types.void(types.CPointer(types.int64), types.CPointer(T), types.int64, types.int64), cache=True,
+           error_model="numpy")
+    def task(d, f, t, w):
+        _task(carray(d, DESC), carray(f, 1), t, w)
+
+    return task
+
+
+_TYPES = {np.dtype(np.float32): types.float32, np.dtype(np.float64): types.float64}
+
+
+@functools.lru_cache(maxsize=None)
+def task_kernel(dtype: np.dtype):
+    """The compiled GEMM task for ``dtype``: ``void(int64* desc, T* fparams, int64 task, int64 worker)``."""
+    return _task_cfunc(_TYPES[np.dtype(dtype)])
+
+
+# ------------------------------------------------------------ drivers
+@njit(cache=True, error_model="numpy")
+def run_serial(task, d, f):
+    """Every task of ``d`` on the calling thread."""
+    for t in range(d[NTASKS]):
+        call_task(task, addr(d), addr(f), t, 0)
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def _gemm_parallel(A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, wsA, wsB, wsT,
-                   K, mcb, ncb, kcb, nnb, mg, ntasks):
-    for t in prange(ntasks):
-        tid = numba.get_thread_id()
-        _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z,
-              wsA[tid], wsB[tid], wsT[tid], K, mcb, ncb, kcb, nnb, mg)
-
-
-@njit(cache=True, error_model="numpy")
-def _gemm_serial(A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z, wsA, wsB, wsT,
-                 K, mcb, ncb, kcb, nnb, mg, ntasks):
-    for t in range(ntasks):
-        _task(t, A, ta, B, tb, C, bias, has_bias, act, relu, alpha, Z, save_z,
-              wsA[0], wsB[0], wsT[0], K, mcb, ncb, kcb, nnb, mg)
+def run_parallel(task, d, f, counter, workers):
+    """The tasks of ``d`` on ``workers`` threads, each taking the next task from ``counter``."""
+    counter[0] = 0
+    n = d[NTASKS]
+    for w in prange(workers):
+        t = next_task(counter)
+        while t < n:
+            call_task(task, addr(d), addr(f), t, w)
+            t = next_task(counter)
 
 
 # ------------------------------------------------------------ Python side
+def split(M: int, N: int, K: int, workers: int, rows: int = MR) -> tuple[int, int, int, int, int, int]:
+    """``(mcb, ncb, kcb, nnb, mg, ntasks)``: the blocking and the tasks of an M x K x N product.
+
+    Row groups are a multiple of ``rows`` (and of MR): the ``DX`` epilogue's
+    partial bias gradients are per block of ``PROWS`` rows, and a block must
+    belong to one task.
+    """
+    multiple = MR * rows // math.gcd(MR, rows)
+    nr = 16  # the float32 panel width, a multiple of float64's: one split for both dtypes
+    nnb = -(-N // NC)
+    target = workers * TASKS_PER_WORKER if workers > 1 else 1
+    nnb = max(nnb, min(target, N // (2 * nr)))
+    ncb = -(-(-(-N // nnb)) // nr) * nr
+    nnb = -(-N // ncb)
+    groups = -(-target // nnb) if nnb < target else 1
+    mg = -(-(-(-M // groups)) // multiple) * multiple
+    groups = -(-M // mg)
+    mcb = _block(mg, MC, MR)
+    kcb = _block(K, KC, 1)
+    return mcb, ncb, kcb, nnb, mg, nnb * groups
+
+
+def _block(n: int, block: int, multiple: int) -> int:
+    """``n`` cut into equal blocks of at most ~``block`` (a multiple of ``multiple``): their size."""
+    count = -(-n // block)
+    size = -(-n // count)
+    return -(-size // multiple) * multiple
+
+
+class Workspace:
+    """Packing buffers and the task counter of ``workers`` workers (one per thread of a region)."""
+
+    def __init__(self, dtype: np.dtype, workers: int) -> None:
+        self.workers = workers
+        self.a = np.zeros(workers * WS_A, dtype)
+        self.b = np.zeros(workers * WS_B, dtype)
+        self.t = np.zeros(workers * WS_T, dtype)
+        self.counter = np.zeros(8, np.int64)  # a cache line of its own
+
+    def slots(self) -> dict[int, int]:
+        """The descriptor slots of the buffers, for :func:`describe`."""
+        return {"WSA": self.a.ctypes.data, "WSB": self.b.ctypes.data, "WST": self.t.ctypes.data}
+
+
 _workspaces = threading.local()
 
 
-def _workspace(dtype: np.dtype, threads: int):
-    """Per-thread packing buffers, kept across calls (one set per Python thread)."""
-    key = (np.dtype(dtype).char, threads)
+def workspace(dtype: np.dtype) -> Workspace:
+    """The calling thread's workspace for ``dtype`` (as many workers as Numba has threads)."""
     cache = getattr(_workspaces, "cache", None)
     if cache is None:
         cache = _workspaces.cache = {}
+    key = np.dtype(dtype).char
     ws = cache.get(key)
     if ws is None:
-        nr = 64 // np.dtype(dtype).itemsize
-        # 64 spare elements: vector loads of a padded panel never leave the buffer.
-        ws = (np.zeros((threads, MC * KC + 64), dtype),
-              np.zeros((threads, KC * NC + 64), dtype),
-              np.zeros((threads, 2 * MR * nr + 64), dtype))
-        cache[key] = ws
+        ws = cache[key] = Workspace(dtype, numba.config.NUMBA_NUM_THREADS)
     return ws
 
 
-def _split(n: int, block: int, multiple: int) -> tuple[int, int]:
-    """(block size, count): ``n`` cut into equal blocks of at most ~``block``."""
-    count = -(-n // block)
-    size = -(-n // count)
-    size = -(-size // multiple) * multiple
-    return size, -(-n // size)
+def describe(m: int, n: int, k: int, workers: int, **slots: int) -> np.ndarray:
+    """A descriptor for an m x k x n product on ``workers`` workers; ``slots``: e.g. ``A=addr, TA=1``."""
+    d = np.zeros(DESC, np.int64)
+    d[[MCB, NCB, KCB, NNB, MG, NTASKS]] = split(m, n, k, workers, slots.get("PROWS") or MR)
+    d[[M, N, K, WORKERS]] = m, n, k, workers
+    names = globals()
+    for name, value in slots.items():
+        d[names[name]] = value
+    return d
 
 
-_DUMMY = {np.dtype(np.float32): (np.zeros(1, np.float32), np.zeros((1, 1), np.float32)),
-          np.dtype(np.float64): (np.zeros(1, np.float64), np.zeros((1, 1), np.float64))}
+@njit(cache=True, error_model="numpy")
+def run(task, d, f, counter):
+    """The tasks of ``d``: in parallel when its ``WORKERS`` slot says more than one."""
+    if d[WORKERS] > 1:
+        run_parallel(task, d, f, counter, d[WORKERS])
+    else:
+        run_serial(task, d, f)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter):
+    d[A] = address_of(addr(a))
+    d[B] = address_of(addr(b))
+    d[C] = address_of(addr(c))
+    if d[BIAS] != 0:
+        d[BIAS] = address_of(addr(bias))
+    if d[Z] != 0:
+        d[Z] = address_of(addr(z))
+    d[WSA] = address_of(addr(ws_a))
+    d[WSB] = address_of(addr(ws_b))
+    d[WST] = address_of(addr(ws_t))
+    run(task, d, f, counter)
 
 
 def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
@@ -425,31 +439,13 @@ def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool =
     assert K == K2, (a.shape, b.shape, trans_a, trans_b)
     dtype = a.dtype
     y = np.empty((M, N), dtype) if out is None else out
-    dummy_b, dummy_z = _DUMMY[dtype]
     z = np.empty((M, N), dtype) if save_z else None
-    nr = 64 // dtype.itemsize
     threads = numba.get_num_threads()
-    parallel = threads > 1 and M * N * K >= PARALLEL_MIN_MACS
-    workers = threads if parallel else 1
-    # Tasks: N cut into column blocks (a multiple of the thread count when N
-    # is wide enough), and M into as many row groups as still needed so that
-    # every thread gets work.
-    nnb = -(-N // NC)
-    if nnb > 1 or N >= 2 * nr * workers:
-        nnb = -(-max(nnb, workers) // workers) * workers
-    ncb = -(-(-(-N // nnb)) // nr) * nr
-    nnb = -(-N // ncb)
-    groups = -(-workers // nnb) if workers > nnb else 1
-    mg = -(-(-(-M // groups)) // MR) * MR
-    groups = -(-M // mg)
-    mcb, _ = _split(mg, MC, MR)
-    kcb, _ = _split(K, KC, 1)
-    ws = _workspace(dtype, numba.config.NUMBA_NUM_THREADS)
-    kernel = _gemm_parallel if parallel else _gemm_serial
-    # ReLU is finished in registers; every other activation runs its own loop on the tile.
+    workers = threads if threads > 1 and M * N * K >= PARALLEL_MIN_MACS else 1
     act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
-    kernel(a, bool(trans_a), b, bool(trans_b), y,
-           dummy_b if bias is None else bias, bias is not None, act, activation == "relu", dtype.type(alpha),
-           dummy_z if z is None else z, z is not None, ws[0], ws[1], ws[2],
-           K, mcb, ncb, kcb, nnb, mg, nnb * groups)
+    d = np.array((0, trans_a, 0, trans_b, 0, M, N, K, *split(M, N, K, workers), FORWARD, bias is not None, act,
+                  activation == "relu", z is not None) + (0,) * (WORKERS - Z - 1) + (workers,), np.int64)
+    ws = workspace(dtype)
+    _gemm_op(task_kernel(dtype).address, d, np.full(1, alpha, dtype), a, b, y, y if bias is None else bias,
+             y if z is None else z, ws.a, ws.b, ws.t, ws.counter)
     return y, z

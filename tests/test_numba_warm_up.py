@@ -1,0 +1,108 @@
+"""Before training on numba: compiling (or loading) the kernels, saying so on a cold cache, and the TBB layer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+import nnfast as nf  # noqa: E402
+from nnfast.backends import numba_backend  # noqa: E402
+from nnfast.train import TrainConfig, train  # noqa: E402
+
+
+def _setup():
+    with nf.use_backend("numba"):
+        model = nf.MLP([12, 16, 5], activation="gelu", seed=0)
+        loss_fn = nf.SoftmaxCrossEntropy()
+        return model, loss_fn, nf.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_warm_up_makes_the_plans_and_announces_a_cold_cache(monkeypatch, warm):
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", lambda: (warm, "somewhere"))
+    model, loss_fn, opt = _setup()
+    step = nf.TrainStep(model, loss_fn, opt)
+    said = []
+    seconds = numba_backend.warm_up(step, (8, 5), announce=said.append, after=600.0)
+    assert seconds > 0
+    assert said == ([] if warm else [numba_backend.COMPILING])
+    assert step.plan_names == ["fused (batch 8)", "fused (batch 5)"]
+    assert opt.step_count == 0
+
+
+def test_warm_up_announces_when_it_takes_long(monkeypatch):
+    """A warm cache that still leaves work (another dtype, a new activation): said once ``after`` has passed."""
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", lambda: (True, "somewhere"))
+    model, loss_fn, opt = _setup()
+    step = nf.TrainStep(model, loss_fn, opt)
+    prepare = step.prepare
+    monkeypatch.setattr(step, "prepare", lambda *sizes: (__import__("time").sleep(0.5), prepare(*sizes)))
+    said = []
+    numba_backend.warm_up(step, (4,), announce=said.append, after=0.05)
+    assert said == [numba_backend.COMPILING]
+
+
+def test_warm_up_leaves_what_the_backward_pass_reads():
+    """Its forward pass of a dummy row must not replace the caches of a forward pass already made."""
+    (model, loss_fn, opt), (ref, ref_loss, _) = _setup(), _setup()
+    x = np.random.default_rng(0).standard_normal((6, 12)).astype(np.float32)
+    labels = np.arange(6) % 5
+    grads = []
+    for m, fn, warm in ((model, loss_fn, True), (ref, ref_loss, False)):
+        _, dlogits = fn(m.forward(x), labels)
+        if warm:
+            numba_backend.warm_up(nf.TrainStep(m, fn, opt), (6,))
+        m.backward(dlogits, need_input_grad=False)
+        grads.append([nf.to_numpy(p.grad) for p in m.parameters()])
+    for got, expected in zip(*grads):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_cache_is_warm_once_a_step_has_run():
+    model, loss_fn, opt = _setup()
+    step = nf.TrainStep(model, loss_fn, opt)
+    step(np.zeros((3, 12), np.float32), np.zeros(3, np.int64))
+    model.forward(np.zeros((3, 12), np.float32))
+    warm, folder = numba_backend.kernel_cache_status()
+    assert Path(folder).is_dir() and any(Path(folder).iterdir())
+    assert warm, f"no step or GEMM entries in {folder}"
+
+
+def test_info_reports_a_cold_cache(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path), NNFAST_BACKEND="numba")
+    proc = subprocess.run([sys.executable, "-m", "nnfast.cli", "info"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    line, = [line for line in proc.stdout.splitlines() if line.startswith("numba kernel cache: ")]
+    assert line.startswith("numba kernel cache: cold") and str(tmp_path) in line
+
+
+def test_training_says_it_compiles_before_the_first_epoch(monkeypatch):
+    monkeypatch.setattr(numba_backend, "kernel_cache_status", lambda: (False, "somewhere"))
+    lines = []
+    train(TrainConfig(backend="numba", hidden=(16,), epochs=1, batch_size=100, progress=False), log=lines.append)
+    said = [i for i, line in enumerate(lines) if line == numba_backend.COMPILING]
+    first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch"))
+    assert len(said) == 1 and said[0] < first_epoch
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+                    reason="the tbb wheel is a dependency on x86-64 Linux only")
+def test_parallel_regions_run_on_tbb():
+    """pyproject installs the tbb wheel here; nnfast.backends.numba_kernels makes Numba find it."""
+    code = ("import numba, numpy as np\n"
+            "import nnfast.backends.numba_backend\n"
+            "f = numba.njit(parallel=True)(lambda a: (a * 2).sum())\n"
+            "f(np.ones(1000))\n"
+            "print(numba.threading_layer())")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tbb"]
