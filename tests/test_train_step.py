@@ -189,14 +189,14 @@ def test_bad_construction_is_refused():
 
 
 def test_prepare_makes_the_plans_and_changes_nothing(backend):
-    model, loss_fn, opt = _setup(backend.name, "adam")
+    model, loss_fn, opt = _setup(backend, "adam")
     step = nf.TrainStep(model, loss_fn, opt)
     before = _state(model, opt)
     step.prepare(8, 3, 8)
     assert [name.split(" (")[1] for name in step.plan_names] == ["batch 8)", "batch 3)"]
     _assert_same(_state(model, opt), before, exact=True)
     assert opt.step_count == 0 and all(p.grad is None for p in model.parameters())
-    eager = _setup(backend.name, "adam")
+    eager = _setup(backend, "adam")
     prepared = dict(step._plans)
     for x, labels in _batches(2, 3):  # the prepared plan is the one that runs, and runs right
         step(x, labels)
