@@ -239,6 +239,10 @@ def test_selftest_passes_on_the_emulated_cuda_backend(kernel_modules):
                for note in vector.notes)
     split = [r for r in report.results if "] split K" in r.name]
     assert len(split) == 5 and all(note.endswith(", 3)") for r in split for note in r.notes)
+    # matmul precision "high": the float32 layer and training checks again, on the TF32 tensor-core GEMM
+    high = [r for r in report.results if r.precision == "high"]
+    assert {r.family for r in high} == {"linear", "train"} and all(r.dtype == "float32" for r in high)
+    assert all(r.name.endswith(" [high]") for r in high)
 
 
 @needs_emulation
