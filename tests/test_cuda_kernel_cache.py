@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -127,4 +128,4 @@ def test_functions_are_kept_per_device(cache, monkeypatch):
     device["id"] = 1
     second = cupy_backend._function("optim.cu", "sgd_multi<float>")
     assert [m.device for m in loads] == [0, 1] and first[1:] != second[1:] and first[2:] == second[2:]
-    assert first[3].startswith("_Z") and first[3].encode() in open(first[2], "rb").read()
+    assert first[3].startswith("_Z") and first[3].encode() in Path(first[2]).read_bytes()
