@@ -223,13 +223,15 @@ __device__ __forceinline__ void store_run(T* __restrict__ crow, T* __restrict__ 
                                           const T (&z)[Vec<T>::width], T alpha) {
     constexpr int W = Vec<T>::width;
     if (VEC) {
-        typename Vec<T>::type zv, yv;
+        if (zrow != nullptr) {  // stored before the activation: z's vector is dead while it runs
+            typename Vec<T>::type zv;
 #pragma unroll
-        for (int l = 0; l < W; ++l) {
-            lane<T>(zv, l) = z[l];
-            lane<T>(yv, l) = Act<T, ACT>::fwd(z[l], alpha);
+            for (int l = 0; l < W; ++l) lane<T>(zv, l) = z[l];
+            store_vec(zrow + col, zv);
         }
-        if (zrow != nullptr) store_vec(zrow + col, zv);
+        typename Vec<T>::type yv;
+#pragma unroll
+        for (int l = 0; l < W; ++l) lane<T>(yv, l) = Act<T, ACT>::fwd(z[l], alpha);
         store_vec(crow + col, yv);
     } else {
 #pragma unroll

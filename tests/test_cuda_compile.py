@@ -37,9 +37,9 @@ from nnfast.backends import cuda_compile, cuda_launch
 #: with the SASS checks through compile_file's cache.
 ARCHS = ("compute_80", "sm_90")
 
-#: What the CuPy backend adds to cuda_launch.COMPILE_OPTIONS when it compiles at run time
-#: (nnfast.backends.cuda_compile.OPTIONS, as CuPy's RawModule did): the tests build what runs.
-CUPY_RUNTIME_OPTIONS = cuda_compile.OPTIONS[len(cuda_launch.COMPILE_OPTIONS):]
+#: What the CuPy backend adds to each file's options when it compiles at run time
+#: (nnfast.backends.cuda_compile.CUPY_OPTIONS, as CuPy's RawModule did): the tests build what runs.
+CUPY_RUNTIME_OPTIONS = cuda_compile.CUPY_OPTIONS
 
 #: Kernel families whose float32 instantiations must not spill.
 HOT_KERNELS = ("gemm", "act_forward", "act_backward", "bias_act_backward", "softmax_rows", "ce_rows",
@@ -98,7 +98,7 @@ def compile_file(file: str, arch: str) -> tuple[bool, str, bytes, dict[str, str]
         for name in names:
             nvrtc.addNameExpression(prog, name)
         try:
-            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_launch.compile_options(file), *CUPY_RUNTIME_OPTIONS])
+            nvrtc.compileProgram(prog, [f"-arch={arch}", *cuda_compile.options(file)])
             ok = True
         except nvrtc.NVRTCError:
             ok = False
