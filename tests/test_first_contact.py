@@ -22,7 +22,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu" / "first_contact.sh"
-STAGES = ["environment", "warm-up", "selftest", "pytest-gpu", "memcheck", "racecheck", "bench", "data",
+STAGES = ["environment", "warm-up", "selftest", "pytest-gpu", "memcheck", "racecheck", "bench", "train-step", "data",
           "train-digits", "train-synthetic", "torch-digits", "torch-synthetic"]
 #: What comes back from the device machine: at most 6 files, named in letters, digits, '.', '_' and '-'.
 MAX_FILES = 6

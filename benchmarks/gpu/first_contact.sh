@@ -11,8 +11,15 @@
 # in parallel processes, timed; nnfast selftest on cupy (float32 and float64); pytest -m gpu;
 # compute-sanitizer memcheck (CuPy's memory pool off) and racecheck on a driver that launches every
 # kernel family and every GEMM tile configuration (a device the sanitizer refuses is reported, not
-# failed); nnfast bench --size large; training on the digits and on an MNIST-sized synthetic set
-# through the CLI, then the same runs in PyTorch eager on the GPU; the summary, printed last.
+# failed); nnfast bench --size large; one training step eager against TrainStep's CUDA graph
+# (train_step.py: steps/s, host time, synchronisations and launches per step, PyTorch eager beside);
+# training on the digits and on an MNIST-sized synthetic set through the CLI, then the same runs in
+# PyTorch eager on the GPU; the summary, printed last.
+#
+# pytest -m gpu runs the NCCL engine in a world of one rank through mpiexec when mpi4py and an MPI
+# are importable (the mpi extra); a machine without them reports that test as skipped. To bring
+# them to a machine without a registry: `pip download mpi4py mpich -d wheels` here, then there
+# `pip install --no-index --find-links wheels mpi4py mpich` before this script.
 #
 # Every stage runs under `timeout`: its own cap, and never so long that the stages after it lose
 # their minimum (their floor) before the deadline (NNFAST_FIRST_CONTACT_BUDGET seconds, default
@@ -41,13 +48,13 @@ mkdir -p "$LOGS"
 : > "$LOGS/stages.tsv"
 
 # name: cap and floor in seconds (see above).
-ORDER=(environment warm-up selftest pytest-gpu memcheck racecheck bench data train-digits train-synthetic
-       torch-digits torch-synthetic)
+ORDER=(environment warm-up selftest pytest-gpu memcheck racecheck bench train-step data train-digits
+       train-synthetic torch-digits torch-synthetic)
 declare -A CAP=([environment]=20 [warm-up]=90 [selftest]=90 [pytest-gpu]=120 [memcheck]=75 [racecheck]=75
-                [bench]=240 [data]=30 [train-digits]=40 [train-synthetic]=50 [torch-digits]=40
+                [bench]=220 [train-step]=45 [data]=30 [train-digits]=40 [train-synthetic]=50 [torch-digits]=40
                 [torch-synthetic]=50)
 declare -A FLOOR=([environment]=8 [warm-up]=30 [selftest]=30 [pytest-gpu]=40 [memcheck]=25 [racecheck]=25
-                  [bench]=60 [data]=8 [train-digits]=12 [train-synthetic]=15 [torch-digits]=12
+                  [bench]=55 [train-step]=12 [data]=8 [train-digits]=12 [train-synthetic]=15 [torch-digits]=12
                   [torch-synthetic]=15)
 SUMMARY_CAP=20
 BUDGET="${NNFAST_FIRST_CONTACT_BUDGET:-520}"
@@ -92,6 +99,7 @@ if [ "$DRY" = 1 ]; then
     SYNTH=(--epochs 1 --hidden 32)
     TORCH=(--device cpu)
     WARM=(--dry-run)
+    STEP=(--dry-run --no-torch)
 else
     BACKEND=cupy
     SANITIZER="${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null \
@@ -103,6 +111,7 @@ else
     SYNTH=(--epochs 3)
     TORCH=(--device cuda)
     WARM=()
+    STEP=()
 fi
 SYNTH+=(--data "$WORK/synthetic.npz" --batch-size 128)
 # Options of this compute-sanitizer: CuPy's own probing CUDA calls may fail by design, which is not a
@@ -132,6 +141,7 @@ else
     stage racecheck bash -c 'echo "compute-sanitizer not found"; exit 4'
 fi
 stage bench "$PY" -m nnfast.cli bench "${BENCH[@]}" --no-progress --json "$OUT/bench.json"
+stage train-step "$PY" "$HERE/train_step.py" "${STEP[@]}" --json "$LOGS/train_step.json"
 stage data "$PY" "$HERE/synthetic_mnist.py" "$WORK/synthetic.npz" "${DATA[@]}"
 stage train-digits "$PY" -m nnfast.cli train --backend "$BACKEND" "${DIGITS[@]}" --no-progress
 stage train-synthetic "$PY" -m nnfast.cli train --backend "$BACKEND" "${SYNTH[@]}" --no-progress

@@ -91,6 +91,12 @@ def verdict(stage: dict[str, Any], logs: Path, out: Path) -> tuple[str, str]:
         b = _load(out / "bench.json") or {}
         return status, (f"{len(b.get('results', []))} cases, {len(b.get('errors', []))} errors, "
                         f"{len(b.get('skipped', []))} skipped") if b else _last_line(log)
+    if name == "train-step":
+        rows = (_load(logs / "train_step.json") or {}).get("rows", [])
+        if rows:
+            return status, "; ".join(f"{r['mode']} {r['us_per_step']:.0f} µs/step"
+                                     + (f", {r['syncs_per_step']:g} syncs" if r.get("syncs_per_step") is not None
+                                        else "") for r in rows)
     if name.startswith(("train-", "torch-")):
         epochs = _epochs(log)
         if epochs:

@@ -1,14 +1,13 @@
-"""Compile every ``kernels/*.cu`` file with NVRTC, one process per file, and time it.
+"""Compile the CUDA kernels before the stages that launch them, and time it.
 
-On a GPU each process builds a file's module exactly as the CuPy backend
-does on first use (every instantiation of the file in one NVRTC program), so
-CuPy's on-disk cache holds every kernel afterwards and the stages after this
-one load them instead of compiling (serially, about 23 s, most of it
-``linear.cu``). Where the backend has a ``warm_up`` of its own, that is used
-instead. ``--dry-run`` (no GPU) compiles one instantiation per file to PTX,
-in the same processes, to keep this script honest in CI.
+On a GPU this is :func:`nnfast.backends.cupy_backend.warm_up`: every
+instantiation of every ``kernels/*.cu`` file compiled by NVRTC in parallel
+worker processes into nnfast's kernel cache, so the stages after this one
+load them instead of compiling. ``--dry-run`` (no GPU) compiles one
+instantiation per file to PTX, one process per file, with each file's own
+options, to keep this script honest in CI.
 
-Prints one line per file and the wall time; ``--json FILE`` writes them.
+Prints one line per file (dry run) and the wall time; ``--json FILE`` writes them.
 """
 
 from __future__ import annotations
@@ -23,45 +22,35 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 
-def _compile_on_gpu(file: str) -> dict[str, Any]:
-    from nnfast.backends import cuda_launch, cupy_backend
-
-    began = time.perf_counter()
-    names = cuda_launch.name_expressions(file)
-    cupy_backend._function(file, names[0])  # builds, caches and loads the whole module of the file
-    return {"file": file, "instantiations": len(names), "seconds": time.perf_counter() - began}
-
-
 def _compile_dry(file: str) -> dict[str, Any]:
     from cupy_backends.cuda.libs import nvrtc
 
-    from nnfast.backends import cuda_launch
+    from nnfast.backends import cuda_compile, cuda_launch
 
     began = time.perf_counter()
     name = cuda_launch.name_expressions(file)[0]
     prog = nvrtc.createProgram(cuda_launch.load_source(file), file, [], [])
     try:
         nvrtc.addNameExpression(prog, name)
-        nvrtc.compileProgram(prog, ["-arch=compute_80", *cuda_launch.COMPILE_OPTIONS])
+        nvrtc.compileProgram(prog, ["-arch=compute_80", *cuda_compile.options(file)])
     finally:
         nvrtc.destroyProgram(prog)
     return {"file": file, "instantiations": 1, "seconds": time.perf_counter() - began}
 
 
 def warm_up(dry_run: bool = False, jobs: int | None = None) -> dict[str, Any]:
-    """Compile every kernel file in parallel processes; returns the per-file and total times."""
+    """Compile the kernels in parallel processes; returns the times (per file on a dry run)."""
     from nnfast.backends import cuda_launch, cupy_backend
 
     began = time.perf_counter()
-    if not dry_run and hasattr(cupy_backend, "warm_up"):  # the backend's own parallel build
+    if not dry_run:
         result = cupy_backend.warm_up()
         return {"how": "nnfast.backends.cupy_backend.warm_up", "files": [], "wall_s": time.perf_counter() - began,
                 "backend": result if isinstance(result, dict) else repr(result)}
     files = list(cuda_launch.KERNEL_FILES)
-    # Fresh interpreters, not forks: a forked process cannot use a CUDA context.
     with ProcessPoolExecutor(jobs or len(files), mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = list(pool.map(_compile_dry if dry_run else _compile_on_gpu, files))
-    return {"how": "NVRTC, one process per file" + (" (dry run: one instantiation each, to PTX)" if dry_run else ""),
+        results = list(pool.map(_compile_dry, files))
+    return {"how": "NVRTC, one process per file (dry run: one instantiation each, to PTX)",
             "files": results, "wall_s": time.perf_counter() - began,
             "serial_s": sum(r["seconds"] for r in results)}
 
