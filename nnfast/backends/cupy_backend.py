@@ -29,19 +29,19 @@ captures them in a CUDA graph.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import math
 import threading
-from typing import Any, Iterator, NamedTuple
+from typing import Any, ContextManager, NamedTuple
 
 import numpy as np
 
-from . import cuda_compile, cuda_launch
+from . import cuda_compile, cuda_launch, cuda_recording
 from ..activations import saves_input
 from ..precision import get_matmul_precision
 from .base import Backend
 from .cuda_label_checks import INFO_SIZE, LabelChecks, checked_array_class
+from .cuda_recording import RecordedLaunch, Recording
 
 _INSTALL_HINT = 'pip install "nnfast[cuda12]" (CUDA 12 driver) or pip install "nnfast[cuda13]" (CUDA 13 driver)'
 
@@ -133,70 +133,18 @@ def _function(file: str, kernel: str) -> Any:
     return fn
 
 
-class RecordedLaunch(NamedTuple):
-    """One launch as :meth:`CupyBackend.recording` saw it: ``function(grid, block, args, shared_mem=...)``."""
-
-    function: Any
-    grid: tuple[int, int, int]
-    block: tuple[int, int, int]
-    args: tuple[Any, ...]
-    shared_mem: int
-
-    def __call__(self) -> None:
-        self.function(self.grid, self.block, self.args, shared_mem=self.shared_mem)
-
-
-class Recording:
-    """What :meth:`CupyBackend.recording` saw: the launches, and the label checks of the
-    cross-entropy calls (``(info, rows, classes, ignore_index)``, for :meth:`LabelChecks.track`)."""
-
-    def __init__(self) -> None:
-        self.launches: list[RecordedLaunch] = []
-        self.label_checks: list[tuple[Any, int, int, int]] = []
-
-
-_recording = threading.local()
-
-
-#: The lists of :func:`recorded_launches` blocks now open.
-_recorders: list[list[cuda_launch.Launch]] = []
-
-
-@contextlib.contextmanager
-def recorded_launches() -> Iterator[list[cuda_launch.Launch]]:
-    """Inside the block, every kernel launch of this backend is appended to the list it yields.
-
-    Each entry is the :class:`~nnfast.backends.cuda_launch.Launch` (a
-    ``GemmPlan`` for a GEMM) as launched: its instantiation, grid and block.
-    ``nnfast selftest`` uses it to see that a forced GEMM path is the one
-    that ran.
-    """
-    seen: list[cuda_launch.Launch] = []
-    _recorders.append(seen)
-    try:
-        yield seen
-    finally:
-        _recorders.remove(seen)
-
-
 def _launch(launch: cuda_launch.Launch, *args: Any) -> None:
     # Listed before the launch, so a launch that raises (a compile error, a bad configuration) is still named.
-    for seen in _recorders:
+    for seen in cuda_recording.listeners:
         seen.append(launch)
     fn = _function(launch.file, launch.kernel)
     if launch.shared_mem > cuda_launch.DEFAULT_SHARED_MEM and fn.max_dynamic_shared_size_bytes < launch.shared_mem:
         fn.max_dynamic_shared_size_bytes = launch.shared_mem  # a block above 48 KiB must be allowed first
-    recording = getattr(_recording, "current", None)
+    recording = cuda_recording.current()
     if recording is None:
         fn(launch.grid, launch.block, args, shared_mem=launch.shared_mem)
     else:
         recording.launches.append(RecordedLaunch(fn, launch.grid, launch.block, args, launch.shared_mem))
-
-
-def _unrecordable(what: str) -> None:
-    """Refuse, inside a recording, device work that is not a kernel launch (it would not be replayed)."""
-    if getattr(_recording, "current", None) is not None:
-        raise RuntimeError(f"a recorded step cannot hold {what}: it is not a kernel launch")
 
 
 _NULL = np.uint64(0)
@@ -296,25 +244,10 @@ class CupyBackend(Backend):
         """Read the flags of finished calls without waiting."""
         self._labels.poll()
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[Recording]:
-        """Record, in this thread, the launches the ops would make, instead of making them.
-
-        Outputs are allocated as usual and stay alive in the recorded
-        arguments, so replaying :attr:`Recording.launches` in order (each
-        ``launch()``) recomputes them from whatever the inputs hold then: a
-        step with fixed buffers, replayed directly or captured in a CUDA
-        graph. Cross-entropy label checks are listed instead of tracked. Device
-        work that is not a launch (a copy of a misaligned row view, an identity
-        activation) raises ``RuntimeError``.
-        """
-        if getattr(_recording, "current", None) is not None:
-            raise RuntimeError("recordings do not nest")
-        recording = _recording.current = Recording()
-        try:
-            yield recording
-        finally:
-            _recording.current = None
+    def recording(self) -> ContextManager[Recording]:
+        """Record, in this thread, the launches the ops would make, instead of making them
+        (:func:`nnfast.backends.cuda_recording.recording`)."""
+        return cuda_recording.recording()
 
     def _copy_into(self, dst: Any, src: Any, stream: Any = None) -> None:
         """``dst[...] = src`` for two C-contiguous device arrays of one size, as one asynchronous
@@ -391,7 +324,7 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------------ activations
     def _activation_forward(self, x, activation, alpha):
         if activation == "identity":
-            _unrecordable("an identity activation (a copy)")
+            cuda_recording.refuse_inside("an identity activation (a copy)")
             return x.copy()
         y = self._cupy.empty_like(x)
         launch, vec = cuda_launch.activation_launch(x.size, x.dtype, activation, backward=False,
@@ -401,7 +334,7 @@ class CupyBackend(Backend):
 
     def _activation_backward(self, dy, saved, activation, alpha):
         if activation == "identity":
-            _unrecordable("an identity activation (a copy)")
+            cuda_recording.refuse_inside("an identity activation (a copy)")
             return dy.copy()
         dx = self._cupy.empty_like(dy)
         launch, vec = cuda_launch.activation_launch(dy.size, dy.dtype, activation, backward=True,
@@ -414,7 +347,7 @@ class CupyBackend(Backend):
         # The row kernels need input and output to share their address modulo 16.
         if _aligned(x):
             return x
-        _unrecordable("a misaligned row view (copied)")
+        cuda_recording.refuse_inside("a misaligned row view (copied)")
         return x.copy()
 
     def _softmax_rows(self, x, log):
@@ -452,7 +385,7 @@ class CupyBackend(Backend):
             _launch(plan.reduce, loss, row_loss, scale, np.int32(rows))
         else:
             loss = row_loss
-        recording = getattr(_recording, "current", None)
+        recording = cuda_recording.current()
         if recording is None:
             self._labels.track(info, rows, classes, ignore_index)
         else:
@@ -536,4 +469,4 @@ class CupyBackend(Backend):
                 np.int32(rows), np.float64(lr), np.float64(beta1), np.float64(beta2))
 
 
-__all__ = ["CupyBackend", "Recording", "RecordedLaunch", "cupy_unavailable_reason", "warm_up"]
+__all__ = ["CupyBackend", "cupy_unavailable_reason", "warm_up"]

@@ -16,7 +16,7 @@ On the CUDA backend each check pins the tile (and the split-K factor) with
 
 Shapes come from the tile (partial tiles at the edges, an inner dimension
 that cycles the ring of pipeline stages). On the CUDA backend each check
-records its launches (:func:`nnfast.backends.cupy_backend.recorded_launches`)
+records its launches (:func:`nnfast.backends.cuda_recording.recorded_launches`)
 and fails unless they took the path forced: the instantiation's tile and
 vector flag, the number of splits. Other backends run the same layers: the
 forcing does not concern them, the shapes and operand layouts do. Two more
@@ -32,7 +32,7 @@ from typing import Iterator
 import numpy as np
 
 from ..activations import ACTIVATIONS
-from ..backends import cuda_launch, cupy_backend, gemm_plan
+from ..backends import cuda_launch, cuda_recording, gemm_plan
 from ..backends.gemm_plan import GEMM_TILES, GemmTile
 from .check import Check, CheckFailed, Context, dims
 from .compare import Pair
@@ -85,7 +85,7 @@ def _path_run(tile_name: str, tile: GemmTile, path: str, activation: str, bias: 
         x, W, b, dy = layer_inputs(ctx, shape, bias)
         args = [ctx.put(x, offset), ctx.put(W, offset), None if b is None else ctx.put(b, offset),
                 ctx.put(dy, offset)]
-        record = cupy_backend.recorded_launches() if ctx.on_cuda else contextlib.nullcontext([])
+        record = cuda_recording.recorded_launches() if ctx.on_cuda else contextlib.nullcontext([])
         with gemm_plan.forced(tile=tile_name, splits=splits), record as launched:
             got, saved = run_layer(ctx, *args, activation, need_dx=need_dx)
         if ctx.on_cuda:
