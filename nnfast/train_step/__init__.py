@@ -129,6 +129,9 @@ class TrainStep:
     def _plan(self, key: PlanKey) -> Plan:
         signature = self._current_signature()
         if signature != self._signature:  # arrays replaced or settings changed: every plan is stale
+            opt = self.optimizer  # a plan updates in place: no two of these arrays may share memory
+            checks.refuse_shared_memory(self.backend, {"params": [p.data for p in opt.params],
+                                                       **{name: opt.state[name] for name in opt.state_names}})
             self._plans.clear()
             self._signature = signature
         plan = self._plans.get(key)
