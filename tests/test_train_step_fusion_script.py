@@ -4,25 +4,19 @@ with the plan it claims, and every nnfast configuration's first step gives the s
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import nnfast as nf
+from script_support import ROOT, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_step_fusion.py"
 
 pytestmark = pytest.mark.skipif("numba" not in nf.available_backends(), reason="the fused plan is Numba's")
 
 
 def _run(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="2")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_script(SCRIPT, *args, cwd=cwd, numba_threads=2, timeout=600)
 
 
 def test_the_quick_run_reports_every_configuration_at_each_thread_count(tmp_path):

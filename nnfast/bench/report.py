@@ -110,7 +110,8 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
 
 
 def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int]:
-    """Header and cells of the ``--contended`` table: each implementation quiet, beside a busy core, and kept."""
+    """Header, cells and label columns (3) of the ``--contended`` table: each implementation quiet, beside a
+    busy core, and kept."""
     order = [k for k in impl_order(report) if any("contended" in r["impls"].get(k, {}) for r in rows)]
     fast = [k for k in order if k != "numpy" and not k.startswith("torch")]
     with_torch = [k for k in fast if any("speedup_vs_torch" in r["impls"].get(k, {}).get("contended", {})
