@@ -118,7 +118,7 @@ def _torch_train_step(torch: Any, a: dict[str, Any]) -> Callable[[], Any]:
 
 
 TRAIN_STEP = Benchmark(
-    "train", "GFLOP/s", "gemm_ref", "6·B·Σ(in·out) flop",  # 2 forward + 4 backward per weight and sample
+    "train", "GFLOP/s", "gemm_ref", "6·B·Σ(in·out) flop, B the samples of a call",  # 2 fwd + 4 bwd per weight, sample
     lambda d, s: 6.0 * _samples(d) * sum(a * c for a, c in zip(d[0][:-1], d[0][1:])),
     TRAIN_SHAPES, _train_inputs, _torch_train_step, TRAIN_VARIANTS)
 
