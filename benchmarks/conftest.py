@@ -12,7 +12,8 @@ every machine and ``--benchmark-compare`` lines runs up.
 Environment:
 
 * ``NNFAST_BENCH_SIZES``: comma-separated size tags to keep
-  (``small,medium,large,mlp``; default all).
+  (``small,medium,large,mlp,epoch``; default all; ``epoch`` is the training
+  epoch of 60,000 samples, a second or more per call).
 * ``NNFAST_BENCH_DTYPES``: ``float32``, ``float64`` or both (default both).
 
 Save and compare runs with pytest-benchmark's own options, e.g.
@@ -47,7 +48,7 @@ def _env_list(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v.strip() for v in raw.split(",") if v.strip())
 
 
-SIZES = _env_list("NNFAST_BENCH_SIZES", ("small", "medium", "mlp", "large"))
+SIZES = _env_list("NNFAST_BENCH_SIZES", ("small", "medium", "mlp", "large", "epoch"))
 DTYPES = _env_list("NNFAST_BENCH_DTYPES", bench.DTYPES)
 
 

@@ -10,7 +10,7 @@ Rewrites only what lies between the markers ``<!-- bench:start -->`` and
 
 Options after ``--`` go to ``nnfast bench`` (default: ``--dtype float32``).
 The README gets a summary: the medium and large shapes of each kernel and
-every training step (``--all-rows`` for the whole report).
+every training row, both variants, steps and epoch (``--all-rows`` for the whole report).
 """
 
 from __future__ import annotations

@@ -118,9 +118,12 @@ def test_bench_gemm_kernels_and_training_step_section(tmp_path, capsys):
     report = json.loads(out.read_text(encoding="utf-8"))
     _check_report(report, ["numpy"], GEMM_OPS.split(","))
     if any(row["op"] == "train_step" for row in report["results"]):
-        (row,) = [r for r in report["results"] if r["op"] == "train_step"]
-        assert row["shape"] == {"sizes": [64, 128, 10], "batch": 64}
-        assert "Training step" in capsys.readouterr().out and "ms/step" in md.read_text(encoding="utf-8")
+        rows = [r for r in report["results"] if r["op"] == "train_step"]
+        assert [r["variant"] for r in rows] == ["TrainStep", "eager"]  # nf.TrainStep, and the eager loop beside it
+        assert all(r["shape"] == {"sizes": [64, 128, 10], "batch": 64} for r in rows)
+        text = md.read_text(encoding="utf-8")
+        assert "Training step" in capsys.readouterr().out and "ms/step" in text
+        assert "| [64,128,10] | TrainStep | 64 | float32 |" in text and "| [64,128,10] | eager | 64 | float32 |" in text
 
 
 def test_bench_repeated_backend_option_and_groups(tmp_path):

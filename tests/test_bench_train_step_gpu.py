@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from script_support import ROOT, run_script
+
 SCRIPT = ROOT / "benchmarks" / "gpu" / "train_step.py"
 
 
 def _run(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return run_script(SCRIPT, *args, cwd=cwd, numba_threads=1)
 
 
 def test_the_dry_run_reports_every_cpu_mode(tmp_path):

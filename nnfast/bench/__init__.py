@@ -10,7 +10,9 @@ sample is the mean of enough calls to last ``min_time``.
 
 The cases come from the op table (:mod:`nnfast.ops`): every op row with a
 ``bench`` declaration is a case family (its shapes, work model, inputs and
-PyTorch equivalent), plus a whole training step (:mod:`.cases`).
+PyTorch equivalent), plus the training of an MLP (:mod:`.cases`): one step
+at three sizes and one epoch of an MNIST-sized data set, each through
+``nf.TrainStep`` and through the eager loop of layer calls.
 
 Work models
 -----------
@@ -30,7 +32,8 @@ counted on the ideal algorithm, not on what an implementation happens to do:
 * ``sgd_update`` (momentum): reads p, g, v, writes p, v: ``5·n·s`` bytes.
 * ``adam_update``: reads p, g, m, v, writes p, m, v: ``7·n·s`` bytes.
 * ``train_step`` (MLP forward, softmax-CE, backward, SGD step):
-  ``6·B·Σ(in·out)`` flop (2 forward + 4 backward per weight and sample).
+  ``6·B·Σ(in·out)`` flop (2 forward + 4 backward per weight and sample; B
+  the samples of one call: the batch of a step, the data set of an epoch).
 
 Machine limits, measured in the same run
 ----------------------------------------

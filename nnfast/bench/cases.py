@@ -4,9 +4,12 @@ A case family (:class:`OpSpec`) is an op's :class:`~nnfast.op_spec.Benchmark`
 row under the op's name: its shapes, work model, inputs and PyTorch
 equivalent come from :mod:`nnfast.ops`. Running a case on an nnfast backend
 is calling the op's public method with those inputs; running it in PyTorch is
-calling the row's equivalent. The one case that is not an op, a whole
-training step of an MLP (forward, softmax cross-entropy, backward, SGD), is
-declared here the same way.
+calling the row's equivalent. The one case family that is not an op, the
+training of an MLP (forward, softmax cross-entropy, backward, SGD), is
+declared here the same way: one step at three sizes and one epoch of an
+MNIST-sized data set, each run through ``nf.TrainStep`` and through the eager
+loop of layer calls (the variants ``TrainStep`` and ``eager``), PyTorch's
+eager loop beside both.
 """
 
 from __future__ import annotations
@@ -48,14 +51,49 @@ def _mlp_label(sizes: Sequence[int]) -> str:
     return "[" + ",".join(str(s) for s in sizes) + "]"
 
 
-TRAIN_SHAPES = tuple(Shape(size, (sizes, batch), f"{_mlp_label(sizes)} b{batch}") for size, sizes, batch in (
-    ("small", (64, 128, 10), 64), ("medium", (784, 512, 512, 10), 1024), ("large", (784, 1024, 1024, 10), 256)))
+#: The training cases: one step each at three sizes, and an epoch of an MNIST-sized data set (60,000
+#: samples of 784 features, batches of 128, the last one of 96) -- ``(sizes, batch)`` or ``(sizes, batch, samples)``.
+TRAIN_SHAPES = (
+    Shape("small", ((64, 128, 10), 64), "[64,128,10] b64"),
+    Shape("medium", ((784, 256, 256, 10), 128), "[784,256,256,10] b128"),
+    Shape("large", ((784, 1024, 1024, 10), 256), "[784,1024,1024,10] b256"),
+    Shape("epoch", ((784, 256, 256, 10), 128, 60000), "[784,256,256,10] b128, epoch of 60000"),
+)
+#: How nnfast runs a training case: ``nf.TrainStep`` (what ``nnfast train`` uses: the backend's fastest
+#: plan) and the eager loop of layer calls (forward, loss, backward, ``optimizer.step``) beside it.
+TRAIN_VARIANTS = ("TrainStep", "eager")
+
+
+def _samples(dims: tuple[Any, ...]) -> int:
+    """Rows of a training case's data: the batch for a step, the data set for an epoch."""
+    return dims[2] if len(dims) > 2 else dims[1]
 
 
 def _train_inputs(rng, dims, dtype, variant, reference) -> dict[str, Any]:
-    sizes, batch = dims
-    return {"x": (rng.standard_normal((batch, sizes[0]))).astype(dtype),
-            "labels": rng.integers(0, sizes[-1], size=batch).astype(np.int64), "sizes": sizes}
+    sizes, batch = dims[:2]
+    n = _samples(dims)
+    return {"x": (rng.standard_normal((n, sizes[0]))).astype(dtype),
+            "labels": rng.integers(0, sizes[-1], size=n).astype(np.int64), "sizes": sizes, "batch": batch}
+
+
+def batches(x: Any, labels: Any, batch: int) -> list[tuple[Any, Any]]:
+    """``(x, labels)`` of each batch of a training case: consecutive row slices (views), made once, so that
+    a timed epoch is the steps alone, in nnfast and in PyTorch alike (no shuffling, no data loader)."""
+    return [(x[i:i + batch], labels[i:i + batch]) for i in range(0, len(x), batch)]
+
+
+def _run_batches(step: Callable[[Any, Any], Any], chunks: list[tuple[Any, Any]]) -> Callable[[], Any]:
+    """A zero-argument callable running ``step`` on every batch in order; the last loss."""
+    if len(chunks) == 1:
+        (xb, lb), = chunks
+        return lambda: step(xb, lb)
+
+    def epoch() -> Any:
+        for xb, lb in chunks:
+            loss = step(xb, lb)
+        return loss
+
+    return epoch
 
 
 def _torch_train_step(torch: Any, a: dict[str, Any]) -> Callable[[], Any]:
@@ -69,20 +107,20 @@ def _torch_train_step(torch: Any, a: dict[str, Any]) -> Callable[[], Any]:
     model = torch.nn.Sequential(*layers).to(device=x.device, dtype=x.dtype)
     opt = torch.optim.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)
 
-    def train_step() -> Any:
+    def train_step(xb: Any, labels: Any) -> Any:
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), a["labels"])
+        loss = torch.nn.functional.cross_entropy(model(xb), labels)
         loss.backward()
         opt.step()
         return loss
 
-    return train_step
+    return _run_batches(train_step, batches(x, a["labels"], a["batch"]))
 
 
 TRAIN_STEP = Benchmark(
-    "train", "GFLOP/s", "gemm_ref", "6·B·Σ(in·out) flop",  # 2 forward + 4 backward per weight and sample
-    lambda d, s: 6.0 * d[1] * sum(a * c for a, c in zip(d[0][:-1], d[0][1:])),
-    TRAIN_SHAPES, _train_inputs, _torch_train_step)
+    "train", "GFLOP/s", "gemm_ref", "6·B·Σ(in·out) flop, B the samples of a call",  # 2 fwd + 4 bwd per weight, sample
+    lambda d, s: 6.0 * _samples(d) * sum(a * c for a, c in zip(d[0][:-1], d[0][1:])),
+    TRAIN_SHAPES, _train_inputs, _torch_train_step, TRAIN_VARIANTS)
 
 #: Every case family, in report order: the op table's, then the training step.
 OPS: dict[str, OpSpec] = {name: OpSpec(name, op.bench) for name, op in _OP_TABLE.items() if op.bench is not None}
@@ -208,7 +246,8 @@ def gemm_dims(spec: OpSpec, shape: Shape, device: str = "cpu") -> tuple[int, int
 def shape_record(spec: OpSpec, shape: Shape) -> Any:
     """The shape of a case as the JSON report records it."""
     if spec.name == "train_step":
-        return {"sizes": list(shape.dims[0]), "batch": shape.dims[1]}
+        epoch = {"samples": shape.dims[2]} if len(shape.dims) > 2 else {}
+        return {"sizes": list(shape.dims[0]), "batch": shape.dims[1], **epoch}
     if spec.group == "optim":
         return {"sizes": list(shape.dims), "params": int(sum(math.prod(s) for s in mlp_param_shapes(shape.dims)))}
     return list(shape.dims)
@@ -255,7 +294,7 @@ def make_nnfast(backend: Any, spec: OpSpec, variant: str, shape: Shape, dtype: s
     """
     data = inputs(spec, variant, shape, dtype, seed, device)
     if spec.name == "train_step":
-        return _nnfast_train_step(backend, dtype, data)
+        return _nnfast_train_step(backend, dtype, data, variant)
     args = {k: _convert(v, backend.asarray) for k, v in data.items()}
     method = getattr(backend, spec.name)
     return lambda: method(**args)
@@ -307,10 +346,10 @@ def _convert(value: Any, to_array: Callable[[np.ndarray], Any]) -> Any:
     return value
 
 
-def _nnfast_train_step(backend: Any, dtype: str, data: dict[str, Any]) -> Callable[[], Any]:
+def _nnfast_train_step(backend: Any, dtype: str, data: dict[str, Any], variant: str) -> Callable[[], Any]:
     import nnfast as nf
 
-    missing = [n for n in ("MLP", "SoftmaxCrossEntropy", "SGD", "use_backend") if not hasattr(nf, n)]
+    missing = [n for n in ("MLP", "SoftmaxCrossEntropy", "SGD", "TrainStep", "use_backend") if not hasattr(nf, n)]
     if missing:
         raise LayerAPIMissing(f"nnfast has no {', '.join(missing)}")
     with nf.use_backend(backend.name):
@@ -318,13 +357,19 @@ def _nnfast_train_step(backend: Any, dtype: str, data: dict[str, Any]) -> Callab
         loss_fn = nf.SoftmaxCrossEntropy()
         opt = nf.SGD(model.parameters(), lr=SGD_LR, momentum=SGD_MOMENTUM)
         x, labels = backend.asarray(data["x"]), backend.asarray(data["labels"])
+    chunks = batches(x, labels, data["batch"])
+    if variant == "TrainStep":
+        step = nf.TrainStep(model, loss_fn, opt)
+        step.prepare(*(len(xb) for xb, _ in chunks))
+        run = _run_batches(step, chunks)
+        run.train_step = step  # type: ignore[attr-defined]  # which plans it made, for benchmarks/
+        return run
 
-    def step() -> Any:  # layers keep the backend they were built on
+    def eager_step(xb: Any, lb: Any) -> Any:  # layers keep the backend they were built on
         opt.zero_grad()
-        logits = model.forward(x)
-        loss, dlogits = loss_fn(logits, labels)
-        model.backward(dlogits)
+        loss, dlogits = loss_fn(model.forward(xb), lb)
+        model.backward(dlogits, need_input_grad=False)
         opt.step()
         return loss
 
-    return step
+    return _run_batches(eager_step, chunks)

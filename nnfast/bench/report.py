@@ -49,14 +49,29 @@ def impl_order(report: dict[str, Any]) -> list[str]:
     return nnfast_keys + others
 
 
-def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = False) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of one table (kernel rows or training-step rows)."""
+def _mlp(r: dict[str, Any]) -> str:
+    return "[" + ",".join(map(str, r["shape"]["sizes"])) + "]"
+
+
+def _is_epoch(r: dict[str, Any]) -> bool:
+    return r["op"] == "train_step" and "samples" in r["shape"]
+
+
+def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = False,
+          ) -> tuple[list[str], list[list[str]], int]:
+    """Header, cells and number of leading label columns of one table (kernel rows, training-step rows, or
+    training-epoch rows: ``train`` with rows whose shape has ``samples``)."""
     order = [k for k in impl_order(report) if any(k in r["impls"] for r in rows)]
     fast = [k for k in order if k != "numpy" and any(r["impls"].get(k, {}).get("kind") == "nnfast" for r in rows)]
     has_torch = [k for k in order if k.startswith("torch")]
     nnfast_keys = [k for k in order if not k.startswith("torch")]
-    header = ["MLP (SGD)" if train else "kernel", "shape" if not train else "batch", "dtype"]
-    header += [f"{k} ms/step" if train else k for k in order]
+    epoch = train and all(_is_epoch(r) for r in rows)
+    if train:
+        header = ["MLP (SGD)", "loop", "batch"] + (["samples"] if epoch else []) + ["dtype"]
+    else:
+        header = ["kernel", "shape", "dtype"]
+    lead = len(header)
+    header += [f"{k} {'s/epoch' if epoch else 'ms/step'}" if train else k for k in order]
     vs_numpy = fast if "numpy" in order else []  # a GPU-sized run has no NumPy reference
     header += [f"{k} vs numpy" for k in vs_numpy]
     if has_torch:
@@ -66,7 +81,8 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
     cells: list[list[str]] = []
     for r in rows:
         if train:
-            line = ["[" + ",".join(map(str, r["shape"]["sizes"])) + "]", str(r["shape"]["batch"]), r["dtype"]]
+            line = [_mlp(r), r["variant"], str(r["shape"]["batch"])]
+            line += ([str(r["shape"]["samples"])] if epoch else []) + [r["dtype"]]
         else:
             name = r["op"] + (f" {r['variant']}" if r["variant"] else "")
             line = [name, r["label"], r["dtype"]]
@@ -75,7 +91,7 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
             if f is None:
                 line.append("–")
             elif train:
-                line.append(f"{f['median_s'] * 1e3:.3g}")
+                line.append(f"{f['median_s']:.3g}" if epoch else f"{f['median_s'] * 1e3:.3g}")
             else:
                 line.append(f"{_fmt_time(f['median_s'])} · {_fmt_rate(f['rate'], r['metric'])}")
         for k in vs_numpy:
@@ -90,11 +106,12 @@ def table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool = Fals
             line.append(_fmt_percent(f["limit_fraction"]) if "limit_fraction" in f else "–")
         line.append("; ".join(_limit_cell(device, v) for device, v in r["limits"].items()) or "–")
         cells.append(line)
-    return header, cells
+    return header, cells, lead
 
 
-def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and cells of the ``--contended`` table: each implementation quiet, beside a busy core, and kept."""
+def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], int]:
+    """Header, cells and label columns (3) of the ``--contended`` table: each implementation quiet, beside a
+    busy core, and kept."""
     order = [k for k in impl_order(report) if any("contended" in r["impls"].get(k, {}) for r in rows)]
     fast = [k for k in order if k != "numpy" and not k.startswith("torch")]
     with_torch = [k for k in fast if any("speedup_vs_torch" in r["impls"].get(k, {}).get("contended", {})
@@ -106,8 +123,8 @@ def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple
     cells: list[list[str]] = []
     for r in rows:
         if r["op"] == "train_step":
-            line = ["train_step", "[" + ",".join(map(str, r["shape"]["sizes"])) + f"] b{r['shape']['batch']}",
-                    r["dtype"]]
+            epoch = f", epoch of {r['shape']['samples']}" if _is_epoch(r) else ""
+            line = [f"train_step {r['variant']}", f"{_mlp(r)} b{r['shape']['batch']}{epoch}", r["dtype"]]
         else:
             line = [r["op"] + (f" {r['variant']}" if r["variant"] else ""), r["label"], r["dtype"]]
         for k in order:
@@ -120,7 +137,7 @@ def contended_table(report: dict[str, Any], rows: list[dict[str, Any]]) -> tuple
             busy = r["impls"].get(k, {}).get("contended", {})
             line.append(f"{busy['speedup_vs_torch']:.2f}×" if "speedup_vs_torch" in busy else "–")
         cells.append(line)
-    return header, cells
+    return header, cells, 3
 
 
 #: Title of the ``--contended`` section.
@@ -132,13 +149,16 @@ def _sections(report: dict[str, Any], rows: list[dict[str, Any]] | None = None,
     """(title, train?, rows) of each table; ``train`` is None for the contended table."""
     rows = report["results"] if rows is None else rows
     kernels = [r for r in rows if r["op"] != "train_step"]
-    train = [r for r in rows if r["op"] == "train_step"]
+    steps = [r for r in rows if r["op"] == "train_step" and not _is_epoch(r)]
+    epochs = [r for r in rows if _is_epoch(r)]
     out: list[tuple[str, bool | None, list[dict[str, Any]]]] = []
     if kernels:
         out.append(("Kernels", False, kernels))
-    if train:
-        out.append((f"Training step: MLP, ReLU, softmax-CE, SGD (lr {SGD_LR}, momentum {SGD_MOMENTUM})",
-                    True, train))
+    what = f"MLP, ReLU, softmax-CE, SGD (lr {SGD_LR}, momentum {SGD_MOMENTUM})"
+    if steps:
+        out.append((f"Training step: {what}", True, steps))
+    if epochs:
+        out.append((f"Training epoch: {what}, consecutive batches of random data", True, epochs))
     contended = [r for r in rows if any("contended" in f for f in r["impls"].values())]
     if contended:
         out.append((CONTENDED_TITLE, None, contended))
@@ -146,7 +166,7 @@ def _sections(report: dict[str, Any], rows: list[dict[str, Any]] | None = None,
 
 
 def _table(report: dict[str, Any], rows: list[dict[str, Any]], train: bool | None,
-           ) -> tuple[list[str], list[list[str]]]:
+           ) -> tuple[list[str], list[list[str]], int]:
     return contended_table(report, rows) if train is None else table(report, rows, train)
 
 
@@ -180,7 +200,7 @@ def render_text(report: dict[str, Any]) -> str:
     out = [f"nnfast bench · {report['created']}", machine_line(report), "limits: " + limits_line(report),
            "times are medians; 'vs' columns are speedups measured side by side in this run"]
     for title, train, rows in _sections(report):
-        header, cells = _table(report, rows, train)
+        header, cells, _ = _table(report, rows, train)
         widths = [max(len(header[i]), *(len(c[i]) for c in cells)) for i in range(len(header))]
         out += ["", title, "  ".join(h.ljust(w) for h, w in zip(header, widths)),
                 "  ".join("-" * w for w in widths)]
@@ -208,9 +228,9 @@ def render_markdown(report: dict[str, Any], heading_level: int = 3,
         out += ["'Under contention': every case measured again, in the same rounds, while a busy-looping "
                 "process holds one core; 'kept' is the quiet median over the contended one.", ""]
     for title, train, section_rows in _sections(report, rows):
-        header, cells = _table(report, section_rows, train)
+        header, cells, lead = _table(report, section_rows, train)
         out += [f"{h} {title}", "", "| " + " | ".join(header) + " |",
-                "|" + "|".join("---" if i < 3 else "---:" for i in range(len(header))) + "|"]
+                "|" + "|".join("---" if i < lead else "---:" for i in range(len(header))) + "|"]
         out += ["| " + " | ".join(line) + " |" for line in cells]
         out.append("")
     models = report.get("models", {})
