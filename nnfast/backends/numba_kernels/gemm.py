@@ -425,6 +425,12 @@ def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter):
     run(task, d, f, counter)
 
 
+def op_types(dtype: np.dtype) -> tuple:
+    """The Numba types of :func:`gemm`'s compiled call for ``dtype`` with a bias (a linear layer's forward)."""
+    v, m, i = np.empty(1, dtype), np.empty((1, 1), dtype), np.empty(1, np.int64)
+    return tuple(numba.typeof(a) for a in (0, i, v, m, m, m, v, m, v, v, v, i))
+
+
 def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,
          bias: np.ndarray | None = None, activation: str = "identity", alpha: float = 0.0,
          save_z: bool = False, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
