@@ -84,6 +84,22 @@ def test_a_second_process_compiles_what_the_step_and_evaluation_load(tmp_path):
         assert not any("saved" in line and f"/{kernel}-" in line for line in lines), run.stdout
 
 
+def test_the_serial_step_compiles_no_parallel_region(tmp_path):
+    """A small model's step runs on the calling thread: compiling its kernel compiles no parallel driver,
+    and only float32 code for a float32 step."""
+    code = ("import numpy as np\n"
+            "from nnfast.backends.numba_kernels import gemm, train_step as ts, softmax_ce\n"
+            "from nnfast.train_step.numba_fused import step_types\n"
+            "ts.step_serial.compile(step_types(np.float32))\n"
+            "print([len(d.signatures) for d in (gemm.run_serial, gemm.run_parallel, ts._ce_serial,"
+            " ts._ce_parallel)], {str(s[0].dtype) for s in softmax_ce._ce_rows.signatures})\n")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NNFAST_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "[1, 0, 1, 0] {'float32'}"
+
+
 def test_warm_up_announces_when_it_takes_long(monkeypatch):
     """A warm cache that still leaves work (another dtype, a new activation): said once ``after`` has passed."""
     monkeypatch.setattr(numba_backend, "kernel_cache_status", lambda: (True, "somewhere"))
