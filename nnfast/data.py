@@ -8,6 +8,7 @@ downloaded.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import math
 import os
 import zlib
@@ -51,15 +52,34 @@ class Dataset:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8×8 digits (1797 images, 10 classes), a fixed held-out split."""
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    bunch = sk_load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
-    y = bunch.target.astype(np.int64)
+    data, target = _digits()
+    x = (data / 16.0).astype(np.float32)
+    y = target.astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     return Dataset("digits", x[train], y[train], x[test], y[test])
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    """The digits' pixels (float64, 0..16) and labels, as ``sklearn.datasets.load_digits`` gives them.
+
+    Read from the CSV file scikit-learn bundles, as its loader does: importing
+    ``sklearn.datasets`` (and SciPy with it) costs most of a second of every
+    ``nnfast train``. Where the file is not where scikit-learn keeps it, its
+    loader is used.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",")
+            return table[:, :-1], table[:, -1].astype(int)
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    return bunch.data, bunch.target
 
 
 #: What ``--data`` accepts, for error messages.

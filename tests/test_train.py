@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import nnfast as nf
+from nnfast import data as data_module
 from nnfast.data import load_dataset, load_path, read_idx
 from nnfast.train import Interrupted, TrainConfig, default_checkpoint_path, train
 
@@ -247,6 +248,19 @@ def test_digits_split_is_fixed():
     a, b = load_dataset(), load_dataset()
     assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64) and a.classes == 10
     np.testing.assert_array_equal(a.y_test, b.y_test)
+
+
+def test_digits_are_scikit_learns(monkeypatch):
+    """Read from scikit-learn's CSV file, or with its loader where the file is missing: the same arrays."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    direct = data_module._digits()
+    monkeypatch.setattr(data_module.importlib.util, "find_spec", lambda name: None)
+    for data, target in (direct, data_module._digits()):
+        assert data.dtype == bunch.data.dtype and target.dtype == bunch.target.dtype
+        np.testing.assert_array_equal(data, bunch.data)
+        np.testing.assert_array_equal(target, bunch.target)
 
 
 @pytest.mark.parametrize("name", [n for n in nf.available_backends() if n != "numpy"] or

@@ -7,10 +7,11 @@ cross-entropy, fused optimizer updates). The public methods of
 and made them C-contiguous when these run. Kernels are compiled on first use
 and cached on disk (``cache=True``), so a second process starts warm.
 
-The first run on a machine compiles the kernels it uses (seconds); later
-runs load them. :func:`warm_up` does that before training starts (and says
-so when it takes long); :func:`kernel_cache_status` tells whether it will
-be needed.
+The first run on a machine compiles the kernels it uses (seconds, split
+between two processes where a second core is free: :mod:`.numba_compile`);
+later runs load them. :func:`warm_up` does that before training starts (and
+says so when it takes long); :func:`kernel_cache_status` tells whether it
+will be needed.
 
 ``NNFAST_NUM_THREADS`` caps the kernel threads (``numba.set_num_threads``).
 Numba keeps that setting per calling thread, so each op re-applies the cap
@@ -108,12 +109,20 @@ def warm_up(step: Any, batch_sizes: tuple[int, ...], announce: Callable[[str], N
     :func:`kernel_cache_status` finds the cache cold, else when the work is
     still going on after ``after`` seconds (from a timer thread: a kernel for
     another dtype or activation may still have to be compiled), so that a
-    first run says why it is slow. Returns the seconds spent.
+    first run says why it is slow. On a cold cache, a second process compiles
+    the kernels that call the others through their addresses (the step
+    kernels, the GEMM driver) while this one compiles those
+    (:mod:`.numba_compile`). Returns the seconds spent.
     """
+    from ..train_step import _first_linear
+    from ..train_step.numba_fused import kernels
+    from . import numba_compile
+
     began = time.perf_counter()
-    timer = None
+    timer = child = None
+    cold = not kernel_cache_status()[0]
     if announce is not None:
-        if not kernel_cache_status()[0]:
+        if cold:
             announce(COMPILING)
         else:
             timer = threading.Timer(after, announce, (COMPILING,))
@@ -121,9 +130,17 @@ def warm_up(step: Any, batch_sizes: tuple[int, ...], announce: Callable[[str], N
             timer.start()
     try:
         step.backend._threads()
+        dtype = _first_linear(step.model).dtype
+        callables, steps = kernels(step.model, step.optimizer, dtype, batch_sizes)
+        if cold and callables:  # the step kernels and evaluation's GEMM driver in a second process
+            child = numba_compile.start(dtype, steps)
+        for make in callables:
+            make()
+        numba_compile.finish(child)
         step.prepare(*batch_sizes)
         _warm_forward(step.model)
     finally:
+        numba_compile.finish(child)
         if timer is not None:
             timer.cancel()
     return time.perf_counter() - began

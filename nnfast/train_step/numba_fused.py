@@ -93,6 +93,39 @@ def _linear_layers(model: Any) -> list[tuple[Linear, str, float]] | None:
 _LINEAR = ("forward", "backward", "forward_with", "backward_with")
 
 
+def _parallel(layers: list[tuple[Linear, str, float]], batch: int) -> bool:
+    """Whether the step of ``layers`` on ``batch`` rows runs its large GEMMs on every thread."""
+    macs = batch * sum(layer.in_features * layer.out_features for layer, _, _ in layers)
+    return numba.get_num_threads() > 1 and macs >= PARALLEL_MIN_MACS
+
+
+def step_types(dtype: Any) -> tuple[Any, ...]:
+    """The Numba types of a step kernel's arguments for ``dtype`` (the same for every plan of that dtype)."""
+    f, i = np.empty((1, 1), dtype), np.empty((1, 1), np.int64)
+    return tuple(numba.typeof(a) for a in (f, i[0], i, f, i[0], np.empty(1), i, f[0], i[0], i[0]))
+
+
+def kernels(model: Any, optimizer: Any, dtype: Any, batch_sizes: tuple[int, ...]) -> tuple[list[Any], list[str]]:
+    """What the fused plans of ``model`` on these batch sizes run: ``(callables, steps)``.
+
+    ``callables`` are thunks that compile (or load) the C-callable kernels the
+    plans take the addresses of (the GEMM task, the activations' loops, the
+    update); ``steps`` the names of the step kernels of :mod:`.train_step`
+    they call. Both empty for a model the fused plan does not take.
+    """
+    layers = _linear_layers(model)
+    dtype = np.dtype(dtype)
+    if layers is None or dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or not isinstance(
+            optimizer, (SGD, Adam)):
+        return [], []
+    rule = "sgd" if isinstance(optimizer, SGD) else "adam"
+    made = [lambda: gemm.task_kernel(dtype), lambda: optim_kernels.update_kernel(rule, dtype)]
+    for act in dict.fromkeys(act for _, act, _ in layers if act != "identity"):
+        made += [lambda a=act: forward_kernel(a, dtype), lambda a=act: backward_kernel(a, dtype)]
+    steps = sorted({"step_parallel" if _parallel(layers, b) else "step_serial" for b in batch_sizes})
+    return made, steps
+
+
 def _stock(obj: Any, cls: type, *methods: str) -> bool:
     """Whether ``obj`` is a ``cls`` whose ``methods`` are ``cls``'s own: the plan replaces them, so a
     subclass with its own (a patched loss, a custom layer) runs the eager plan, which calls them."""
@@ -117,8 +150,7 @@ class FusedPlan:
         self.dtype = dtype
         n = len(layers)
         threads = numba.get_num_threads()
-        macs = batch * sum(layer.in_features * layer.out_features for layer, _, _ in layers)
-        parallel = threads > 1 and macs >= PARALLEL_MIN_MACS
+        parallel = _parallel(layers, batch)
         self.parallel = parallel
         self._kernel = ts.step_parallel if parallel else ts.step_serial
         self.workspace = gemm.Workspace(dtype, numba.config.NUMBA_NUM_THREADS)
@@ -220,10 +252,7 @@ class FusedPlan:
 
     def prepare(self) -> None:
         """Compile (or load from the cache) the step kernel for this plan's argument types, without running it."""
-        x = np.empty((self.key.batch, self._args[0][ts.FWD, gemm.K]), self.dtype)
-        labels = np.empty(self.key.batch, np.int64)
-        args = (x, labels, *self._args, np.empty(1, self.dtype), self._status, self.workspace.counter)
-        self._kernel.compile(tuple(numba.typeof(a) for a in args))
+        self._kernel.compile(step_types(self.dtype))
 
     def __call__(self, x: Any, labels: Any) -> Any:
         self.backend._threads()
@@ -243,4 +272,4 @@ class FusedPlan:
         return out
 
 
-__all__ = ["FusedPlan", "PARALLEL_MIN_MACS", "build"]
+__all__ = ["FusedPlan", "PARALLEL_MIN_MACS", "build", "kernels", "step_types"]

@@ -216,87 +216,87 @@ def _store_update(T, C, ci, cj, mr, nr, first, upd, d, f):
         call_update(upd, ptr_at(p, off), ptr_at(pT, t), ptr_at(s1, off), ptr_at(s2, off), nr, coef)
 
 
-@njit(error_model="numpy")
-def _task(d, f, t, w):
-    """Task ``t`` of the product described by ``d`` (run by worker ``w``; ``f``: the float parameters)."""
-    Mv = d[M]
-    Nv = d[N]
-    Kv = d[K]
-    ta = d[TA] != 0
-    tb = d[TB] != 0
-    pf = addr(f)
-    NR = nr_of(f)
-    A_ = carray(as_ptr(d[A], pf), (Kv, Mv) if ta else (Mv, Kv))
-    B_ = carray(as_ptr(d[B], pf), (Nv, Kv) if tb else (Kv, Nv))
-    C_ = carray(as_ptr(d[C], pf), (Mv, Nv))
-    pA = ptr_at(as_ptr(d[WSA], pf), w * WS_A)
-    pB = ptr_at(as_ptr(d[WSB], pf), w * WS_B)
-    pT = ptr_at(as_ptr(d[WST], pf), w * WS_T)
-    Ap = carray(pA, WS_A)
-    Bp = carray(pB, WS_B)
-    T = carray(pT, WS_T)
-    pC = as_ptr(d[C], pf)
-    epi = d[EPI]
-    alpha = f[0]
-    has_bias = d[BIAS] != 0
-    pbias = as_ptr(d[BIAS] if has_bias else d[C], pf)
-    bias = carray(pbias, Nv)
-    act = d[ACT]
-    relu = d[RELU] != 0
-    save_z = d[Z] != 0
-    Z_ = carray(as_ptr(d[Z] if save_z else d[C], pf), (Mv, Nv))
-    S_ = carray(as_ptr(d[SAVED] if d[SAVED] != 0 else d[C], pf), (Mv, Nv))
-    bwd = d[BWD]
-    prows = d[PROWS] if d[PART] != 0 else 0
-    Pt = carray(as_ptr(d[PART] if prows > 0 else d[C], pf), ((Mv + prows - 1) // prows if prows > 0 else 1, Nv))
-    upd = d[UPD]
-    mcb = d[MCB]
-    ncb = d[NCB]
-    kcb = d[KCB]
-    nnb = d[NNB]
-    mg = d[MG]
-    m0 = (t // nnb) * mg
-    m1 = min(Mv, m0 + mg)
-    jc = (t % nnb) * ncb
-    nc = min(ncb, Nv - jc)
-    nkb = (Kv + kcb - 1) // kcb
-    # Full tiles of the last K block finish in registers unless the epilogue needs the scalar path.
-    fast_last = epi <= FORWARD and not save_z and (act == 0 or relu)
-    for kb in range(nkb):
-        pc = kb * kcb
-        kc = min(kcb, Kv - pc)
-        first = kb == 0
-        last = kb == nkb - 1
-        fast = not last or fast_last
-        pack_b(B_, tb, pc, kc, jc, nc, Bp)
-        for ic in range(m0, m1, mcb):
-            mc = min(mcb, m1 - ic)
-            pack_a(A_, ta, ic, mc, pc, kc, Ap)
-            for jp in range((nc + NR - 1) // NR):
-                nr = min(NR, nc - jp * NR)
-                j = jc + jp * NR
-                jb = j if (last and has_bias) else -1
-                for ip in range((mc + MR - 1) // MR):
-                    mr = min(MR, mc - ip * MR)
-                    i = ic + ip * MR
-                    direct = fast and mr == MR and nr == NR
-                    micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
-                          direct, direct and not first, pbias, jb if direct else -1, direct and last and relu)
-                    if direct:
-                        continue
-                    if not last or epi <= FORWARD:
-                        _store_tile(T, C_, i, j, mr, nr, first, last, bias, has_bias, act, alpha, Z_, save_z)
-                    elif epi == DX:
-                        _store_dx(T, C_, i, j, mr, nr, first, S_, bwd, relu, alpha, Pt, prows)
-                    else:
-                        _store_update(T, C_, i, j, mr, nr, first, upd, d, pf)
-
-
 def _task_cfunc(T: types.Float):
+    # The task's body is the cfunc's own rather than a call of an @njit function: Numba optimises and
+    # generates machine code for every function it compiles, callees included, so a wrapper would make the
+    # largest body of the backend go through LLVM twice (a second of a cold start).
     @cfunc(types.void(types.CPointer(types.int64), types.CPointer(T), types.int64, types.int64), cache=True,
            error_model="numpy")
-    def task(d, f, t, w):
-        _task(carray(d, DESC), carray(f, 1), t, w)
+    def task(dp, fp, t, w):
+        """Task ``t`` of the product described by ``dp`` (run by worker ``w``; ``fp``: the float parameters)."""
+        d = carray(dp, DESC)
+        f = carray(fp, 1)
+        Mv = d[M]
+        Nv = d[N]
+        Kv = d[K]
+        ta = d[TA] != 0
+        tb = d[TB] != 0
+        pf = addr(f)
+        NR = nr_of(f)
+        A_ = carray(as_ptr(d[A], pf), (Kv, Mv) if ta else (Mv, Kv))
+        B_ = carray(as_ptr(d[B], pf), (Nv, Kv) if tb else (Kv, Nv))
+        C_ = carray(as_ptr(d[C], pf), (Mv, Nv))
+        pA = ptr_at(as_ptr(d[WSA], pf), w * WS_A)
+        pB = ptr_at(as_ptr(d[WSB], pf), w * WS_B)
+        pT = ptr_at(as_ptr(d[WST], pf), w * WS_T)
+        Ap = carray(pA, WS_A)
+        Bp = carray(pB, WS_B)
+        T = carray(pT, WS_T)
+        pC = as_ptr(d[C], pf)
+        epi = d[EPI]
+        alpha = f[0]
+        has_bias = d[BIAS] != 0
+        pbias = as_ptr(d[BIAS] if has_bias else d[C], pf)
+        bias = carray(pbias, Nv)
+        act = d[ACT]
+        relu = d[RELU] != 0
+        save_z = d[Z] != 0
+        Z_ = carray(as_ptr(d[Z] if save_z else d[C], pf), (Mv, Nv))
+        S_ = carray(as_ptr(d[SAVED] if d[SAVED] != 0 else d[C], pf), (Mv, Nv))
+        bwd = d[BWD]
+        prows = d[PROWS] if d[PART] != 0 else 0
+        Pt = carray(as_ptr(d[PART] if prows > 0 else d[C], pf), ((Mv + prows - 1) // prows if prows > 0 else 1, Nv))
+        upd = d[UPD]
+        mcb = d[MCB]
+        ncb = d[NCB]
+        kcb = d[KCB]
+        nnb = d[NNB]
+        mg = d[MG]
+        m0 = (t // nnb) * mg
+        m1 = min(Mv, m0 + mg)
+        jc = (t % nnb) * ncb
+        nc = min(ncb, Nv - jc)
+        nkb = (Kv + kcb - 1) // kcb
+        # Full tiles of the last K block finish in registers unless the epilogue needs the scalar path.
+        fast_last = epi <= FORWARD and not save_z and (act == 0 or relu)
+        for kb in range(nkb):
+            pc = kb * kcb
+            kc = min(kcb, Kv - pc)
+            first = kb == 0
+            last = kb == nkb - 1
+            fast = not last or fast_last
+            pack_b(B_, tb, pc, kc, jc, nc, Bp)
+            for ic in range(m0, m1, mcb):
+                mc = min(mcb, m1 - ic)
+                pack_a(A_, ta, ic, mc, pc, kc, Ap)
+                for jp in range((nc + NR - 1) // NR):
+                    nr = min(NR, nc - jp * NR)
+                    j = jc + jp * NR
+                    jb = j if (last and has_bias) else -1
+                    for ip in range((mc + MR - 1) // MR):
+                        mr = min(MR, mc - ip * MR)
+                        i = ic + ip * MR
+                        direct = fast and mr == MR and nr == NR
+                        micro(kc, pA, ip * MR * kc, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
+                              direct, direct and not first, pbias, jb if direct else -1, direct and last and relu)
+                        if direct:
+                            continue
+                        if not last or epi <= FORWARD:
+                            _store_tile(T, C_, i, j, mr, nr, first, last, bias, has_bias, act, alpha, Z_, save_z)
+                        elif epi == DX:
+                            _store_dx(T, C_, i, j, mr, nr, first, S_, bwd, relu, alpha, Pt, prows)
+                        else:
+                            _store_update(T, C_, i, j, mr, nr, first, upd, d, pf)
 
     return task
 
@@ -312,8 +312,8 @@ def task_kernel(dtype: np.dtype):
 
 # ------------------------------------------------------------ drivers
 @njit(cache=True, error_model="numpy")
-def run_serial(task, d, f):
-    """Every task of ``d`` on the calling thread."""
+def run_serial(task, d, f, counter):
+    """Every task of ``d`` on the calling thread (``counter``: unused, the arguments of :func:`run`)."""
     for t in range(d[NTASKS]):
         call_task(task, addr(d), addr(f), t, 0)
 
@@ -407,7 +407,7 @@ def run(task, d, f, counter):
     if d[WORKERS] > 1:
         run_parallel(task, d, f, counter, d[WORKERS])
     else:
-        run_serial(task, d, f)
+        run_serial(task, d, f, counter)
 
 
 @njit(cache=True, error_model="numpy")
@@ -423,6 +423,12 @@ def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter):
     d[WSB] = address_of(addr(ws_b))
     d[WST] = address_of(addr(ws_t))
     run(task, d, f, counter)
+
+
+def op_types(dtype: np.dtype) -> tuple:
+    """The Numba types of :func:`gemm`'s compiled call for ``dtype`` with a bias (a linear layer's forward)."""
+    v, m, i = np.empty(1, dtype), np.empty((1, 1), dtype), np.empty(1, np.int64)
+    return tuple(numba.typeof(a) for a in (0, i, v, m, m, m, v, m, v, v, v, i))
 
 
 def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool = False,

@@ -32,13 +32,15 @@ scheduling, and the softmax-CE over row blocks in parallel.
 
 from __future__ import annotations
 
+import types as pytypes
+
 import numpy as np
 from numba import carray, njit, prange
 
 from ._calls import call_backward, call_update, ptr_at
 from ._sched import address_of, as_ptr
 from ._simd import addr
-from .gemm import A, WORKERS, run_parallel, run_serial
+from .gemm import A, run, run_serial
 from .linear import _merge
 from .softmax_ce import _ce_rows, scan_labels
 
@@ -62,46 +64,80 @@ CE_PARALLEL_MIN = 1 << 15
 @njit(error_model="numpy")
 def pairwise_sum(a):
     """``a.sum()`` of a float64 array with NumPy's pairwise summation (eight partial
-    sums per block of at most 128, halves above), so the result has NumPy's bits."""
-    return _pairwise(a, np.int64(0), a.size)
+    sums per block of at most 128, halves above), so the result has NumPy's bits.
+
+    NumPy's recursion is walked with an explicit stack, in the same order (left
+    half, right half, their sum): Numba compiles a recursive function twice
+    over (once to type the recursion), which made it a second of a cold start.
+    """
+    n = a.size
+    # Pending ranges: (start, length), the length negated once its halves are pushed; the sums of finished ones.
+    todo = np.empty((2 * _STACK, 2), np.int64)
+    sums = np.empty(_STACK, np.float64)
+    top = 0
+    todo[0, 0] = 0
+    todo[0, 1] = n
+    done = 0
+    while top >= 0:
+        lo = todo[top, 0]
+        m = todo[top, 1]
+        if m < 0:  # both halves summed
+            done -= 1
+            sums[done - 1] = sums[done - 1] + sums[done]
+            top -= 1
+        elif m > 128:
+            half = m // 2
+            half -= half % 8
+            todo[top, 1] = -m
+            todo[top + 1, 0] = lo + half
+            todo[top + 1, 1] = m - half
+            todo[top + 2, 0] = lo
+            todo[top + 2, 1] = half
+            top += 2
+        else:
+            sums[done] = _pairwise_block(a, lo, m)
+            done += 1
+            top -= 1
+    return sums[0]
+
+
+#: Depth of :func:`pairwise_sum`'s stack: every halving leaves more than 64 values, so 2**64 values need fewer.
+_STACK = 64
 
 
 @njit(error_model="numpy")
-def _pairwise(a, lo, n):
+def _pairwise_block(a, lo, n):
+    """NumPy's sum of ``a[lo:lo + n]``, ``n <= 128``: eight partial sums (one below eight values)."""
     if n < 8:
         res = 0.0
         for i in range(lo, lo + n):
             res += a[i]
         return res
-    if n <= 128:
-        r0 = a[lo]
-        r1 = a[lo + 1]
-        r2 = a[lo + 2]
-        r3 = a[lo + 3]
-        r4 = a[lo + 4]
-        r5 = a[lo + 5]
-        r6 = a[lo + 6]
-        r7 = a[lo + 7]
-        i = 8
-        while i < n - n % 8:
-            k = lo + i
-            r0 += a[k]
-            r1 += a[k + 1]
-            r2 += a[k + 2]
-            r3 += a[k + 3]
-            r4 += a[k + 4]
-            r5 += a[k + 5]
-            r6 += a[k + 6]
-            r7 += a[k + 7]
-            i += 8
-        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        while i < n:
-            res += a[lo + i]
-            i += 1
-        return res
-    n2 = n // 2
-    n2 -= n2 % 8
-    return _pairwise(a, lo, n2) + _pairwise(a, lo + n2, n - n2)
+    r0 = a[lo]
+    r1 = a[lo + 1]
+    r2 = a[lo + 2]
+    r3 = a[lo + 3]
+    r4 = a[lo + 4]
+    r5 = a[lo + 5]
+    r6 = a[lo + 6]
+    r7 = a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        k = lo + i
+        r0 += a[k]
+        r1 += a[k + 1]
+        r2 += a[k + 2]
+        r3 += a[k + 3]
+        r4 += a[k + 4]
+        r5 += a[k + 5]
+        r6 += a[k + 6]
+        r7 += a[k + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
 
 
 @njit(error_model="numpy")
@@ -150,28 +186,18 @@ def _ce_parallel(info, finfo, fps, layers, labels, like, scale, blocks):
 
 
 @njit(error_model="numpy")
-def _gemm(task, d, f, counter, parallel):
-    # ``parallel`` is None (pruned while compiling: the serial step links no parallel region) or True.
-    if parallel is None:
-        run_serial(task, d, f)
-    elif d[WORKERS] > 1:
-        run_parallel(task, d, f, counter, d[WORKERS])
-    else:
-        run_serial(task, d, f)
-
-
-@njit(error_model="numpy")
-def _ce(info, finfo, fps, layers, labels, x, scale, blocks, parallel):
-    if parallel is None:
-        _ce_serial(info, finfo, fps, layers, labels, x, scale, blocks)
-    elif info[I_BATCH] * info[I_CLASSES] >= CE_PARALLEL_MIN:
+def _ce(info, finfo, fps, layers, labels, x, scale, blocks):
+    if info[I_BATCH] * info[I_CLASSES] >= CE_PARALLEL_MIN:
         _ce_parallel(info, finfo, fps, layers, labels, x, scale, blocks)
     else:
         _ce_serial(info, finfo, fps, layers, labels, x, scale, blocks)
 
 
-@njit(error_model="numpy")
-def _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, parallel):
+#: The drivers ``_step`` calls; each step kernel is ``_step`` compiled with its own (see :func:`_kernel`).
+_run_gemm, _run_ce = run, _ce
+
+
+def _step(x, labels, descs, fps, info, finfo, layers, out, status, counter):
     """One step (see the module documentation); returns DONE, NOT_FINITE or BAD_LABEL (row in ``status[0]``)."""
     batch = info[I_BATCH]
     use_ignore = info[I_USE_IGNORE] != 0
@@ -185,13 +211,13 @@ def _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, para
     descs[FWD, A] = xa
     descs[DWR, A] = xa
     for l in range(nl):
-        _gemm(task, descs[3 * l + FWD], fps[3 * l + FWD], counter, parallel)
+        _run_gemm(task, descs[3 * l + FWD], fps[3 * l + FWD], counter)
     reduction = info[I_REDUCTION]
     scale = 1.0
     if reduction == MEAN:
         scale = 1.0 / kept if kept else 0.0
     blocks = (batch + info[I_PROWS] - 1) // info[I_PROWS]
-    _ce(info, finfo, fps, layers, labels, x, scale, blocks, parallel)
+    _run_ce(info, finfo, fps, layers, labels, x, scale, blocks)
     loss = carray(as_ptr(info[I_LOSS_ROWS], finfo), batch)
     finite = True
     if reduction == NONE:
@@ -211,8 +237,8 @@ def _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, para
             if below[L_PARTIAL] != 0:
                 part = carray(as_ptr(below[L_PARTIAL], x), below[L_BLOCKS] * below[L_OUT])
                 part[:] = 0
-            _gemm(task, descs[3 * l + DXR], fps[3 * l + DXR], counter, parallel)
-        _gemm(task, descs[3 * l + DWR], fps[3 * l + DWR], counter, parallel)
+            _run_gemm(task, descs[3 * l + DXR], fps[3 * l + DXR], counter)
+        _run_gemm(task, descs[3 * l + DWR], fps[3 * l + DWR], counter)
         lay = layers[l]
         if lay[L_BIAS] != 0:
             n = lay[L_OUT]
@@ -225,13 +251,21 @@ def _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, para
     return DONE
 
 
-@njit(cache=True, error_model="numpy")
-def step_serial(x, labels, descs, fps, info, finfo, layers, out, status, counter):
-    """The whole step on the calling thread."""
-    return _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, None)
+def _kernel(name: str, run_gemm, run_ce):
+    """``_step`` compiled with ``run_gemm`` / ``run_ce`` as its drivers, named ``name`` (its disk-cache entries).
+
+    The drivers are globals of the compiled copy, not arguments or closure
+    variables: a kernel links only the drivers it calls (the serial step no
+    parallel region), and Numba can cache it (a closure over a dispatcher
+    would miss the cache in every new process).
+    """
+    fn = pytypes.FunctionType(_step.__code__, dict(globals(), _run_gemm=run_gemm, _run_ce=run_ce), name)
+    fn.__qualname__ = name
+    fn.__doc__ = _step.__doc__
+    return njit(cache=True, error_model="numpy")(fn)
 
 
-@njit(cache=True, error_model="numpy")
-def step_parallel(x, labels, descs, fps, info, finfo, layers, out, status, counter):
-    """The whole step, each large GEMM and a large softmax-CE as a parallel region."""
-    return _step(x, labels, descs, fps, info, finfo, layers, out, status, counter, True)
+#: The whole step on the calling thread.
+step_serial = _kernel("step_serial", run_serial, _ce_serial)
+#: The whole step, each large GEMM and a large softmax-CE as a parallel region.
+step_parallel = _kernel("step_parallel", run, _ce)
