@@ -20,6 +20,7 @@ when it runs on a thread that has not seen it yet (one cheap query per op).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -119,7 +120,7 @@ def warm_up(step: Any, batch_sizes: tuple[int, ...], announce: Callable[[str], N
     from . import numba_compile
 
     began = time.perf_counter()
-    timer = child = None
+    timer = None
     cold = not kernel_cache_status()[0]
     if announce is not None:
         if cold:
@@ -132,15 +133,13 @@ def warm_up(step: Any, batch_sizes: tuple[int, ...], announce: Callable[[str], N
         step.backend._threads()
         dtype = _first_linear(step.model).dtype
         callables, steps = kernels(step.model, step.optimizer, dtype, batch_sizes)
-        if cold and callables:  # the step kernels and evaluation's GEMM driver in a second process
-            child = numba_compile.start(dtype, steps)
-        for make in callables:
-            make()
-        numba_compile.finish(child)
+        # on a cold cache the step kernels and evaluation's GEMM driver compile in a second process meanwhile
+        with (numba_compile.beside(dtype, steps) if cold and callables else contextlib.nullcontext()):
+            for make in callables:
+                make()
         step.prepare(*batch_sizes)
         _warm_forward(step.model)
     finally:
-        numba_compile.finish(child)
         if timer is not None:
             timer.cancel()
     return time.perf_counter() - began

@@ -19,10 +19,11 @@ process compiles them itself, as it would have without it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -38,31 +39,34 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def start(dtype: Any, steps: list[str]) -> subprocess.Popen | None:
-    """Start compiling the step kernels ``steps`` and the evaluation's GEMM driver for ``dtype`` in a
-    child process; None where there is no second core or the child cannot start."""
+@contextlib.contextmanager
+def beside(dtype: Any, steps: list[str]) -> Iterator[subprocess.Popen | None]:
+    """Inside the block, a child process compiles the step kernels ``steps`` and the evaluation's GEMM
+    driver for ``dtype``; leaving the block waits for it (stopping it after :data:`TIMEOUT` seconds, or
+    when the block raises). Yields the child, or None where there is no second core or it cannot start
+    (the block then runs alone)."""
     if cores() < 2:
-        return None
-    env = {k: v for k, v in os.environ.items() if k != "NNFAST_BACKEND"}  # the child needs no backend
-    try:
-        return subprocess.Popen([sys.executable, "-m", __name__, np.dtype(dtype).name, *steps], env=env,
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except OSError:
-        return None
-
-
-def finish(child: subprocess.Popen | None, timeout: float = TIMEOUT) -> None:
-    """Wait for ``child`` (stopping it after ``timeout`` seconds or when this wait is interrupted)."""
-    if child is None:
+        yield None
         return
+    env = {k: v for k, v in os.environ.items() if k != "NNFAST_BACKEND"}  # the child needs no backend
+    started = False
     try:
-        child.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        with subprocess.Popen([sys.executable, "-m", __name__, np.dtype(dtype).name, *steps], env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) as child:
+            started = True
+            try:
+                yield child
+                child.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if child.poll() is None:
+                    child.kill()
+    except OSError:
+        if started:
+            raise
+        yield None  # it could not start
 
 
 def compile_callers(dtype: Any, steps: list[str]) -> None:
