@@ -115,7 +115,7 @@ class Backend(ReferenceOps):
 
     def launch_settings(self) -> tuple[Any, ...]:
         """Settings besides the shapes that decide what an op computes with (a device, a pinned
-        kernel path): a step recorded under other settings is made anew. None on the CPU."""
+        kernel path): a step recorded under other settings is made anew. Empty on the CPU."""
         return ()
 
     # ------------------------------------------------------------------ ops

@@ -50,8 +50,9 @@ def _matmul_precision(name: str) -> ContextManager[Any]:
 
 
 def _has_tf32_gemms(backend: Any, dtype: np.dtype, check: Check) -> bool:
-    """float32 on the CuPy backend, the one place "high" changes a result (the CPU backends ignore it); the
-    layer, training and optimizer checks, not the ``gemm`` family, which pins the float32 kernel's tiles."""
+    """float32 on the CuPy backend, the one place "high" can change a result (the CPU backends ignore it; a
+    GPU without TF32 runs float32 again); the layer and training checks, not the ``gemm`` family, which pins
+    the float32 kernel's tiles."""
     return np.dtype(dtype) == np.float32 and getattr(backend, "name", None) == "cupy" and check.family != "gemm"
 
 
