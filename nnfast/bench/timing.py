@@ -87,10 +87,13 @@ class Settings:
     """How long to measure: warm-up, samples, rounds and the minimum duration of a sample."""
 
     repeat: int = 10  # samples per implementation and case
-    rounds: int = 5  # the samples are taken in this many rounds over the implementations
+    rounds: int = 3  # the samples are taken in this many rounds over the implementations
     min_time: float = 0.02  # seconds per sample, at least
     warmup_time: float = 0.1  # seconds of warm-up after the first call
-    switch_time: float = 0.05  # seconds of untimed calls before each implementation's block of samples
+    # Seconds of untimed calls before each implementation's block of samples: OpenBLAS's idle threads spin for
+    # ~0.1-0.2 s after a call (measured on 2 cores: a Numba GEMM right after one ran at half speed, 0.05 s later
+    # still at 0.55x, 0.2 s later at full speed); PyTorch's OpenMP threads do the same.
+    switch_time: float = 0.2
     max_time: float = 3.0  # seconds of samples per implementation and case, at most (>= 3 samples)
 
 
@@ -147,10 +150,12 @@ def measure(timed: list[Timed], settings: Settings) -> None:
     The samples are taken in ``rounds`` rounds; in each round every
     implementation gets a block of samples, the order reversing from one
     round to the next, so that a load that comes and goes on a shared machine
-    falls on all of them alike. Each block starts with untimed calls: thread
-    pools of different libraries (BLAS, OpenMP, Numba's) spin for a while
-    after their work, and the first calls after a switch of library pay for
-    that, which is not the kernel's time.
+    falls on all of them alike. Each block starts with untimed calls for
+    ``switch_time``: thread pools of different libraries (BLAS, OpenMP,
+    Numba's) keep spinning on their cores for a while after their work, and
+    the calls right after a switch of library would share the cores with
+    them, which is not the kernel's time (nor what a program using one
+    library sees).
     """
     for t in timed:
         _prepare(t, settings)
