@@ -11,6 +11,7 @@ cross-entropy, ``NNFAST_NUM_THREADS``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -104,21 +105,59 @@ def test_linear_backward_identity_ignores_saved():
         assert_close(db, dbr, np.float32, 5)
 
 
-def test_gemm_microkernel_uses_avx2_fma():
-    """The micro-kernel compiles to packed FMAs on 256-bit registers."""
+@contextlib.contextmanager
+def numba_threads(n):
+    """Numba's thread count set to ``n`` (at most the configured threads) for the block."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+# (M, K, N): A read in place (column blocks of at most IN_PLACE_A_MAX_COLS) and packed; full and edge
+# panels of MR rows, several K blocks, one thread and two.
+GEMM_PATH_SHAPES = [(13, 300, 10), (131, 37, 100), (128, 784, 256), (20, 600, 1030), (127, 513, 140)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm_reads_a_in_place_and_packed(trans_a, trans_b, dtype):
+    from nnfast.backends.numba_kernels import gemm
+
+    rng = np.random.default_rng(7)
+    in_place = set()
+    for m, k, n in GEMM_PATH_SHAPES:
+        for workers in (1, 2):
+            in_place.add(gemm.split(m, n, k, workers)[1] <= gemm.IN_PLACE_A_MAX_COLS)
+        a = rand(rng, (k, m) if trans_a else (m, k), dtype)
+        b = rand(rng, (n, k) if trans_b else (k, n), dtype)
+        bias = rand(rng, n, dtype)
+        want = np.maximum((a.T if trans_a else a) @ (b.T if trans_b else b) + bias, 0)
+        for threads in (1, 2):
+            with numba_threads(threads):
+                got, _ = gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation="relu")
+            assert_close(got, want, dtype, k, f"{m}x{k}x{n} on {threads} threads")
+    assert in_place == {True, False}, "the shapes no longer cover both ways of reading A"
+
+
+@pytest.mark.parametrize("name", ["micro", "micro_strided"])
+def test_gemm_microkernel_uses_avx2_fma(name):
+    """Both micro-kernels (packed A, A read in place) compile to packed FMAs on 256-bit registers."""
     from nnfast.backends.numba_kernels import gemm_micro
     from nnfast.backends.numba_kernels._simd import addr
 
-    micro = numba.njit(error_model="numpy")(gemm_micro.micro.py_func)
+    micro = numba.njit(error_model="numpy")(getattr(gemm_micro, name).py_func)
 
     @numba.njit
     def drive(buf):
         p = addr(buf)
-        micro(4, p, 0, p, 0, p, p, 0, 16, False, False, p, -1, False)
+        micro(4, p, 0, 6, 1, p, 0, p, p, 0, 16, False, False, p, -1, False)
 
     drive(np.zeros(4096, np.float32))
     asm = "\n".join(micro.inspect_asm().values())
-    assert re.search(r"vfmadd\w*ps\s+[^\n]*ymm", asm), "no packed ymm FMA in the micro-kernel"
+    assert len(re.findall(r"vfmadd\w*ps\s+[^\n]*ymm", asm)) >= 12, "no packed ymm FMAs in the micro-kernel"
 
 
 # ------------------------------------------------------------- activations

@@ -37,9 +37,28 @@ def nr_of(a):
     return 64 // a.itemsize
 
 
-@njit(error_model="numpy")
-def micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
-    """One MR x NR tile: ``Ap[aoff:]`` (MR x kc panel) @ ``Bp[boff:]`` (kc x NR panel).
+def _micro_kernel(strided):
+    """The micro-kernel reading A from a packed panel, or (``strided``) in place with strides ``rs``, ``cs``.
+
+    One source, two compiled functions: ``strided`` is a constant of each, so
+    the packed one keeps the constant strides of its panel (1 and MR).
+    """
+
+    @njit(error_model="numpy")
+    def kernel(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
+        return _micro(kc, Ap, aoff, rs if strided else 1, cs if strided else MR, Bp, boff, T, Cf, coff, ldc,
+                      direct, acc_c, bias, jb, relu)
+
+    return kernel
+
+
+@njit(error_model="numpy", inline="always")
+def _micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
+    """One MR x NR tile: op(A)'s MR x kc panel at ``Ap[aoff:]`` @ ``Bp[boff:]`` (kc x NR panel).
+
+    Element ``(r, p)`` of the A panel is ``Ap[aoff + r*rs + p*cs]``: a packed
+    panel has ``rs = 1, cs = MR``; a row-major A read in place ``rs = lda,
+    cs = 1``; a transposed one ``rs = 1, cs = lda``.
 
     The accumulator tile lives in 12 SIMD registers for the whole K loop.
     Then either (``direct``, a full tile) it is finished in registers and
@@ -77,22 +96,22 @@ def micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, rel
         a = vbroadcast(Ap, pa)
         c00 = vfma(a, b0, c00)
         c01 = vfma(a, b1, c01)
-        a = vbroadcast(Ap, pa + 1)
+        a = vbroadcast(Ap, pa + 1 * rs)
         c10 = vfma(a, b0, c10)
         c11 = vfma(a, b1, c11)
-        a = vbroadcast(Ap, pa + 2)
+        a = vbroadcast(Ap, pa + 2 * rs)
         c20 = vfma(a, b0, c20)
         c21 = vfma(a, b1, c21)
-        a = vbroadcast(Ap, pa + 3)
+        a = vbroadcast(Ap, pa + 3 * rs)
         c30 = vfma(a, b0, c30)
         c31 = vfma(a, b1, c31)
-        a = vbroadcast(Ap, pa + 4)
+        a = vbroadcast(Ap, pa + 4 * rs)
         c40 = vfma(a, b0, c40)
         c41 = vfma(a, b1, c41)
-        a = vbroadcast(Ap, pa + 5)
+        a = vbroadcast(Ap, pa + 5 * rs)
         c50 = vfma(a, b0, c50)
         c51 = vfma(a, b1, c51)
-        pa += MR
+        pa += cs
         pb += 2 * h
     if not direct:
         nr = 2 * h
@@ -168,6 +187,11 @@ def micro(kc, Ap, aoff, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, rel
     vstore(Cf, r4 + h, c41)
     vstore(Cf, r5, c50)
     vstore(Cf, r5 + h, c51)
+
+
+#: The micro-kernel on a packed A panel, and on A read in place (see :func:`_micro`).
+micro = _micro_kernel(False)
+micro_strided = _micro_kernel(True)
 
 
 @njit(error_model="numpy")
