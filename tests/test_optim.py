@@ -95,6 +95,8 @@ def test_parameters_without_grad_are_skipped():
     (lambda ps: nf.SGD(ps, lr=-1), ValueError, "lr: expected a value >= 0.0"),
     (lambda ps: nf.SGD(ps, lr="fast"), TypeError, "lr: expected a finite real number"),
     (lambda ps: nf.SGD(ps, lr=float("nan")), TypeError, "lr"),
+    (lambda ps: nf.SGD(ps, lr=10**400), TypeError, "lr: expected a finite real number"),  # no float holds it
+    (lambda ps: nf.SGD(ps, lr=True), TypeError, "lr: expected a finite real number"),
     (lambda ps: nf.SGD(ps, lr=0.1, nesterov=True), ValueError, "nesterov: Nesterov momentum needs momentum > 0"),
     (lambda ps: nf.Adam(ps, betas=(0.9, 1.0)), ValueError, r"betas\[1\]: expected a value in \[0.0, 1.0\)"),
     (lambda ps: nf.Adam(ps, betas=0.9), ValueError, "betas: expected a pair"),
