@@ -142,22 +142,39 @@ def test_gemm_reads_a_in_place_and_packed(trans_a, trans_b, dtype):
     assert in_place == {True, False}, "the shapes no longer cover both ways of reading A"
 
 
-@pytest.mark.parametrize("name", ["micro", "micro_strided"])
-def test_gemm_microkernel_uses_avx2_fma(name):
-    """Both micro-kernels (packed A, A read in place) compile to packed FMAs on 256-bit registers."""
-    from nnfast.backends.numba_kernels import gemm_micro
-    from nnfast.backends.numba_kernels._simd import addr
+def _k_loops(asm):
+    """The basic blocks of ``asm`` that jump back to their own label and hold at least 12 FMAs (the micro-kernel's
+    K loops), each as its list of instruction names."""
+    loops, label, body = [], None, []
+    for line in asm.splitlines():
+        head = re.match(r"^(\.?\w+):", line)
+        if head:
+            label, body = head.group(1), []
+        elif line.startswith("\t") and not line.lstrip().startswith("."):
+            fields = line.split()
+            body.append(fields[0])
+            if fields[0].startswith("j") and len(fields) > 1 and fields[1] == label:
+                loops.append(body)
+    return [b for b in loops if sum(op.startswith("vfmadd") for op in b) >= 12]
 
-    micro = numba.njit(error_model="numpy")(getattr(gemm_micro, name).py_func)
 
-    @numba.njit
-    def drive(buf):
-        p = addr(buf)
-        micro(4, p, 0, 6, 1, p, 0, p, p, 0, 16, False, False, p, -1, False)
+def test_gemm_task_k_loops_are_packed_fmas():
+    """The GEMM task as it runs (compiled afresh: cached code cannot be read back) has two K loops, on a packed A
+    panel and on A read in place, each of packed FMAs on 256-bit registers whose A addresses are a base plus a
+    constant multiple of the stride, not the end of a chain of additions."""
+    from numba import types
 
-    drive(np.zeros(4096, np.float32))
-    asm = "\n".join(micro.inspect_asm().values())
-    assert len(re.findall(r"vfmadd\w*ps\s+[^\n]*ymm", asm)) >= 12, "no packed ymm FMAs in the micro-kernel"
+    from nnfast.backends.numba_kernels import gemm
+
+    asm = gemm._task_cfunc(types.float32, cache=False)._library.get_asm_str()
+    loops = _k_loops(asm)
+    assert len(loops) >= 2, f"{len(loops)} micro-kernel K loops in the GEMM task"
+    for loop in loops:
+        fmas = sum(op.startswith("vfmadd") for op in loop)
+        adds = sum(op.startswith(("add", "sub", "lea", "inc", "dec")) for op in loop)
+        assert fmas % 12 == 0, loop
+        assert adds <= fmas // 4, f"{adds} integer additions per {fmas} FMAs in a K loop: {loop}"
+    assert re.search(r"vfmadd231ps\s+%ymm", asm), "no packed ymm FMAs in the GEMM task"
 
 
 # ------------------------------------------------------------- activations

@@ -24,7 +24,7 @@ B micro-panel over it, and pays only when many B panels reuse it. A task of
 at most :data:`IN_PLACE_A_MAX_COLS` columns (the MLP shapes: a batch of 128
 split over two threads gives 64-column tasks, and every task would pack the
 whole A again) reads the full MR-row panels of A where they are
-(:func:`.gemm_micro.micro_strided`, row and column strides of the matrix)
+(:func:`.gemm_micro.micro` with the row and column strides of the matrix)
 and packs only the zero-padded edge panel. Measured on 2 cores, the GEMMs of
 a [784,256,256,10] batch-128 step went from 0.58x to 0.87x OpenBLAS's time.
 
@@ -90,7 +90,7 @@ from ._sched import address_of, as_ptr, call_task, next_task
 from ._math import like
 from ._simd import addr, vadd, vload, vmul, vselect_gt, vsplat, vstore
 from .activations import forward_kernel
-from .gemm_micro import MR, micro, micro_strided, nr_of, pack_a, pack_b
+from .gemm_micro import MR, micro, nr_of, pack_a, pack_b
 
 #: K block: a KC x NR micro-panel of B fits in L1.
 KC = 256
@@ -202,11 +202,11 @@ def _store_dx(T, C, ci, cj, mr, nr, first, S, bwd, relu, alpha, Pt, prows):
                 prow[j] += crow[j]
 
 
-def _task_cfunc(T: types.Float):
+def _task_cfunc(T: types.Float, cache: bool = True):
     # The task's body is the cfunc's own rather than a call of an @njit function: Numba optimises and
     # generates machine code for every function it compiles, callees included, so a wrapper would make the
     # largest body of the backend go through LLVM twice (a second of a cold start).
-    @cfunc(types.void(types.CPointer(types.int64), types.CPointer(T), types.int64, types.int64), cache=True,
+    @cfunc(types.void(types.CPointer(types.int64), types.CPointer(T), types.int64, types.int64), cache=cache,
            error_model="numpy")
     def task(dp, fp, t, w):
         """Task ``t`` of the product described by ``dp`` (run by worker ``w``; ``fp``: the float parameters)."""
@@ -288,11 +288,11 @@ def _task_cfunc(T: types.Float):
                         i = ic + ip * MR
                         direct = fast and mr == MR and nr == NR
                         if ip < full:
-                            micro_strided(kc, pAm, pc * Mv + i if ta else i * Kv + pc, rsa, csa, pB, jp * NR * kc,
+                            micro(kc, pAm, pc * Mv + i if ta else i * Kv + pc, rsa, csa, pB, jp * NR * kc,
                                           pT, pC, i * Nv + j, Nv, direct, direct and not first, pbias,
                                           jb if direct else -1, direct and last and relu)
                         else:
-                            micro(kc, pA, (ip - full) * MR * kc, 0, 0, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
+                            micro(kc, pA, (ip - full) * MR * kc, 1, MR, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
                                   direct, direct and not first, pbias, jb if direct else -1, direct and last and relu)
                         if direct:
                             continue

@@ -37,23 +37,8 @@ def nr_of(a):
     return 64 // a.itemsize
 
 
-def _micro_kernel(strided):
-    """The micro-kernel reading A from a packed panel, or (``strided``) in place with strides ``rs``, ``cs``.
-
-    One source, two compiled functions: ``strided`` is a constant of each, so
-    the packed one keeps the constant strides of its panel (1 and MR).
-    """
-
-    @njit(error_model="numpy")
-    def kernel(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
-        return _micro(kc, Ap, aoff, rs if strided else 1, cs if strided else MR, Bp, boff, T, Cf, coff, ldc,
-                      direct, acc_c, bias, jb, relu)
-
-    return kernel
-
-
-@njit(error_model="numpy", inline="always")
-def _micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
+@njit(error_model="numpy")
+def micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias, jb, relu):
     """One MR x NR tile: op(A)'s MR x kc panel at ``Ap[aoff:]`` @ ``Bp[boff:]`` (kc x NR panel).
 
     Element ``(r, p)`` of the A panel is ``Ap[aoff + r*rs + p*cs]``: a packed
@@ -88,7 +73,11 @@ def _micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias
         for r in range(MR):
             prefetch(Cf, coff + r * ldc)
             prefetch(Cf, coff + r * ldc + 2 * h - 1)
+    # Rows 3-5 from a second base: each broadcast address is then a base plus a constant multiple of rs (an
+    # x86 addressing mode), not the end of a chain of six additions per K step.
     pa = aoff
+    pa3 = aoff + 3 * rs
+    rs2 = 2 * rs
     pb = boff
     for _ in range(kc):
         b0 = vload(Bp, pb)
@@ -96,22 +85,23 @@ def _micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias
         a = vbroadcast(Ap, pa)
         c00 = vfma(a, b0, c00)
         c01 = vfma(a, b1, c01)
-        a = vbroadcast(Ap, pa + 1 * rs)
+        a = vbroadcast(Ap, pa + rs)
         c10 = vfma(a, b0, c10)
         c11 = vfma(a, b1, c11)
-        a = vbroadcast(Ap, pa + 2 * rs)
+        a = vbroadcast(Ap, pa + rs2)
         c20 = vfma(a, b0, c20)
         c21 = vfma(a, b1, c21)
-        a = vbroadcast(Ap, pa + 3 * rs)
+        a = vbroadcast(Ap, pa3)
         c30 = vfma(a, b0, c30)
         c31 = vfma(a, b1, c31)
-        a = vbroadcast(Ap, pa + 4 * rs)
+        a = vbroadcast(Ap, pa3 + rs)
         c40 = vfma(a, b0, c40)
         c41 = vfma(a, b1, c41)
-        a = vbroadcast(Ap, pa + 5 * rs)
+        a = vbroadcast(Ap, pa3 + rs2)
         c50 = vfma(a, b0, c50)
         c51 = vfma(a, b1, c51)
         pa += cs
+        pa3 += cs
         pb += 2 * h
     if not direct:
         nr = 2 * h
@@ -187,11 +177,6 @@ def _micro(kc, Ap, aoff, rs, cs, Bp, boff, T, Cf, coff, ldc, direct, acc_c, bias
     vstore(Cf, r4 + h, c41)
     vstore(Cf, r5, c50)
     vstore(Cf, r5 + h, c51)
-
-
-#: The micro-kernel on a packed A panel, and on A read in place (see :func:`_micro`).
-micro = _micro_kernel(False)
-micro_strided = _micro_kernel(True)
 
 
 @njit(error_model="numpy")
