@@ -14,8 +14,8 @@ A step of ``L`` layers, once its buffers and descriptors are laid out
         b_l -= update(sum of the partial db of layer l)
 
 ``dx`` of layer ``l`` is computed before ``W_l`` is updated (it reads the old
-``W_l``), and no gradient of a weight is ever stored: it is consumed by the
-update as each tile is finished. Every operation is the one the layer ops of
+``W_l``), and no gradient of a weight makes a round trip through memory: each
+block of it is consumed by the update while it is still in L2. Every operation is the one the layer ops of
 the eager step perform (the same GEMM task with the same K blocking, the same
 activation loops, the same ``db`` row blocks, the same update loops, NumPy's
 pairwise summation of the loss rows), in the same order per element, so the
