@@ -11,7 +11,6 @@ cross-entropy, ``NNFAST_NUM_THREADS``.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -25,7 +24,8 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from nnfast.backends import backend_for  # noqa: E402
-from nnfast.activations import ACTIVATIONS, BY_NAME, saves_input  # noqa: E402
+from nnfast.bench.machine import ThreadLimits  # noqa: E402
+from nnfast.activations import ACTIVATIONS, saves_input  # noqa: E402
 from nnfast.backends.numba_backend import NumbaBackend  # noqa: E402
 from nnfast.backends.numpy_backend import NumpyBackend  # noqa: E402
 
@@ -105,17 +105,6 @@ def test_linear_backward_identity_ignores_saved():
         assert_close(db, dbr, np.float32, 5)
 
 
-@contextlib.contextmanager
-def numba_threads(n):
-    """Numba's thread count set to ``n`` (at most the configured threads) for the block."""
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(before)
-
-
 # (M, K, N): A read in place (column blocks of at most IN_PLACE_A_MAX_COLS) and packed; full and edge
 # panels of MR rows, several K blocks, one thread and two.
 GEMM_PATH_SHAPES = [(13, 300, 10), (131, 37, 100), (128, 784, 256), (20, 600, 1030), (127, 513, 140)]
@@ -136,8 +125,11 @@ def test_gemm_reads_a_in_place_and_packed(trans_a, trans_b, dtype):
         bias = rand(rng, n, dtype)
         want = np.maximum((a.T if trans_a else a) @ (b.T if trans_b else b) + bias, 0)
         for threads in (1, 2):
-            with numba_threads(threads):
+            limits = ThreadLimits(threads, None, [])  # Numba's threads (at most those configured)
+            try:
                 got, _ = gemm.gemm(a, b, trans_a=trans_a, trans_b=trans_b, bias=bias, activation="relu")
+            finally:
+                limits.undo()
             assert_close(got, want, dtype, k, f"{m}x{k}x{n} on {threads} threads")
     assert in_place == {True, False}, "the shapes no longer cover both ways of reading A"
 

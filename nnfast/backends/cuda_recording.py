@@ -19,6 +19,7 @@ import contextlib
 import threading
 from typing import Any, Iterator, NamedTuple
 
+
 class RecordedLaunch(NamedTuple):
     """One launch as :meth:`CupyBackend.recording` saw it: ``function(grid, block, args, shared_mem=...)``."""
 

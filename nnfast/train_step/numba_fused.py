@@ -36,6 +36,7 @@ import numpy as np
 
 from ..activations import BY_NAME
 from ..backends.base import bad_label_error
+from ..checks import FLOAT_DTYPES
 from ..backends.numba_kernels import gemm, optim as optim_kernels
 from ..backends.numba_kernels import train_step as ts
 from ..backends.numba_kernels.activations import backward_kernel, forward_kernel
@@ -54,9 +55,7 @@ def build(model: Any, loss_fn: Any, optimizer: Any, key: PlanKey) -> FusedPlan |
     """The fused plan of ``(model, loss_fn, optimizer)`` for ``key``, or None for a model it does not take."""
     layers = _linear_layers(model)
     dtype = np.dtype(key.dtype)
-    if layers is None or dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        return None
-    if not (_stock(optimizer, SGD, "step", "_update") or _stock(optimizer, Adam, "step", "_update")):
+    if layers is None or dtype not in FLOAT_DTYPES or _rule(optimizer) is None:
         return None
     if not _stock(loss_fn, SoftmaxCrossEntropy, "__call__"):
         return None
@@ -115,15 +114,23 @@ def kernels(model: Any, optimizer: Any, dtype: Any, batch_sizes: tuple[int, ...]
     """
     layers = _linear_layers(model)
     dtype = np.dtype(dtype)
-    if layers is None or dtype not in (np.dtype(np.float32), np.dtype(np.float64)) or not isinstance(
-            optimizer, (SGD, Adam)):
+    rule = _rule(optimizer)
+    if layers is None or dtype not in FLOAT_DTYPES or rule is None:
         return [], []
-    rule = "sgd" if isinstance(optimizer, SGD) else "adam"
     made = [lambda: gemm.task_kernel(dtype), lambda: optim_kernels.update_kernel(rule, dtype)]
     for act in dict.fromkeys(act for _, act, _ in layers if act != "identity"):
         made += [lambda a=act: forward_kernel(a, dtype), lambda a=act: backward_kernel(a, dtype)]
     steps = sorted({"step_parallel" if _parallel(layers, b) else "step_serial" for b in batch_sizes})
     return made, steps
+
+
+def _rule(optimizer: Any) -> str | None:
+    """The update rule of the fused plan for ``optimizer`` (``"sgd"``, ``"adam"``), or None when it takes none."""
+    if _stock(optimizer, SGD, "step", "_update"):
+        return "sgd"
+    if _stock(optimizer, Adam, "step", "_update"):
+        return "adam"
+    return None
 
 
 def _stock(obj: Any, cls: type, *methods: str) -> bool:
@@ -168,12 +175,11 @@ class FusedPlan:
             addresses = [s[index[id(p)]].ctypes.data for s in states] + [0, 0]
             return addresses[0], addresses[1]
 
-        if isinstance(optimizer, SGD):
-            rule = "sgd"
+        rule = _rule(optimizer)
+        if rule == "sgd":
             self.coef = optim_kernels.sgd_coefficients(dtype, optimizer.lr, optimizer.momentum, optimizer.nesterov,
                                                        optimizer.weight_decay)
         else:
-            rule = "adam"
             self.coef = np.zeros(optim_kernels.ADAM_SIZE, dtype)
         self._adam = rule == "adam"
         update = optim_kernels.update_kernel(rule, dtype).address

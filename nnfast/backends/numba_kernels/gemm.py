@@ -102,7 +102,7 @@ NC = 512
 PARALLEL_MIN_MACS = 1 << 21
 #: Column blocks of at most this many columns read A in place rather than packing it.
 IN_PLACE_A_MAX_COLS = 128
-#: Tasks per worker of a parallel product (more balance the load, fewer pack A less often).
+#: Tasks per worker of a parallel product (more balance the load, fewer pack each A block less often).
 TASKS_PER_WORKER = 2
 #: Workspace elements per worker: an A block, a B block, two scratch tiles (+ 64: vector loads of a padded
 #: panel never leave the buffer).
@@ -287,10 +287,12 @@ def _task_cfunc(T: types.Float, cache: bool = True):
                         mr = min(MR, mc - ip * MR)
                         i = ic + ip * MR
                         direct = fast and mr == MR and nr == NR
+                        # Two call sites, not one with chosen strides: the packed one keeps its strides
+                        # constant (1, MR), and LLVM compiles a K loop for each.
                         if ip < full:
                             micro(kc, pAm, pc * Mv + i if ta else i * Kv + pc, rsa, csa, pB, jp * NR * kc,
-                                          pT, pC, i * Nv + j, Nv, direct, direct and not first, pbias,
-                                          jb if direct else -1, direct and last and relu)
+                                  pT, pC, i * Nv + j, Nv, direct, direct and not first, pbias,
+                                  jb if direct else -1, direct and last and relu)
                         else:
                             micro(kc, pA, (ip - full) * MR * kc, 1, MR, pB, jp * NR * kc, pT, pC, i * Nv + j, Nv,
                                   direct, direct and not first, pbias, jb if direct else -1, direct and last and relu)

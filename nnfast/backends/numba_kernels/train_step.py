@@ -15,11 +15,11 @@ A step of ``L`` layers, once its buffers and descriptors are laid out
 
 ``dx`` of layer ``l`` is computed before ``W_l`` is updated (it reads the old
 ``W_l``), and no gradient of a weight makes a round trip through memory: each
-block of it is consumed by the update while it is still in L2. Every operation is the one the layer ops of
-the eager step perform (the same GEMM task with the same K blocking, the same
-activation loops, the same ``db`` row blocks, the same update loops, NumPy's
-pairwise summation of the loss rows), in the same order per element, so the
-fused step gives the eager step's bits.
+block of it is consumed by the update while it is still in L2. Every
+operation is the one the layer ops of the eager step perform (the same GEMM
+task with the same K blocking, the same activation loops, the same ``db`` row
+blocks, the same update loops, NumPy's pairwise summation of the loss rows),
+in the same order per element, so the fused step gives the eager step's bits.
 
 The descriptors (:mod:`.gemm`) hold every address and size; the step itself
 is compiled once per dtype, for every model depth, activation, optimizer and
