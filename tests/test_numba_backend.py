@@ -134,6 +134,31 @@ def test_gemm_reads_a_in_place_and_packed(trans_a, trans_b, dtype):
     assert in_place == {True, False}, "the shapes no longer cover both ways of reading A"
 
 
+def test_gemm_cached_descriptors_follow_each_call(monkeypatch):
+    """gemm() reuses a descriptor per shape and epilogue: a call of one shape with another bias, activation
+    slope, saved pre-activation or thread count gets its own, and the cache stays bounded."""
+    from nnfast.backends.numba_kernels import gemm
+
+    rng = np.random.default_rng(3)
+    a, b = rand(rng, (40, 70), np.float32), rand(rng, (70, 30), np.float32)
+    product = a @ b
+    for bias in (None, rand(rng, 30, np.float32), rand(rng, 30, np.float32)):
+        for alpha in (0.1, 0.3):
+            for save_z in (False, True):
+                y, z = gemm.gemm(a, b, bias=bias, activation="leaky_relu", alpha=alpha, save_z=save_z)
+                pre = product if bias is None else product + bias
+                assert_close(y, np.where(pre > 0, pre, np.float32(alpha) * pre), np.float32, 70, f"alpha {alpha}")
+                assert (z is not None) == save_z
+                if save_z:
+                    assert_close(z, pre, np.float32, 70)
+    monkeypatch.setattr(gemm, "MAX_CACHED", 4)
+    ws = gemm.workspace(np.float32)
+    for n in range(1, 12):
+        got, _ = gemm.gemm(a[:, :n].copy(), b[:n].copy())
+        assert_close(got, a[:, :n] @ b[:n], np.float32, n)
+        assert len(ws.descriptors) <= 4
+
+
 def _k_loops(asm):
     """The basic blocks of ``asm`` that jump back to their own label and hold at least 12 FMAs (the micro-kernel's
     K loops), each as its list of instruction names."""

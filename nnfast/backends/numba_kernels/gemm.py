@@ -104,6 +104,8 @@ PARALLEL_MIN_MACS = 1 << 21
 IN_PLACE_A_MAX_COLS = 128
 #: Tasks per worker of a parallel product (more balance the load, fewer pack each A block less often).
 TASKS_PER_WORKER = 2
+#: At most this many descriptors (and float parameter arrays) cached per thread and dtype by :func:`gemm`.
+MAX_CACHED = 256
 #: Workspace elements per worker: an A block, a B block, two scratch tiles (+ 64: vector loads of a padded
 #: panel never leave the buffer).
 WS_A = MC * KC + 64
@@ -381,6 +383,10 @@ class Workspace:
         self.b = np.zeros(workers * WS_B, dtype)
         self.t = np.zeros(workers * WS_T, dtype)
         self.counter = np.zeros(8, np.int64)  # a cache line of its own
+        #: :func:`gemm`'s descriptors by shape and epilogue (their address slots are rewritten by every call)
+        #: and its float parameters by value: building them costs more than a small product's arithmetic.
+        self.descriptors: dict[tuple, np.ndarray] = {}
+        self.fparams: dict[float, np.ndarray] = {}
 
     def slots(self) -> dict[int, int]:
         """The descriptor slots of the buffers, for :func:`describe`."""
@@ -460,10 +466,21 @@ def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool =
     z = np.empty((M, N), dtype) if save_z else None
     threads = numba.get_num_threads()
     workers = threads if threads > 1 and M * N * K >= PARALLEL_MIN_MACS else 1
-    act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
-    d = np.array((0, trans_a, 0, trans_b, 0, M, N, K, *split(M, N, K, workers), FORWARD, bias is not None, act,
-                  activation == "relu", z is not None) + (0,) * (WORKERS - Z - 1) + (workers,), np.int64)
     ws = workspace(dtype)
-    _gemm_op(task_kernel(dtype).address, d, np.full(1, alpha, dtype), a, b, y, y if bias is None else bias,
+    key = (M, N, K, workers, trans_a, trans_b, bias is not None, activation, save_z)
+    d = ws.descriptors.get(key)
+    if d is None:
+        if len(ws.descriptors) >= MAX_CACHED:
+            ws.descriptors.clear()
+        act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
+        d = ws.descriptors[key] = np.array(
+            (0, trans_a, 0, trans_b, 0, M, N, K, *split(M, N, K, workers), FORWARD, bias is not None, act,
+             activation == "relu", save_z) + (0,) * (WORKERS - Z - 1) + (workers,), np.int64)
+    f = ws.fparams.get(alpha)
+    if f is None:
+        if len(ws.fparams) >= MAX_CACHED:
+            ws.fparams.clear()
+        f = ws.fparams[alpha] = np.full(1, alpha, dtype)
+    _gemm_op(task_kernel(dtype).address, d, f, a, b, y, y if bias is None else bias,
              y if z is None else z, ws.a, ws.b, ws.t, ws.counter)
     return y, z
