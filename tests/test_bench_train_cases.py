@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 
-import numpy as np
 import pytest
 
 import nnfast as nf
