@@ -136,7 +136,7 @@ def test_gemm_reads_a_in_place_and_packed(trans_a, trans_b, dtype):
 
 def test_gemm_cached_descriptors_follow_each_call(monkeypatch):
     """gemm() reuses a descriptor per shape and epilogue: a call of one shape with another bias, activation
-    slope, saved pre-activation or thread count gets its own, and the cache stays bounded."""
+    slope or saved pre-activation gets its own, and the cache stays bounded."""
     from nnfast.backends.numba_kernels import gemm
 
     rng = np.random.default_rng(3)

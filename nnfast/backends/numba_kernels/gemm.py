@@ -80,6 +80,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from typing import Any, Callable
 
 import numba
 import numpy as np
@@ -443,6 +444,16 @@ def _gemm_op(task, d, f, a, b, c, bias, z, ws_a, ws_b, ws_t, counter):
     run(task, d, f, counter)
 
 
+def _cached(cache: dict, key: Any, make: Callable[[], np.ndarray]) -> np.ndarray:
+    """``cache[key]``, made by ``make`` when missing; a cache of :data:`MAX_CACHED` entries is emptied first."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= MAX_CACHED:
+            cache.clear()
+        value = cache[key] = make()
+    return value
+
+
 def op_types(dtype: np.dtype) -> tuple:
     """The Numba types of :func:`gemm`'s compiled call for ``dtype`` with a bias (a linear layer's forward)."""
     v, m, i = np.empty(1, dtype), np.empty((1, 1), dtype), np.empty(1, np.int64)
@@ -467,20 +478,11 @@ def gemm(a: np.ndarray, b: np.ndarray, *, trans_a: bool = False, trans_b: bool =
     threads = numba.get_num_threads()
     workers = threads if threads > 1 and M * N * K >= PARALLEL_MIN_MACS else 1
     ws = workspace(dtype)
-    key = (M, N, K, workers, trans_a, trans_b, bias is not None, activation, save_z)
-    d = ws.descriptors.get(key)
-    if d is None:
-        if len(ws.descriptors) >= MAX_CACHED:
-            ws.descriptors.clear()
-        act = 0 if activation == "identity" else forward_kernel(activation, dtype).address
-        d = ws.descriptors[key] = np.array(
-            (0, trans_a, 0, trans_b, 0, M, N, K, *split(M, N, K, workers), FORWARD, bias is not None, act,
-             activation == "relu", save_z) + (0,) * (WORKERS - Z - 1) + (workers,), np.int64)
-    f = ws.fparams.get(alpha)
-    if f is None:
-        if len(ws.fparams) >= MAX_CACHED:
-            ws.fparams.clear()
-        f = ws.fparams[alpha] = np.full(1, alpha, dtype)
+    d = _cached(ws.descriptors, (M, N, K, workers, trans_a, trans_b, bias is not None, activation, save_z),
+                lambda: describe(M, N, K, workers, TA=trans_a, TB=trans_b, EPI=FORWARD, BIAS=bias is not None,
+                                 ACT=0 if activation == "identity" else forward_kernel(activation, dtype).address,
+                                 RELU=activation == "relu", Z=save_z))
+    f = _cached(ws.fparams, alpha, lambda: np.full(1, alpha, dtype))
     _gemm_op(task_kernel(dtype).address, d, f, a, b, y, y if bias is None else bias,
              y if z is None else z, ws.a, ws.b, ws.t, ws.counter)
     return y, z
